@@ -1,0 +1,343 @@
+//! The decision pipeline: consent, campaign frequency, contact policy,
+//! arbitration, holdout. Pure: values in, values out, no I/O and no clock.
+
+use serde_json::{Map, Value};
+
+use crate::rules::Policies;
+use crate::store::History;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Outcome {
+    Sent,
+    Control,
+    SuppressedConsent,
+    SuppressedFrequency,
+    SuppressedPolicy,
+    SuppressedArbitration,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Sent,
+        Outcome::Control,
+        Outcome::SuppressedConsent,
+        Outcome::SuppressedFrequency,
+        Outcome::SuppressedPolicy,
+        Outcome::SuppressedArbitration,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Sent => "sent",
+            Outcome::Control => "control",
+            Outcome::SuppressedConsent => "suppressed_consent",
+            Outcome::SuppressedFrequency => "suppressed_frequency",
+            Outcome::SuppressedPolicy => "suppressed_policy",
+            Outcome::SuppressedArbitration => "suppressed_arbitration",
+        }
+    }
+
+    /// Whether the decision counts for frequency and for measurement.
+    pub fn counts(self) -> bool {
+        matches!(self, Outcome::Sent | Outcome::Control)
+    }
+}
+
+/// A campaign that fired and qualified, with what the pipeline needs of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate<'a> {
+    pub campaign: &'a str,
+    pub channel: &'a str,
+    pub priority: i64,
+    pub frequency_ms: i64,
+    pub holdout_pct: u32,
+}
+
+/// FNV-1a 64 of `customer:campaign`, modulo 100.
+pub fn bucket(customer: &str, campaign: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in customer
+        .as_bytes()
+        .iter()
+        .chain(b":")
+        .chain(campaign.as_bytes())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h % 100
+}
+
+fn consented(channel: &str, traits: &Map<String, Value>, policies: &Policies) -> bool {
+    match policies.channels.get(channel) {
+        // A channel the rules never defined has no consent to rely on.
+        None => false,
+        Some(p) => match &p.consent_trait {
+            None => true,
+            Some(t) => traits.get(t) == Some(&Value::Bool(true)),
+        },
+    }
+}
+
+fn policy_allows(now: i64, channel: &str, history: &History, policies: &Policies) -> bool {
+    policies
+        .contact
+        .iter()
+        .filter(|p| p.channels.iter().any(|c| c == channel))
+        .all(|p| {
+            let recent: usize = p
+                .channels
+                .iter()
+                .filter_map(|c| history.sent.get(c))
+                .map(|times| times.iter().filter(|ts| now - **ts < p.window_ms).count())
+                .sum();
+            recent < p.limit
+        })
+}
+
+/// Decides every candidate of one firing (one customer, one time). Returns
+/// one outcome per candidate, in the candidates' order. Candidates must be
+/// distinct campaigns.
+pub fn decide(
+    now: i64,
+    customer: &str,
+    candidates: &[Candidate<'_>],
+    traits: &Map<String, Value>,
+    history: &History,
+    policies: &Policies,
+) -> Vec<Outcome> {
+    let mut outcomes: Vec<Option<Outcome>> = candidates
+        .iter()
+        .map(|c| {
+            if !consented(c.channel, traits, policies) {
+                Some(Outcome::SuppressedConsent)
+            } else if history
+                .last
+                .get(c.campaign)
+                .is_some_and(|ts| now - ts < c.frequency_ms)
+            {
+                Some(Outcome::SuppressedFrequency)
+            } else if !policy_allows(now, c.channel, history, policies) {
+                Some(Outcome::SuppressedPolicy)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let winner = candidates
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| outcomes[*i].is_none())
+        .min_by(|(_, a), (_, b)| {
+            b.priority
+                .cmp(&a.priority)
+                .then_with(|| a.campaign.as_bytes().cmp(b.campaign.as_bytes()))
+        })
+        .map(|(i, _)| i);
+    for (i, o) in outcomes.iter_mut().enumerate() {
+        if o.is_none() {
+            *o = Some(if Some(i) != winner {
+                Outcome::SuppressedArbitration
+            } else if bucket(customer, candidates[i].campaign)
+                < u64::from(candidates[i].holdout_pct)
+            {
+                Outcome::Control
+            } else {
+                Outcome::Sent
+            });
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Outcome::SuppressedArbitration))
+        .collect()
+}
+
+/// Adds a firing's outcomes to the history that later firings read, and
+/// forgets what no policy can look at any more.
+pub fn record(
+    history: &mut History,
+    now: i64,
+    candidates: &[Candidate<'_>],
+    outcomes: &[Outcome],
+    policies: &Policies,
+) {
+    for (c, o) in candidates.iter().zip(outcomes) {
+        if o.counts() {
+            history.last.insert(c.campaign.to_owned(), now);
+        }
+        if *o == Outcome::Sent
+            && policies
+                .contact
+                .iter()
+                .any(|p| p.channels.iter().any(|ch| ch == c.channel))
+        {
+            history
+                .sent
+                .entry(c.channel.to_owned())
+                .or_default()
+                .push(now);
+        }
+    }
+    let window = policies.max_window_ms();
+    let keep = policies.max_limit();
+    for times in history.sent.values_mut() {
+        times.retain(|ts| now - ts < window);
+        if times.len() > keep {
+            times.drain(..times.len() - keep);
+        }
+    }
+    history.sent.retain(|_, t| !t.is_empty());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{ChannelPolicy, ContactPolicy};
+
+    const DAY: i64 = 86_400_000;
+
+    fn policies() -> Policies {
+        let mut p = Policies::default();
+        p.channels.insert(
+            "email".into(),
+            ChannelPolicy {
+                consent_trait: Some("consent_email".into()),
+            },
+        );
+        p.channels.insert(
+            "sms".into(),
+            ChannelPolicy {
+                consent_trait: Some("consent_sms".into()),
+            },
+        );
+        p.channels.insert("agent".into(), ChannelPolicy::default());
+        p.contact.push(ContactPolicy {
+            name: "daily".into(),
+            channels: vec!["email".into(), "sms".into()],
+            limit: 1,
+            window_ms: DAY,
+        });
+        p
+    }
+
+    fn cand<'a>(campaign: &'a str, channel: &'a str, priority: i64) -> Candidate<'a> {
+        Candidate {
+            campaign,
+            channel,
+            priority,
+            frequency_ms: 7 * DAY,
+            holdout_pct: 0,
+        }
+    }
+
+    fn traits(json: &str) -> Map<String, Value> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn fnv_bucket_matches_reference() {
+        // FNV-1a 64 of "a" is 0xaf63dc4c8601ec8c.
+        let mut h: u64 = 0xcbf29ce484222325;
+        h ^= u64::from(b'a');
+        h = h.wrapping_mul(0x100000001b3);
+        assert_eq!(h, 0xaf63dc4c8601ec8c);
+        assert!(bucket("c-000042", "welcome") < 100);
+        assert_eq!(bucket("u", "c"), bucket("u", "c"));
+        assert_ne!(bucket("u1", "c"), bucket("u2", "c"));
+    }
+
+    #[test]
+    fn consent_only_by_json_true() {
+        let p = policies();
+        for (t, want) in [
+            (r#"{"consent_email":true}"#, Outcome::Sent),
+            (r#"{"consent_email":"true"}"#, Outcome::SuppressedConsent),
+            (r#"{"consent_email":1}"#, Outcome::SuppressedConsent),
+            (r#"{}"#, Outcome::SuppressedConsent),
+        ] {
+            let o = decide(
+                0,
+                "u",
+                &[cand("a", "email", 1)],
+                &traits(t),
+                &History::default(),
+                &p,
+            );
+            assert_eq!(o, vec![want], "{t}");
+        }
+        let o = decide(
+            0,
+            "u",
+            &[cand("a", "agent", 1)],
+            &traits("{}"),
+            &History::default(),
+            &p,
+        );
+        assert_eq!(o, vec![Outcome::Sent]);
+    }
+
+    #[test]
+    fn frequency_policy_and_arbitration() {
+        let p = policies();
+        let t = traits(r#"{"consent_email":true,"consent_sms":true}"#);
+        let mut h = History::default();
+        let first = [
+            cand("a", "email", 10),
+            cand("b", "agent", 20),
+            cand("c", "agent", 20),
+        ];
+        let o = decide(0, "u", &first, &t, &h, &p);
+        // b and c tie on priority: the smaller id wins.
+        assert_eq!(
+            o,
+            vec![
+                Outcome::SuppressedArbitration,
+                Outcome::Sent,
+                Outcome::SuppressedArbitration
+            ]
+        );
+        record(&mut h, 0, &first, &o, &p);
+        // b again within its frequency; a is free, and a sent email earlier
+        // than 24h would block it, but none was sent.
+        let second = [cand("a", "email", 10), cand("b", "agent", 20)];
+        let o = decide(DAY, "u", &second, &t, &h, &p);
+        assert_eq!(o, vec![Outcome::Sent, Outcome::SuppressedFrequency]);
+        record(&mut h, DAY, &second, &o, &p);
+        // sms within 24h of that email: the contact policy stops it.
+        let third = [cand("s", "sms", 1)];
+        let o = decide(2 * DAY - 1, "u", &third, &t, &h, &p);
+        assert_eq!(o, vec![Outcome::SuppressedPolicy]);
+        let o = decide(2 * DAY, "u", &third, &t, &h, &p);
+        assert_eq!(o, vec![Outcome::Sent]);
+    }
+
+    #[test]
+    fn holdout_gives_control() {
+        let p = policies();
+        let t = traits("{}");
+        let mut c = cand("x", "agent", 1);
+        c.holdout_pct = 100;
+        assert_eq!(
+            decide(0, "u", &[c.clone()], &t, &History::default(), &p),
+            vec![Outcome::Control]
+        );
+        c.holdout_pct = 0;
+        assert_eq!(
+            decide(0, "u", &[c], &t, &History::default(), &p),
+            vec![Outcome::Sent]
+        );
+    }
+
+    #[test]
+    fn record_keeps_only_what_policies_read() {
+        let p = policies();
+        let mut h = History::default();
+        let c = [cand("a", "email", 1)];
+        for day in 0..5 {
+            record(&mut h, day * DAY, &c, &[Outcome::Sent], &p);
+        }
+        assert_eq!(h.sent["email"], vec![4 * DAY]);
+        assert_eq!(h.last["a"], 4 * DAY);
+    }
+}

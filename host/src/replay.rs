@@ -1,0 +1,314 @@
+//! `nudge replay`: a file of events through a worker on an event-time clock,
+//! writing the decisions and the report.
+//!
+//! A reader thread parses lines while the worker decides, so the two cores
+//! share the work; lines reach the worker in file order.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::event::{format_ts, Event, EventError};
+use crate::generation::Generation;
+use crate::plugins::{Limits, PluginError, Runtime};
+use crate::report::{self, Row};
+use crate::rules::{RuleSet, RulesError};
+use crate::store::{Store, StoreError};
+use crate::worker::{Decision, Stats, Worker, WorkerError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("rules:\n{0}")]
+    Rules(#[from] RulesError),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ReplayError + '_ {
+    move |source| ReplayError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where the plugins come from.
+#[derive(Clone, Debug)]
+pub enum PluginSource {
+    /// The example plugins built into the binary.
+    Embedded,
+    /// Every `*.wasm` in a folder.
+    Dir(PathBuf),
+}
+
+/// Loads plugins and rules and checks them against each other.
+pub fn load_generation(
+    runtime: &Runtime,
+    number: u64,
+    plugins: &PluginSource,
+    rules: &Path,
+) -> Result<Generation, ReplayError> {
+    let loaded = match plugins {
+        PluginSource::Embedded => crate::embedded::EMBEDDED
+            .iter()
+            .map(|(name, bytes)| runtime.load(&format!("embedded:{name}"), bytes))
+            .collect::<Result<Vec<_>, _>>()?,
+        PluginSource::Dir(d) => runtime.load_dir(d)?,
+    };
+    let rules = RuleSet::load(rules)?;
+    Ok(Generation::build(number, loaded, rules)?)
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub events: PathBuf,
+    pub decisions: PathBuf,
+    pub report: PathBuf,
+    pub rules: PathBuf,
+    pub plugins: PluginSource,
+    /// Store folder; `None` uses a temporary folder removed afterwards.
+    pub data: Option<PathBuf>,
+    /// Compiled-plugin cache; `None` compiles every run.
+    pub cache: Option<PathBuf>,
+    /// Count and report invalid lines instead of stopping at the first.
+    pub skip_invalid: bool,
+    pub progress: bool,
+    pub limits: Limits,
+}
+
+/// What a replay did.
+#[derive(Debug)]
+pub struct Summary {
+    pub events: u64,
+    pub skipped: u64,
+    /// The first invalid lines skipped: (line, problem).
+    pub skipped_lines: Vec<(usize, String)>,
+    pub decisions: u64,
+    pub elapsed: Duration,
+    pub stats: Stats,
+    pub report: Vec<Row>,
+}
+
+impl Summary {
+    pub fn events_per_sec(&self) -> f64 {
+        self.events as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// The one line printed at the end.
+    pub fn line(&self) -> String {
+        let faults: u64 = self.stats.faults.values().sum();
+        format!(
+            "replayed {} events ({} skipped), {} timers fired, {} decisions, {} plugin faults, {} rule errors in {:.2} s: {:.0} events/s",
+            self.events,
+            self.skipped,
+            self.stats.timers_fired,
+            self.decisions,
+            faults,
+            self.stats.rule_errors,
+            self.elapsed.as_secs_f64(),
+            self.events_per_sec()
+        )
+    }
+}
+
+type Parsed = (usize, u64, Result<Event, EventError>);
+
+const CHUNK: usize = 1024;
+
+fn read_lines(path: PathBuf, tx: mpsc::SyncSender<Result<Vec<Parsed>, ReplayError>>) {
+    let file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = tx.send(Err(ReplayError::Io { path, source: e }));
+            return;
+        }
+    };
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut line = String::new();
+    let mut n = 0;
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(bytes) => {
+                n += 1;
+                let text = line.trim_end_matches(['\n', '\r']);
+                if text.trim().is_empty() {
+                    continue;
+                }
+                chunk.push((n, bytes as u64, Event::parse(text)));
+                if chunk.len() == CHUNK {
+                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                    if tx.send(Ok(full)).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(ReplayError::Invalid {
+                    path: path.clone(),
+                    line: n + 1,
+                    message: format!("cannot read: {e}"),
+                }));
+                return;
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        let _ = tx.send(Ok(chunk));
+    }
+}
+
+/// Replays `opts.events` and writes the decisions and the report.
+pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
+    let runtime = Arc::new(Runtime::new(opts.limits.clone(), opts.cache.clone())?);
+    let gen = load_generation(&runtime, 1, &opts.plugins, &opts.rules)?;
+    let temp;
+    let data_dir = match &opts.data {
+        Some(d) => d.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("nudge-replay-")
+                .tempdir()
+                .map_err(io(Path::new("temporary folder")))?;
+            temp.path().to_owned()
+        }
+    };
+    let store = Store::open(&data_dir)?;
+    let mut worker = Worker::new(store.clone(), runtime)?;
+
+    let size = std::fs::metadata(&opts.events)
+        .map_err(io(&opts.events))?
+        .len();
+    let bar = if opts.progress {
+        indicatif::ProgressBar::new(size)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} replay [{bar:40}] {percent:>3}% {binary_bytes}/{binary_total_bytes} {per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+
+    let (tx, rx) = mpsc::sync_channel(8);
+    let path = opts.events.clone();
+    let reader = std::thread::Builder::new()
+        .name("nudge-replay-reader".into())
+        .spawn(move || read_lines(path, tx))
+        .map_err(io(Path::new("reader thread")))?;
+
+    let start = Instant::now();
+    let mut decisions: Vec<Decision> = Vec::new();
+    let mut skipped = 0u64;
+    let mut skipped_lines = Vec::new();
+    let mut last_ts: Option<i64> = None;
+    let mut result = Ok(());
+    'chunks: for chunk in rx {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
+        let mut bytes = 0;
+        for (line, len, parsed) in chunk {
+            bytes += len;
+            let checked = parsed
+                .map_err(|e| e.to_string())
+                .and_then(|ev| match last_ts {
+                    Some(prev) if ev.ts < prev => Err(format!(
+                        "field `timestamp`: {} is before the previous event's {}",
+                        format_ts(ev.ts),
+                        format_ts(prev)
+                    )),
+                    _ => Ok(ev),
+                });
+            match checked {
+                Ok(ev) => {
+                    last_ts = Some(ev.ts);
+                    if let Err(e) = worker.handle(&gen, &ev, &mut decisions) {
+                        result = Err(e.into());
+                        break 'chunks;
+                    }
+                }
+                Err(message) if opts.skip_invalid => {
+                    skipped += 1;
+                    tracing::warn!(line, "skipped: {message}");
+                    if skipped_lines.len() < 100 {
+                        skipped_lines.push((line, message));
+                    }
+                }
+                Err(message) => {
+                    result = Err(ReplayError::Invalid {
+                        path: opts.events.clone(),
+                        line,
+                        message,
+                    });
+                    break 'chunks;
+                }
+            }
+        }
+        bar.inc(bytes);
+    }
+    // On an early stop the reader sees the closed channel and ends.
+    let _ = reader.join();
+    result?;
+    bar.finish_and_clear();
+    store.flush()?;
+    let elapsed = start.elapsed();
+
+    decisions.sort_by(|a, b| {
+        (a.ts, a.customer.as_bytes(), a.campaign.as_bytes()).cmp(&(
+            b.ts,
+            b.customer.as_bytes(),
+            b.campaign.as_bytes(),
+        ))
+    });
+    let mut out = Vec::with_capacity(decisions.len() * 160);
+    for d in &decisions {
+        out.extend_from_slice(&d.to_json());
+        out.push(b'\n');
+    }
+    write_file(&opts.decisions, &out)?;
+    let rows = report::build(&gen.rules, &decisions, &store)?;
+    write_file(&opts.report, report::to_jsonl(&rows).as_bytes())?;
+    Ok(Summary {
+        events: worker.stats.events,
+        skipped,
+        skipped_lines,
+        decisions: decisions.len() as u64,
+        elapsed,
+        stats: worker.stats.clone(),
+        report: rows,
+    })
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), ReplayError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(io(parent))?;
+    }
+    let mut f = std::fs::File::create(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! Measurement: per campaign, what was decided, and how many `sent` and
+//! `control` customers reached the campaign's goal within its window.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::decide::Outcome;
+use crate::rules::RuleSet;
+use crate::store::{Store, StoreError};
+use crate::worker::Decision;
+
+/// One campaign's line of the report, fields in the order of SPEC §4.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Row {
+    pub campaign: String,
+    pub sent: u64,
+    pub sent_converted: u64,
+    pub control: u64,
+    pub control_converted: u64,
+    pub suppressed_consent: u64,
+    pub suppressed_frequency: u64,
+    pub suppressed_policy: u64,
+    pub suppressed_arbitration: u64,
+}
+
+impl Row {
+    fn rate(n: u64, d: u64) -> Option<f64> {
+        (d > 0).then(|| n as f64 / d as f64)
+    }
+
+    /// Conversion rate of treated minus that of control, when both exist.
+    pub fn uplift(&self) -> Option<f64> {
+        Some(
+            Self::rate(self.sent_converted, self.sent)?
+                - Self::rate(self.control_converted, self.control)?,
+        )
+    }
+}
+
+/// Builds the report of `decisions` for every campaign in `rules` (zeros
+/// included), sorted by campaign id. Conversions are looked up in the store's
+/// goal events, so the report covers goals seen after the decision too.
+pub fn build(
+    rules: &RuleSet,
+    decisions: &[Decision],
+    store: &Store,
+) -> Result<Vec<Row>, StoreError> {
+    let mut rows: Vec<Row> = rules
+        .campaigns
+        .iter()
+        .map(|c| Row {
+            campaign: c.id.clone(),
+            ..Row::default()
+        })
+        .collect();
+    rows.sort_by(|a, b| a.campaign.cmp(&b.campaign));
+    for d in decisions {
+        let Ok(i) = rows.binary_search_by(|r| r.campaign.as_str().cmp(&d.campaign)) else {
+            continue;
+        };
+        let converted = || -> Result<bool, StoreError> {
+            match rules
+                .campaigns
+                .iter()
+                .find(|c| c.id == d.campaign)
+                .and_then(|c| c.goal.as_ref())
+            {
+                Some(g) => store.goal_between(&d.customer, &g.event, d.ts, d.ts + g.window_ms),
+                None => Ok(false),
+            }
+        };
+        let r = &mut rows[i];
+        match d.outcome {
+            Outcome::Sent => {
+                r.sent += 1;
+                r.sent_converted += u64::from(converted()?);
+            }
+            Outcome::Control => {
+                r.control += 1;
+                r.control_converted += u64::from(converted()?);
+            }
+            Outcome::SuppressedConsent => r.suppressed_consent += 1,
+            Outcome::SuppressedFrequency => r.suppressed_frequency += 1,
+            Outcome::SuppressedPolicy => r.suppressed_policy += 1,
+            Outcome::SuppressedArbitration => r.suppressed_arbitration += 1,
+        }
+    }
+    Ok(rows)
+}
+
+/// JSON Lines, one row per campaign.
+pub fn to_jsonl(rows: &[Row]) -> String {
+    let mut s = String::new();
+    for r in rows {
+        // A struct of strings and integers always serialises.
+        s.push_str(&serde_json::to_string(r).unwrap_or_default());
+        s.push('\n');
+    }
+    s
+}
+
+/// A table a manager can read: reach, conversion of treated and control,
+/// and uplift.
+pub fn to_table(rows: &[Row]) -> String {
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", v * 100.0));
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<20} {:>7} {:>9} {:>7} {:>9} {:>8} {:>10}",
+        "campaign", "sent", "conv", "control", "conv", "uplift", "suppressed"
+    );
+    for r in rows {
+        let suppressed = r.suppressed_consent
+            + r.suppressed_frequency
+            + r.suppressed_policy
+            + r.suppressed_arbitration;
+        let _ = writeln!(
+            s,
+            "{:<20} {:>7} {:>9} {:>7} {:>9} {:>8} {:>10}",
+            r.campaign,
+            r.sent,
+            pct(Row::rate(r.sent_converted, r.sent)),
+            r.control,
+            pct(Row::rate(r.control_converted, r.control)),
+            r.uplift()
+                .map_or("-".to_string(), |u| format!("{:+.1}pt", u * 100.0)),
+            suppressed
+        );
+    }
+    s
+}

@@ -1,0 +1,829 @@
+//! Campaigns and contact policies, loaded from TOML files with Rhai
+//! expressions where a value must be computed.
+//!
+//! A rules folder holds one campaign per `*.toml` file and the channel and
+//! contact policies in `policies.toml`. Expressions are compiled once, at
+//! load, and run sandboxed: expressions only (no statements or loops), an
+//! operation budget, size limits, no `eval`, no modules.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rhai::{Dynamic, Scope, AST};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use toml::Spanned;
+
+use crate::event::Event;
+
+/// The name of the policies file in a rules folder.
+pub const POLICIES_FILE: &str = "policies.toml";
+
+/// One problem in one rule file: where, which field, what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for RuleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in a rules folder.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct RulesError(pub Vec<RuleError>);
+
+impl fmt::Display for RulesError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What makes a campaign fire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TriggerRef {
+    /// A firing of a trigger plugin.
+    Plugin { plugin: String, firing: String },
+    /// A `track` event by name (`identify` for identifies), no plugin needed.
+    Event { name: String },
+}
+
+/// A compiled expression and where it came from.
+#[derive(Debug, Clone)]
+pub struct Expr {
+    pub source: String,
+    pub line: usize,
+    ast: AST,
+}
+
+#[derive(Debug, Clone)]
+pub enum Priority {
+    Fixed(i64),
+    Expr(Expr),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Goal {
+    pub event: String,
+    pub window_ms: i64,
+}
+
+/// One campaign, validated and compiled.
+#[derive(Debug, Clone)]
+pub struct Campaign {
+    pub id: String,
+    pub owner: String,
+    pub description: String,
+    pub file: PathBuf,
+    /// Content hash of the file (hex SHA-256), for generation listings.
+    pub hash: String,
+    pub trigger: TriggerRef,
+    /// Line of `trigger` and of `response`, for errors found when the rules
+    /// are checked against the plugins.
+    pub trigger_line: usize,
+    pub response_line: Option<usize>,
+    pub when: Option<Expr>,
+    pub response: Option<String>,
+    pub channel: String,
+    pub priority: Priority,
+    pub frequency_ms: i64,
+    pub holdout_pct: u32,
+    pub goal: Option<Goal>,
+    /// How long a pre-thought action stays valid (agent queue).
+    pub expires_ms: Option<i64>,
+}
+
+/// What a channel needs before anyone is contacted on it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelPolicy {
+    /// The trait that must be the JSON value `true`; none means no consent
+    /// is needed (e.g. an agent's call list).
+    pub consent_trait: Option<String>,
+}
+
+/// At most `limit` `sent` decisions on `channels` together within `window`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContactPolicy {
+    pub name: String,
+    pub channels: Vec<String>,
+    pub limit: usize,
+    pub window_ms: i64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policies {
+    pub channels: BTreeMap<String, ChannelPolicy>,
+    pub contact: Vec<ContactPolicy>,
+}
+
+impl Policies {
+    /// The longest contact-policy window: history older than this is never
+    /// read again.
+    pub fn max_window_ms(&self) -> i64 {
+        self.contact.iter().map(|p| p.window_ms).max().unwrap_or(0)
+    }
+
+    /// The most `sent` times any policy needs to look at per channel.
+    pub fn max_limit(&self) -> usize {
+        self.contact.iter().map(|p| p.limit).max().unwrap_or(0)
+    }
+}
+
+/// The loaded rules folder.
+#[derive(Clone)]
+pub struct RuleSet {
+    pub dir: PathBuf,
+    pub campaigns: Vec<Campaign>,
+    pub policies: Policies,
+    engine: Arc<rhai::Engine>,
+}
+
+impl fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuleSet")
+            .field("dir", &self.dir)
+            .field("campaigns", &self.campaigns.len())
+            .finish()
+    }
+}
+
+/// Parses `30d`, `24h`, `30m`, `45s`, `500ms` into milliseconds.
+pub fn parse_duration(s: &str) -> Result<i64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit (ms, s, m, h, d)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} does not start with a whole number"))?;
+    let mult = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CampaignFile {
+    id: Spanned<String>,
+    #[serde(default)]
+    owner: String,
+    #[serde(default)]
+    description: String,
+    trigger: Spanned<TriggerFile>,
+    when: Option<Spanned<String>>,
+    response: Option<Spanned<String>>,
+    channel: Spanned<String>,
+    priority: Spanned<PriorityFile>,
+    frequency: Spanned<String>,
+    holdout: Option<Spanned<u32>>,
+    goal: Option<GoalFile>,
+    expires: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TriggerFile {
+    plugin: Option<String>,
+    firing: Option<String>,
+    event: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PriorityFile {
+    Fixed(i64),
+    Expr(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GoalFile {
+    event: String,
+    window: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoliciesFile {
+    #[serde(default)]
+    channels: BTreeMap<String, ChannelPolicy>,
+    #[serde(default)]
+    contact: Vec<ContactFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ContactFile {
+    name: String,
+    channels: Vec<String>,
+    limit: usize,
+    window: Spanned<String>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// The sandboxed expression engine shared by every campaign.
+pub fn new_engine() -> rhai::Engine {
+    let mut e = rhai::Engine::new();
+    e.set_max_operations(100_000);
+    e.set_max_expr_depths(64, 32);
+    e.set_max_call_levels(16);
+    e.set_max_string_size(64 * 1024);
+    e.set_max_array_size(10_000);
+    e.set_max_map_size(10_000);
+    e.set_strict_variables(true);
+    e.disable_symbol("eval");
+    e.on_print(|s| tracing::info!(target: "nudge::rules", "{s}"));
+    e.on_debug(|s, _, pos| tracing::debug!(target: "nudge::rules", "{pos:?}: {s}"));
+    // Helpers that make the usual conditions one call and never fail on a
+    // missing or mistyped value.
+    e.register_fn("nonempty", |v: Dynamic| {
+        v.clone()
+            .into_immutable_string()
+            .map(|s| !s.is_empty())
+            .unwrap_or(false)
+    });
+    e.register_fn("has", |list: Dynamic, item: Dynamic| -> bool {
+        match list.try_cast::<rhai::Array>() {
+            Some(a) => {
+                let s = item.to_string();
+                a.iter()
+                    .any(|x| x.type_id() == item.type_id() && x.to_string() == s)
+            }
+            None => false,
+        }
+    });
+    e.register_fn("is_true", |v: Dynamic| v.as_bool().unwrap_or(false));
+    e.register_fn("starts", |v: Dynamic, prefix: &str| {
+        v.into_immutable_string()
+            .map(|s| s.starts_with(prefix))
+            .unwrap_or(false)
+    });
+    e
+}
+
+/// The variables every expression sees, so they can be checked at compile.
+/// Pushed as variables, not constants: Rhai would fold constants into the
+/// compiled expression.
+fn template_scope() -> Scope<'static> {
+    let mut s = Scope::new();
+    s.push("event", rhai::Map::new());
+    s.push("properties", rhai::Map::new());
+    s.push("traits", rhai::Map::new());
+    s.push("firing", rhai::Map::new());
+    s.push("customer_id", String::new());
+    s.push("now", 0_i64);
+    s
+}
+
+/// Converts JSON to a Rhai value: integers stay integers, other numbers are
+/// doubles, objects are maps.
+pub fn to_dynamic(v: &Value) -> Dynamic {
+    match v {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => Dynamic::from_bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from_int(i),
+            None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => Dynamic::from(s.clone()),
+        Value::Array(a) => Dynamic::from_array(a.iter().map(to_dynamic).collect()),
+        Value::Object(m) => Dynamic::from_map(map_to_rhai(m)),
+    }
+}
+
+fn map_to_rhai(m: &Map<String, Value>) -> rhai::Map {
+    m.iter()
+        .map(|(k, v)| (k.as_str().into(), to_dynamic(v)))
+        .collect()
+}
+
+/// What an expression can see for one firing.
+pub struct Facts<'a> {
+    pub customer: &'a str,
+    pub now: i64,
+    /// The event being handled; `None` for a timer.
+    pub event: Option<&'a Event>,
+    pub traits: &'a Map<String, Value>,
+    pub firing: &'a Map<String, Value>,
+}
+
+/// A scope built once per firing and shared by the campaigns it reaches.
+pub struct EvalScope {
+    scope: Scope<'static>,
+}
+
+impl EvalScope {
+    pub fn new(f: &Facts<'_>) -> EvalScope {
+        let mut s = Scope::new();
+        let (event, props) = match f.event {
+            Some(e) => {
+                let props = map_to_rhai(&e.properties);
+                let mut m = rhai::Map::new();
+                m.insert("name".into(), e.name.clone().into());
+                m.insert("message_id".into(), e.message_id.clone().into());
+                m.insert("ts".into(), Dynamic::from_int(e.ts));
+                m.insert(
+                    "kind".into(),
+                    match e.kind {
+                        crate::event::Kind::Identify => "identify",
+                        crate::event::Kind::Track => "track",
+                    }
+                    .into(),
+                );
+                m.insert("properties".into(), Dynamic::from_map(props.clone()));
+                (m, props)
+            }
+            None => (rhai::Map::new(), rhai::Map::new()),
+        };
+        s.push_constant("event", event);
+        s.push_constant("properties", props);
+        s.push_constant("traits", map_to_rhai(f.traits));
+        s.push_constant("firing", map_to_rhai(f.firing));
+        s.push_constant("customer_id", f.customer.to_owned());
+        s.push_constant("now", f.now);
+        EvalScope { scope: s }
+    }
+}
+
+impl RuleSet {
+    /// Loads and validates every campaign and the policies in `dir`.
+    pub fn load(dir: &Path) -> Result<RuleSet, RulesError> {
+        let engine = new_engine();
+        let mut errors = Vec::new();
+        let mut campaigns = Vec::new();
+        let entries = match std::fs::read_dir(dir) {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(RulesError(vec![RuleError {
+                    file: dir.to_owned(),
+                    line: None,
+                    field: None,
+                    message: format!("cannot read the rules folder: {e}"),
+                }]))
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect();
+        files.sort();
+        let mut policies = Policies::default();
+        let policies_path = dir.join(POLICIES_FILE);
+        if policies_path.exists() {
+            match read(&policies_path).and_then(|t| parse_policies(&policies_path, &t)) {
+                Ok(p) => policies = p,
+                Err(e) => errors.extend(e),
+            }
+        }
+        for file in files.iter().filter(|f| **f != policies_path) {
+            match read(file).and_then(|t| parse_campaign(&engine, file, &t, &policies)) {
+                Ok(c) => campaigns.push(c),
+                Err(e) => errors.extend(e),
+            }
+        }
+        let mut seen: BTreeMap<&str, &Path> = BTreeMap::new();
+        for c in &campaigns {
+            if let Some(other) = seen.insert(&c.id, &c.file) {
+                errors.push(RuleError {
+                    file: c.file.clone(),
+                    line: None,
+                    field: Some("id".into()),
+                    message: format!("campaign {:?} is also defined in {}", c.id, other.display()),
+                });
+            }
+        }
+        if !errors.is_empty() {
+            return Err(RulesError(errors));
+        }
+        campaigns.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(RuleSet {
+            dir: dir.to_owned(),
+            campaigns,
+            policies,
+            engine: Arc::new(engine),
+        })
+    }
+
+    /// Evaluates a campaign's `when` (true when absent). An error (a wrong
+    /// type, the operation budget) is returned so the caller can report it.
+    pub fn qualifies(&self, c: &Campaign, scope: &mut EvalScope) -> Result<bool, String> {
+        match &c.when {
+            None => Ok(true),
+            Some(e) => self
+                .engine
+                .eval_ast_with_scope::<bool>(&mut scope.scope, &e.ast)
+                .map_err(|err| format!("{}:{}: `when`: {err}", c.file.display(), e.line)),
+        }
+    }
+
+    pub fn priority(&self, c: &Campaign, scope: &mut EvalScope) -> Result<i64, String> {
+        match &c.priority {
+            Priority::Fixed(p) => Ok(*p),
+            Priority::Expr(e) => self
+                .engine
+                .eval_ast_with_scope::<i64>(&mut scope.scope, &e.ast)
+                .map_err(|err| format!("{}:{}: `priority`: {err}", c.file.display(), e.line)),
+        }
+    }
+
+    /// Goal event names of all campaigns.
+    pub fn goal_events(&self) -> BTreeSet<String> {
+        self.campaigns
+            .iter()
+            .filter_map(|c| c.goal.as_ref().map(|g| g.event.clone()))
+            .collect()
+    }
+}
+
+fn read(file: &Path) -> Result<String, Vec<RuleError>> {
+    std::fs::read_to_string(file).map_err(|e| {
+        vec![RuleError {
+            file: file.to_owned(),
+            line: None,
+            field: None,
+            message: format!("cannot read: {e}"),
+        }]
+    })
+}
+
+fn toml_error(file: &Path, text: &str, e: toml::de::Error) -> Vec<RuleError> {
+    let line = e.span().map(|s| line_of(text, s.start));
+    vec![RuleError {
+        file: file.to_owned(),
+        line,
+        field: None,
+        message: e.message().trim().to_string(),
+    }]
+}
+
+fn parse_policies(file: &Path, text: &str) -> Result<Policies, Vec<RuleError>> {
+    let p: PoliciesFile = toml::from_str(text).map_err(|e| toml_error(file, text, e))?;
+    let mut errors = Vec::new();
+    let mut contact = Vec::new();
+    for c in p.contact {
+        for ch in &c.channels {
+            if !p.channels.contains_key(ch) {
+                errors.push(RuleError {
+                    file: file.to_owned(),
+                    line: Some(line_of(text, c.window.span().start)),
+                    field: Some(format!("contact.{}.channels", c.name)),
+                    message: format!("channel {ch:?} is not defined under [channels]"),
+                });
+            }
+        }
+        match parse_duration(c.window.get_ref()) {
+            Ok(w) => contact.push(ContactPolicy {
+                name: c.name,
+                channels: c.channels,
+                limit: c.limit,
+                window_ms: w,
+            }),
+            Err(m) => errors.push(RuleError {
+                file: file.to_owned(),
+                line: Some(line_of(text, c.window.span().start)),
+                field: Some(format!("contact.{}.window", c.name)),
+                message: m,
+            }),
+        }
+    }
+    if errors.is_empty() {
+        Ok(Policies {
+            channels: p.channels,
+            contact,
+        })
+    } else {
+        Err(errors)
+    }
+}
+
+fn parse_campaign(
+    engine: &rhai::Engine,
+    file: &Path,
+    text: &str,
+    policies: &Policies,
+) -> Result<Campaign, Vec<RuleError>> {
+    use sha2::Digest;
+    let f: CampaignFile = toml::from_str(text).map_err(|e| toml_error(file, text, e))?;
+    let mut errors = Vec::new();
+    let err = |span: std::ops::Range<usize>, field: &str, message: String| RuleError {
+        file: file.to_owned(),
+        line: Some(line_of(text, span.start)),
+        field: Some(field.to_owned()),
+        message,
+    };
+    let id = f.id.get_ref().clone();
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        errors.push(err(
+            f.id.span(),
+            "id",
+            format!("{id:?}: use letters, digits, '-' and '_'"),
+        ));
+    }
+    let t = f.trigger.get_ref();
+    let trigger = match (&t.plugin, &t.firing, &t.event) {
+        (Some(p), Some(fi), None) => Some(TriggerRef::Plugin {
+            plugin: p.clone(),
+            firing: fi.clone(),
+        }),
+        (None, None, Some(e)) => Some(TriggerRef::Event { name: e.clone() }),
+        _ => {
+            errors.push(err(
+                f.trigger.span(),
+                "trigger",
+                "give either `plugin` and `firing`, or `event`".into(),
+            ));
+            None
+        }
+    };
+    let scope = template_scope();
+    let compile = |s: &Spanned<String>, field: &str| -> Result<Expr, RuleError> {
+        // The expression's own line inside the file; Rhai's position is
+        // relative to the expression.
+        let line = line_of(text, s.span().start);
+        engine
+            .compile_expression_with_scope(&scope, s.get_ref())
+            .map(|ast| Expr {
+                source: s.get_ref().clone(),
+                line,
+                ast,
+            })
+            .map_err(|e| RuleError {
+                file: file.to_owned(),
+                line: Some(line + e.1.line().unwrap_or(1) - 1),
+                field: Some(field.to_owned()),
+                message: format!("{} (in {:?})", e.0, s.get_ref()),
+            })
+    };
+    let when = match &f.when {
+        Some(w) => match compile(w, "when") {
+            Ok(e) => Some(e),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        },
+        None => None,
+    };
+    let priority = match f.priority.get_ref() {
+        PriorityFile::Fixed(p) => Some(Priority::Fixed(*p)),
+        PriorityFile::Expr(s) => {
+            let spanned = Spanned::new(f.priority.span(), s.clone());
+            match compile(&spanned, "priority") {
+                Ok(e) => Some(Priority::Expr(e)),
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            }
+        }
+    };
+    let channel = f.channel.get_ref().clone();
+    if !policies.channels.contains_key(&channel) {
+        errors.push(err(
+            f.channel.span(),
+            "channel",
+            format!(
+                "channel {channel:?} is not defined in {POLICIES_FILE} (defined: {})",
+                policies
+                    .channels
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    let frequency_ms = parse_duration(f.frequency.get_ref())
+        .map_err(|m| errors.push(err(f.frequency.span(), "frequency", m)))
+        .ok();
+    let holdout_pct = f.holdout.as_ref().map_or(0, |h| *h.get_ref());
+    if let Some(h) = f.holdout.as_ref().filter(|h| *h.get_ref() > 100) {
+        errors.push(err(h.span(), "holdout", "a percentage: 0 to 100".into()));
+    }
+    let goal = match f.goal {
+        Some(g) => match parse_duration(g.window.get_ref()) {
+            Ok(w) => Some(Goal {
+                event: g.event,
+                window_ms: w,
+            }),
+            Err(m) => {
+                errors.push(err(g.window.span(), "goal.window", m));
+                None
+            }
+        },
+        None => None,
+    };
+    let expires_ms = match &f.expires {
+        Some(e) => match parse_duration(e.get_ref()) {
+            Ok(v) => Some(v),
+            Err(m) => {
+                errors.push(err(e.span(), "expires", m));
+                None
+            }
+        },
+        None => None,
+    };
+    match (trigger, priority, frequency_ms) {
+        (Some(trigger), Some(priority), Some(frequency_ms)) if errors.is_empty() => Ok(Campaign {
+            id,
+            owner: f.owner,
+            description: f.description,
+            file: file.to_owned(),
+            hash: format!("{:x}", sha2::Sha256::digest(text.as_bytes())),
+            trigger,
+            trigger_line: line_of(text, f.trigger.span().start),
+            response_line: f.response.as_ref().map(|r| line_of(text, r.span().start)),
+            when,
+            response: f.response.map(|r| r.into_inner()),
+            channel,
+            priority,
+            frequency_ms,
+            holdout_pct,
+            goal,
+            expires_ms,
+        }),
+        _ => Err(errors),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICIES: &str = r#"
+[channels.email]
+consent_trait = "consent_email"
+[channels.agent]
+"#;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    const GOOD: &str = r#"
+id = "big"
+trigger = { event = "Deposit Made" }
+when = "properties.amount >= 20000"
+channel = "email"
+priority = 60
+frequency = "30d"
+holdout = 10
+goal = { event = "Advisor Meeting Booked", window = "14d" }
+"#;
+
+    #[test]
+    fn loads_a_campaign() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), POLICIES_FILE, POLICIES);
+        write(d.path(), "big.toml", GOOD);
+        let r = RuleSet::load(d.path()).unwrap();
+        assert_eq!(r.campaigns.len(), 1);
+        let c = &r.campaigns[0];
+        assert_eq!(c.frequency_ms, 30 * 86_400_000);
+        assert_eq!(
+            c.goal,
+            Some(Goal {
+                event: "Advisor Meeting Booked".into(),
+                window_ms: 14 * 86_400_000
+            })
+        );
+        let ev = Event::parse(r#"{"messageId":"m","type":"track","userId":"u","timestamp":"2026-03-01T00:00:00Z","event":"Deposit Made","properties":{"amount":20000.0}}"#).unwrap();
+        let traits = Map::new();
+        let firing = Map::new();
+        let mut s = EvalScope::new(&Facts {
+            customer: "u",
+            now: 0,
+            event: Some(&ev),
+            traits: &traits,
+            firing: &firing,
+        });
+        assert_eq!(r.qualifies(c, &mut s), Ok(true));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), POLICIES_FILE, POLICIES);
+        write(
+            d.path(),
+            "bad.toml",
+            &GOOD.replace("properties.amount >= 20000", "properties.amount >= "),
+        );
+        let e = RuleSet::load(d.path()).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert_eq!(e.0[0].line, Some(4), "{e}");
+        assert_eq!(e.0[0].field.as_deref(), Some("when"));
+
+        write(
+            d.path(),
+            "bad.toml",
+            &GOOD.replace("\"30d\"", "\"30 days\""),
+        );
+        let e = RuleSet::load(d.path()).unwrap_err();
+        assert_eq!(e.0[0].line, Some(7), "{e}");
+        assert_eq!(e.0[0].field.as_deref(), Some("frequency"));
+
+        write(
+            d.path(),
+            "bad.toml",
+            &GOOD.replace("channel = \"email\"", "channel = \"fax\""),
+        );
+        let e = RuleSet::load(d.path()).unwrap_err();
+        assert_eq!(e.0[0].field.as_deref(), Some("channel"), "{e}");
+        assert!(e.to_string().contains("bad.toml:5"), "{e}");
+
+        write(
+            d.path(),
+            "bad.toml",
+            &GOOD.replace("holdout = 10", "holdot = 10"),
+        );
+        let e = RuleSet::load(d.path()).unwrap_err();
+        assert!(e.to_string().contains("holdot"), "{e}");
+        assert_eq!(e.0[0].line, Some(8), "{e}");
+
+        write(
+            d.path(),
+            "bad.toml",
+            &GOOD.replace("properties.amount", "propertis.amount"),
+        );
+        let e = RuleSet::load(d.path()).unwrap_err();
+        assert!(e.to_string().contains("propertis"), "{e}");
+    }
+
+    #[test]
+    fn helpers_never_fail_on_missing_values() {
+        let e = new_engine();
+        let mut s = template_scope();
+        for (expr, want) in [
+            ("nonempty(traits.email)", false),
+            ("has(traits.products, \"x\")", false),
+            ("is_true(traits.consent)", false),
+            ("starts(properties.path, \"/m\")", false),
+        ] {
+            let ast = e.compile_expression_with_scope(&s, expr).unwrap();
+            assert_eq!(
+                e.eval_ast_with_scope::<bool>(&mut s, &ast).unwrap(),
+                want,
+                "{expr}"
+            );
+        }
+    }
+
+    #[test]
+    fn runaway_expressions_hit_the_budget() {
+        let e = new_engine();
+        let mut s = template_scope();
+        let ast = e
+            .compile_expression_with_scope(&s, "(0..100000000).map(|x| x * 2).len() > 0")
+            .unwrap();
+        assert!(e.eval_ast_with_scope::<bool>(&mut s, &ast).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("24h"), Ok(86_400_000));
+        assert_eq!(parse_duration("500ms"), Ok(500));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5w").is_err());
+    }
+}

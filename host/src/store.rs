@@ -1,0 +1,498 @@
+//! The customer store, on sled. The only module that imports sled.
+//!
+//! One tree, keys by prefix, so everything of one customer is contiguous and
+//! one event's changes commit as one atomic batch:
+//!
+//! | key | value |
+//! |---|---|
+//! | `c` customer `\0` `t` | traits, JSON object |
+//! | `c` customer `\0` `h` | decision history (frequency, contact policy), JSON |
+//! | `c` customer `\0` `s` len plugin key | plugin state bytes |
+//! | `c` customer `\0` `m` len plugin key | pending timer: due (8 bytes) + trigger id |
+//! | `c` customer `\0` `g` event `\0` ts | goal event occurrence |
+//! | `T` due customer `\0` len plugin key | timer queue, ordered by (due, customer) |
+//! | `D` ts customer `\0` campaign | decision log, ordered as the output |
+//!
+//! Customer ids never contain NUL (ingest refuses them), so `\0` ends them and
+//! byte order of keys is the order of (time, customer id). Times are encoded
+//! big-endian with the sign bit flipped so negative times sort first.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("store: corrupt {what} for customer {customer:?}: {problem}")]
+    Corrupt {
+        what: &'static str,
+        customer: String,
+        problem: String,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// What frequency and contact policies read: the latest counted decision
+/// of each campaign and the recent `sent` times on each channel.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct History {
+    /// campaign → time of its latest `sent` or `control` decision.
+    pub last: BTreeMap<String, i64>,
+    /// channel → times of recent `sent` decisions, oldest first.
+    pub sent: BTreeMap<String, Vec<i64>>,
+}
+
+/// A pending timer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Timer {
+    pub due: i64,
+    /// `messageId` of the event during which it was set.
+    pub trigger: String,
+}
+
+/// A timer that is due, as read from the queue.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DueTimer {
+    pub due: i64,
+    pub customer: String,
+    pub plugin: String,
+    pub key: String,
+    pub trigger: String,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+}
+
+fn time_bytes(ms: i64) -> [u8; 8] {
+    ((ms as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn time_from(b: &[u8]) -> Option<i64> {
+    let a: [u8; 8] = b.get(..8)?.try_into().ok()?;
+    Some((u64::from_be_bytes(a) ^ (1 << 63)) as i64)
+}
+
+fn customer_key(customer: &str, tag: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(customer.len() + 16);
+    k.push(b'c');
+    k.extend_from_slice(customer.as_bytes());
+    k.push(0);
+    k.push(tag);
+    k
+}
+
+/// Plugin names are at most 255 bytes (checked at load), so one length
+/// byte separates name from key without an escape.
+fn push_plugin_key(k: &mut Vec<u8>, plugin: &str, key: &str) {
+    k.push(plugin.len().min(255) as u8);
+    k.extend_from_slice(plugin.as_bytes());
+    k.extend_from_slice(key.as_bytes());
+}
+
+fn plugin_key(customer: &str, tag: u8, plugin: &str, key: &str) -> Vec<u8> {
+    let mut k = customer_key(customer, tag);
+    push_plugin_key(&mut k, plugin, key);
+    k
+}
+
+fn queue_key(due: i64, customer: &str, plugin: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(32 + customer.len() + plugin.len() + key.len());
+    k.push(b'T');
+    k.extend_from_slice(&time_bytes(due));
+    k.extend_from_slice(customer.as_bytes());
+    k.push(0);
+    push_plugin_key(&mut k, plugin, key);
+    k
+}
+
+fn parse_queue_key(k: &[u8], trigger: &[u8]) -> Option<DueTimer> {
+    let due = time_from(k.get(1..)?)?;
+    let rest = k.get(9..)?;
+    let nul = rest.iter().position(|b| *b == 0)?;
+    let customer = std::str::from_utf8(&rest[..nul]).ok()?.to_owned();
+    let len = usize::from(*rest.get(nul + 1)?);
+    let plugin = std::str::from_utf8(rest.get(nul + 2..nul + 2 + len)?)
+        .ok()?
+        .to_owned();
+    let key = std::str::from_utf8(rest.get(nul + 2 + len..)?)
+        .ok()?
+        .to_owned();
+    Some(DueTimer {
+        due,
+        customer,
+        plugin,
+        key,
+        trigger: String::from_utf8_lossy(trigger).into_owned(),
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(512 << 20)
+            // Durability of acknowledged events comes from explicit flushes;
+            // the background flush only bounds how much a crash can redo.
+            .flush_every_ms(Some(1000))
+            .open()?;
+        Ok(Store { db })
+    }
+
+    pub fn traits(&self, customer: &str) -> Result<Map<String, Value>> {
+        match self.db.get(customer_key(customer, b't'))? {
+            None => Ok(Map::new()),
+            Some(v) => serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                what: "traits",
+                customer: customer.into(),
+                problem: e.to_string(),
+            }),
+        }
+    }
+
+    pub fn history(&self, customer: &str) -> Result<History> {
+        match self.db.get(customer_key(customer, b'h'))? {
+            None => Ok(History::default()),
+            Some(v) => serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                what: "decision history",
+                customer: customer.into(),
+                problem: e.to_string(),
+            }),
+        }
+    }
+
+    pub fn plugin_state(&self, customer: &str, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .db
+            .get(plugin_key(customer, b's', plugin, key))?
+            .map(|v| v.to_vec()))
+    }
+
+    pub fn timer(&self, customer: &str, plugin: &str, key: &str) -> Result<Option<Timer>> {
+        let Some(v) = self.db.get(plugin_key(customer, b'm', plugin, key))? else {
+            return Ok(None);
+        };
+        let due = time_from(&v).ok_or_else(|| StoreError::Corrupt {
+            what: "timer",
+            customer: customer.into(),
+            problem: format!("{} bytes", v.len()),
+        })?;
+        Ok(Some(Timer {
+            due,
+            trigger: String::from_utf8_lossy(&v[8..]).into_owned(),
+        }))
+    }
+
+    /// The earliest pending timer, if any.
+    pub fn first_timer(&self) -> Result<Option<DueTimer>> {
+        let Some((k, v)) = self.db.scan_prefix(b"T").next().transpose()? else {
+            return Ok(None);
+        };
+        parse_queue_key(&k, &v)
+            .map(Some)
+            .ok_or_else(|| StoreError::Corrupt {
+                what: "timer queue key",
+                customer: String::new(),
+                problem: format!("{k:?}"),
+            })
+    }
+
+    /// Whether `customer` had a `track` event `event` in (from, to].
+    pub fn goal_between(&self, customer: &str, event: &str, from: i64, to: i64) -> Result<bool> {
+        let mut base = customer_key(customer, b'g');
+        base.extend_from_slice(event.as_bytes());
+        base.push(0);
+        let mut lo = base.clone();
+        lo.extend_from_slice(&time_bytes(from.saturating_add(1)));
+        let mut hi = base;
+        hi.extend_from_slice(&time_bytes(to));
+        Ok(self.db.range(lo..=hi).next().transpose()?.is_some())
+    }
+
+    /// Applies one event's (or one timer's) changes atomically.
+    pub fn commit(&self, changes: Changes) -> Result<()> {
+        if !changes.empty {
+            self.db.apply_batch(changes.batch)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until everything committed so far is on disk.
+    pub fn flush(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Every decision in the log, in (time, customer, campaign) order, as
+    /// the JSON each was written with.
+    pub fn decisions(&self) -> impl Iterator<Item = Result<Vec<u8>>> + '_ {
+        self.db
+            .scan_prefix(b"D")
+            .map(|r| r.map(|(_, v)| v.to_vec()).map_err(StoreError::from))
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+/// Changes of one event or timer firing, committed together.
+pub struct Changes {
+    batch: sled::Batch,
+    empty: bool,
+}
+
+impl Default for Changes {
+    fn default() -> Self {
+        Changes::new()
+    }
+}
+
+impl Changes {
+    pub fn new() -> Changes {
+        Changes {
+            batch: sled::Batch::default(),
+            empty: true,
+        }
+    }
+
+    fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        self.empty = false;
+        self.batch.insert(k, v);
+    }
+
+    fn del(&mut self, k: Vec<u8>) {
+        self.empty = false;
+        self.batch.remove(k);
+    }
+
+    pub fn set_traits(&mut self, customer: &str, traits: &Map<String, Value>) {
+        // Serialising a Map of JSON values cannot fail.
+        let v = serde_json::to_vec(traits).unwrap_or_default();
+        self.put(customer_key(customer, b't'), v);
+    }
+
+    pub fn set_history(&mut self, customer: &str, history: &History) {
+        let v = serde_json::to_vec(history).unwrap_or_default();
+        self.put(customer_key(customer, b'h'), v);
+    }
+
+    pub fn plugin_state(&mut self, customer: &str, plugin: &str, key: &str, value: Option<&[u8]>) {
+        let k = plugin_key(customer, b's', plugin, key);
+        match value {
+            Some(v) => self.put(k, v.to_vec()),
+            None => self.del(k),
+        }
+    }
+
+    /// Replaces timer `old` (as currently stored) with `new`.
+    pub fn timer(
+        &mut self,
+        customer: &str,
+        plugin: &str,
+        key: &str,
+        old: Option<&Timer>,
+        new: Option<&Timer>,
+    ) {
+        if let Some(old) = old {
+            self.del(queue_key(old.due, customer, plugin, key));
+        }
+        let index = plugin_key(customer, b'm', plugin, key);
+        match new {
+            Some(t) => {
+                self.put(
+                    queue_key(t.due, customer, plugin, key),
+                    t.trigger.as_bytes().to_vec(),
+                );
+                let mut v = time_bytes(t.due).to_vec();
+                v.extend_from_slice(t.trigger.as_bytes());
+                self.put(index, v);
+            }
+            None => self.del(index),
+        }
+    }
+
+    pub fn goal(&mut self, customer: &str, event: &str, ts: i64) {
+        let mut k = customer_key(customer, b'g');
+        k.extend_from_slice(event.as_bytes());
+        k.push(0);
+        k.extend_from_slice(&time_bytes(ts));
+        self.put(k, Vec::new());
+    }
+
+    pub fn decision(&mut self, ts: i64, customer: &str, campaign: &str, json: Vec<u8>) {
+        let mut k = Vec::with_capacity(10 + customer.len() + campaign.len());
+        k.push(b'D');
+        k.extend_from_slice(&time_bytes(ts));
+        k.extend_from_slice(customer.as_bytes());
+        k.push(0);
+        k.extend_from_slice(campaign.as_bytes());
+        self.put(k, json);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn timer_queue_orders_by_due_then_customer() {
+        let (_d, s) = open();
+        let mut c = Changes::new();
+        let t = |due| Timer {
+            due,
+            trigger: format!("m{due}"),
+        };
+        c.timer("c-10", "p", "k", None, Some(&t(5)));
+        c.timer("c-9", "p", "k", None, Some(&t(5)));
+        c.timer("c-1", "p", "k", None, Some(&t(7)));
+        c.timer("c-2", "p", "k", None, Some(&t(-3)));
+        s.commit(c).unwrap();
+        let mut order = Vec::new();
+        while let Some(d) = s.first_timer().unwrap() {
+            order.push((d.due, d.customer.clone()));
+            let old = s.timer(&d.customer, &d.plugin, &d.key).unwrap();
+            let mut c = Changes::new();
+            c.timer(&d.customer, &d.plugin, &d.key, old.as_ref(), None);
+            s.commit(c).unwrap();
+        }
+        assert_eq!(
+            order,
+            vec![
+                (-3, "c-2".into()),
+                (5, "c-10".into()),
+                (5, "c-9".into()),
+                (7, "c-1".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let mut c = Changes::new();
+            c.plugin_state("u", "p", "k", Some(b"v"));
+            let mut traits = Map::new();
+            traits.insert("email".into(), "a@b".into());
+            c.set_traits("u", &traits);
+            s.commit(c).unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.plugin_state("u", "p", "k").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(s.traits("u").unwrap()["email"], "a@b");
+    }
+
+    #[test]
+    fn goals_are_found_in_half_open_windows() {
+        let (_d, s) = open();
+        let mut c = Changes::new();
+        c.goal("u", "Order Completed", 100);
+        s.commit(c).unwrap();
+        assert!(s.goal_between("u", "Order Completed", 99, 100).unwrap());
+        assert!(!s.goal_between("u", "Order Completed", 100, 200).unwrap());
+        assert!(!s.goal_between("u", "Order Completed", 0, 99).unwrap());
+        assert!(!s.goal_between("u2", "Order Completed", 0, 200).unwrap());
+        assert!(!s.goal_between("u", "Order", 0, 200).unwrap());
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Set(u8, u8, u8, Vec<u8>),
+        Del(u8, u8, u8),
+        Timer(u8, u8, Option<i16>),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (
+                0..3u8,
+                0..3u8,
+                0..4u8,
+                prop::collection::vec(any::<u8>(), 0..8)
+            )
+                .prop_map(|(c, p, k, v)| Op::Set(c, p, k, v)),
+            (0..3u8, 0..3u8, 0..4u8).prop_map(|(c, p, k)| Op::Del(c, p, k)),
+            (0..3u8, 0..3u8, prop::option::of(any::<i16>()))
+                .prop_map(|(c, k, d)| Op::Timer(c, k, d)),
+        ]
+    }
+
+    proptest! {
+        // The store against an in-memory model: plugin state and timers,
+        // committed in random batches, read back the same, and the timer
+        // queue drains in (due, customer) order with nothing left over.
+        #[test]
+        fn store_matches_model(batches in prop::collection::vec(prop::collection::vec(op(), 1..6), 1..12)) {
+            let (_d, s) = open();
+            let mut state: HashMap<(String, String, String), Vec<u8>> = HashMap::new();
+            let mut timers: HashMap<(String, String), i64> = HashMap::new();
+            for batch in batches {
+                let mut c = Changes::new();
+                let mut pending: HashMap<(String, String), Option<i64>> = HashMap::new();
+                for op in batch {
+                    match op {
+                        Op::Set(cu, p, k, v) => {
+                            let key = (format!("c{cu}"), format!("p{p}"), format!("k{k}"));
+                            c.plugin_state(&key.0, &key.1, &key.2, Some(&v));
+                            state.insert(key, v);
+                        }
+                        Op::Del(cu, p, k) => {
+                            let key = (format!("c{cu}"), format!("p{p}"), format!("k{k}"));
+                            c.plugin_state(&key.0, &key.1, &key.2, None);
+                            state.remove(&key);
+                        }
+                        Op::Timer(cu, k, due) => {
+                            // One timer change per key per batch, as the
+                            // runtime collapses a call's timer ops.
+                            let key = (format!("c{cu}"), format!("k{k}"));
+                            if pending.contains_key(&key) { continue; }
+                            pending.insert(key.clone(), due.map(i64::from));
+                        }
+                    }
+                }
+                for ((cu, k), due) in pending {
+                    let old = s.timer(&cu, "t", &k).unwrap();
+                    let new = due.map(|d| Timer { due: d, trigger: "m".into() });
+                    c.timer(&cu, "t", &k, old.as_ref(), new.as_ref());
+                    match due { Some(d) => { timers.insert((cu, k), d); } None => { timers.remove(&(cu, k)); } }
+                }
+                s.commit(c).unwrap();
+            }
+            for ((cu, p, k), v) in &state {
+                prop_assert_eq!(s.plugin_state(cu, p, k).unwrap(), Some(v.clone()));
+            }
+            let mut expect: Vec<(i64, String, String)> = timers.iter().map(|((c, k), d)| (*d, c.clone(), k.clone())).collect();
+            expect.sort();
+            let mut got = Vec::new();
+            while let Some(d) = s.first_timer().unwrap() {
+                got.push((d.due, d.customer.clone(), d.key.clone()));
+                let old = s.timer(&d.customer, &d.plugin, &d.key).unwrap();
+                prop_assert_eq!(old.as_ref().map(|t| t.due), Some(d.due));
+                let mut c = Changes::new();
+                c.timer(&d.customer, &d.plugin, &d.key, old.as_ref(), None);
+                s.commit(c).unwrap();
+            }
+            prop_assert_eq!(got, expect);
+        }
+    }
+}

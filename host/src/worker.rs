@@ -1,0 +1,461 @@
+//! One event's way through the house: due timers first, then traits, trigger
+//! plugins, campaign conditions, the decision pipeline, and one atomic commit
+//! of everything the event changed.
+//!
+//! The same worker serves replay (clock = event time) and the live server
+//! (clock = wall time): only the clock and the source of events differ.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::decide::{self, Candidate, Outcome};
+use crate::event::{format_ts, Event, Kind};
+use crate::generation::{Generation, IDENTIFY};
+use crate::plugins::{Call, CallInput, Effects, Fault, Firing, Instances, Runtime};
+use crate::rules::{EvalScope, Facts};
+use crate::store::{Changes, DueTimer, Store, StoreError, Timer};
+
+/// One decision, as written to the decision log and the output file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub ts: i64,
+    pub customer: String,
+    pub campaign: String,
+    pub outcome: Outcome,
+    pub channel: String,
+    /// `messageId` of the triggering event.
+    pub trigger: String,
+}
+
+/// The output shape, fields in the order of SPEC §4.
+#[derive(Serialize)]
+struct DecisionLine<'a> {
+    ts: String,
+    customer: &'a str,
+    campaign: &'a str,
+    outcome: &'static str,
+    channel: &'a str,
+    trigger: &'a str,
+}
+
+impl Decision {
+    /// Compact JSON, non-ASCII as itself.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&DecisionLine {
+            ts: format_ts(self.ts),
+            customer: &self.customer,
+            campaign: &self.campaign,
+            outcome: self.outcome.as_str(),
+            channel: &self.channel,
+            trigger: &self.trigger,
+        })
+        .unwrap_or_default()
+    }
+}
+
+/// A plugin call that produced nothing, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FaultRecord {
+    pub plugin: String,
+    pub version: String,
+    /// `messageId` of the event (for a timer, of the event that set it).
+    pub event: String,
+    pub customer: String,
+    pub fault: Fault,
+}
+
+/// Counters of what the worker did.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub events: u64,
+    pub timers_fired: u64,
+    pub decisions: u64,
+    /// (plugin, fault kind) → count.
+    pub faults: BTreeMap<(String, &'static str), u64>,
+    /// The first faults in full (at most [`Stats::KEEP_FAULTS`]).
+    pub fault_log: Vec<FaultRecord>,
+    /// Rule conditions or priorities that failed to evaluate.
+    pub rule_errors: u64,
+}
+
+impl Stats {
+    pub const KEEP_FAULTS: usize = 1000;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Processes events of its customers, in order.
+pub struct Worker {
+    store: Store,
+    instances: Instances,
+    /// Earliest pending timer (a lower bound: it may have been cancelled).
+    next_due: Option<i64>,
+    pub stats: Stats,
+}
+
+/// One firing's worth of qualified campaigns.
+struct Qualified {
+    campaign: usize,
+    priority: i64,
+}
+
+impl Worker {
+    pub fn new(store: Store, runtime: Arc<Runtime>) -> Result<Worker, WorkerError> {
+        let next_due = store.first_timer()?.map(|t| t.due);
+        Ok(Worker {
+            store,
+            instances: Instances::new(runtime),
+            next_due,
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Fires due timers, then processes `ev`. Decisions are appended to `out`.
+    pub fn handle(
+        &mut self,
+        gen: &Generation,
+        ev: &Event,
+        out: &mut Vec<Decision>,
+    ) -> Result<(), WorkerError> {
+        self.run_timers(gen, ev.ts, out)?;
+        self.handle_event(gen, ev, out)
+    }
+
+    /// Fires every timer due at or before `now`, in (due, customer) order.
+    pub fn run_timers(
+        &mut self,
+        gen: &Generation,
+        now: i64,
+        out: &mut Vec<Decision>,
+    ) -> Result<(), WorkerError> {
+        while self.next_due.is_some_and(|d| d <= now) {
+            match self.store.first_timer()? {
+                Some(t) if t.due <= now => self.fire_timer(gen, t, out)?,
+                next => {
+                    self.next_due = next.map(|t| t.due);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn fault(&mut self, gen_plugin: (&str, &str), event: &str, customer: &str, fault: Fault) {
+        let (plugin, version) = gen_plugin;
+        tracing::warn!(
+            plugin,
+            version,
+            event,
+            customer,
+            "plugin call failed: {fault}"
+        );
+        *self
+            .stats
+            .faults
+            .entry((plugin.to_owned(), fault.kind()))
+            .or_default() += 1;
+        if self.stats.fault_log.len() < Stats::KEEP_FAULTS {
+            self.stats.fault_log.push(FaultRecord {
+                plugin: plugin.to_owned(),
+                version: version.to_owned(),
+                event: event.to_owned(),
+                customer: customer.to_owned(),
+                fault,
+            });
+        }
+    }
+
+    /// Adds a successful call's state and timer changes to `changes`.
+    fn apply(
+        &mut self,
+        changes: &mut Changes,
+        customer: &str,
+        plugin: &str,
+        trigger: &str,
+        fx: Effects,
+    ) -> Result<(), WorkerError> {
+        for (key, value) in &fx.state {
+            changes.plugin_state(customer, plugin, key, value.as_deref());
+        }
+        // The last change of each key is what stands.
+        let mut timers: BTreeMap<&str, Option<i64>> = BTreeMap::new();
+        for (key, due) in &fx.timers {
+            timers.insert(key, *due);
+        }
+        for (key, due) in timers {
+            let old = self.store.timer(customer, plugin, key)?;
+            let new = due.map(|due| Timer {
+                due,
+                trigger: trigger.to_owned(),
+            });
+            if old.is_none() && new.is_none() {
+                continue;
+            }
+            changes.timer(customer, plugin, key, old.as_ref(), new.as_ref());
+            if let Some(d) = due {
+                self.next_due = Some(self.next_due.map_or(d, |n| n.min(d)));
+            }
+        }
+        Ok(())
+    }
+
+    fn fire_timer(
+        &mut self,
+        gen: &Generation,
+        t: DueTimer,
+        out: &mut Vec<Decision>,
+    ) -> Result<(), WorkerError> {
+        self.stats.timers_fired += 1;
+        let mut changes = Changes::new();
+        let fired = Timer {
+            due: t.due,
+            trigger: t.trigger.clone(),
+        };
+        changes.timer(&t.customer, &t.plugin, &t.key, Some(&fired), None);
+        let Some((pi, plugin)) = gen
+            .plugins
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.name == t.plugin)
+        else {
+            tracing::warn!(plugin = %t.plugin, customer = %t.customer, "timer of a plugin no longer loaded: dropped");
+            self.store.commit(changes)?;
+            return Ok(());
+        };
+        let traits = self.store.traits(&t.customer)?;
+        let input = CallInput::new(None, &t.customer, &traits);
+        let call = Call::new(&plugin.name, &t.customer, t.due, Some(self.store.clone()));
+        let mut qualified = Vec::new();
+        match self.instances.on_timer(plugin, call, &t.key, &input) {
+            Ok((firings, fx)) => {
+                self.apply(&mut changes, &t.customer, &plugin.name, &t.trigger, fx)?;
+                for f in firings {
+                    let campaigns = gen.campaigns_for_firing(pi, &f.name);
+                    self.qualify(
+                        gen,
+                        campaigns,
+                        &f,
+                        None,
+                        &t.customer,
+                        t.due,
+                        &traits,
+                        &mut qualified,
+                    );
+                }
+            }
+            Err(fault) => {
+                let (name, version) = (plugin.name.clone(), plugin.version.clone());
+                self.fault((&name, &version), &t.trigger, &t.customer, fault);
+            }
+        }
+        self.decide(
+            gen,
+            &t.customer,
+            t.due,
+            &t.trigger,
+            &traits,
+            qualified,
+            &mut changes,
+            out,
+        )?;
+        self.store.commit(changes)?;
+        Ok(())
+    }
+
+    fn handle_event(
+        &mut self,
+        gen: &Generation,
+        ev: &Event,
+        out: &mut Vec<Decision>,
+    ) -> Result<(), WorkerError> {
+        self.stats.events += 1;
+        let mut changes = Changes::new();
+        let mut traits = self.store.traits(&ev.customer)?;
+        let key = match ev.kind {
+            Kind::Identify => {
+                // Shallow merge: each key carried replaces the old value.
+                for (k, v) in &ev.traits {
+                    traits.insert(k.clone(), v.clone());
+                }
+                changes.set_traits(&ev.customer, &traits);
+                IDENTIFY
+            }
+            Kind::Track => {
+                if gen.is_goal(&ev.name) {
+                    changes.goal(&ev.customer, &ev.name, ev.ts);
+                }
+                ev.name.as_str()
+            }
+        };
+        let mut qualified = Vec::new();
+        let subs = gen.subscribers(key);
+        if !subs.is_empty() {
+            let input = CallInput::new(Some(ev), &ev.customer, &traits);
+            for &pi in subs {
+                let plugin = &gen.plugins[pi];
+                let call = Call::new(&plugin.name, &ev.customer, ev.ts, Some(self.store.clone()));
+                match self.instances.on_event(plugin, call, &input) {
+                    Ok((firings, fx)) => {
+                        self.apply(&mut changes, &ev.customer, &plugin.name, &ev.message_id, fx)?;
+                        for f in firings {
+                            let campaigns = gen.campaigns_for_firing(pi, &f.name);
+                            self.qualify(
+                                gen,
+                                campaigns,
+                                &f,
+                                Some(ev),
+                                &ev.customer,
+                                ev.ts,
+                                &traits,
+                                &mut qualified,
+                            );
+                        }
+                    }
+                    Err(fault) => self.fault(
+                        (&plugin.name, &plugin.version),
+                        &ev.message_id,
+                        &ev.customer,
+                        fault,
+                    ),
+                }
+            }
+        }
+        let direct = gen.campaigns_for_event(key);
+        if !direct.is_empty() {
+            let none = Firing {
+                name: String::new(),
+                data: Map::new(),
+            };
+            self.qualify(
+                gen,
+                direct,
+                &none,
+                Some(ev),
+                &ev.customer,
+                ev.ts,
+                &traits,
+                &mut qualified,
+            );
+        }
+        self.decide(
+            gen,
+            &ev.customer,
+            ev.ts,
+            &ev.message_id,
+            &traits,
+            qualified,
+            &mut changes,
+            out,
+        )?;
+        self.store.commit(changes)?;
+        Ok(())
+    }
+
+    /// Evaluates `when` and `priority` of `campaigns` for one firing.
+    #[allow(clippy::too_many_arguments)]
+    fn qualify(
+        &mut self,
+        gen: &Generation,
+        campaigns: &[usize],
+        firing: &Firing,
+        event: Option<&Event>,
+        customer: &str,
+        now: i64,
+        traits: &Map<String, Value>,
+        out: &mut Vec<Qualified>,
+    ) {
+        if campaigns.is_empty() {
+            return;
+        }
+        let mut scope = EvalScope::new(&Facts {
+            customer,
+            now,
+            event,
+            traits,
+            firing: &firing.data,
+        });
+        for &ci in campaigns {
+            // A campaign gets one decision per firing, however many of its
+            // signals arrived.
+            if out.iter().any(|q| q.campaign == ci) {
+                continue;
+            }
+            let c = gen.campaign(ci);
+            let result = gen.rules.qualifies(c, &mut scope).and_then(|ok| match ok {
+                true => gen.rules.priority(c, &mut scope).map(Some),
+                false => Ok(None),
+            });
+            match result {
+                Ok(Some(priority)) => out.push(Qualified {
+                    campaign: ci,
+                    priority,
+                }),
+                Ok(None) => {}
+                Err(e) => {
+                    self.stats.rule_errors += 1;
+                    tracing::warn!(campaign = %c.id, customer, "rule did not evaluate: {e}");
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &mut self,
+        gen: &Generation,
+        customer: &str,
+        now: i64,
+        trigger: &str,
+        traits: &Map<String, Value>,
+        qualified: Vec<Qualified>,
+        changes: &mut Changes,
+        out: &mut Vec<Decision>,
+    ) -> Result<(), WorkerError> {
+        if qualified.is_empty() {
+            return Ok(());
+        }
+        let candidates: Vec<Candidate<'_>> = qualified
+            .iter()
+            .map(|q| {
+                let c = gen.campaign(q.campaign);
+                Candidate {
+                    campaign: &c.id,
+                    channel: &c.channel,
+                    priority: q.priority,
+                    frequency_ms: c.frequency_ms,
+                    holdout_pct: c.holdout_pct,
+                }
+            })
+            .collect();
+        let policies = &gen.rules.policies;
+        let mut history = self.store.history(customer)?;
+        let outcomes = decide::decide(now, customer, &candidates, traits, &history, policies);
+        decide::record(&mut history, now, &candidates, &outcomes, policies);
+        changes.set_history(customer, &history);
+        for (c, o) in candidates.iter().zip(outcomes) {
+            let d = Decision {
+                ts: now,
+                customer: customer.to_owned(),
+                campaign: c.campaign.to_owned(),
+                outcome: o,
+                channel: c.channel.to_owned(),
+                trigger: trigger.to_owned(),
+            };
+            changes.decision(now, customer, c.campaign, d.to_json());
+            out.push(d);
+            self.stats.decisions += 1;
+        }
+        Ok(())
+    }
+}
