@@ -71,6 +71,7 @@ fn run(dir: &Path, fault: Option<&str>, deadline: Duration) -> (Summary, String)
             memory_bytes: 32 << 20,
             ..Limits::default()
         },
+        workers: 2,
     };
     let summary = replay::run(&opts).unwrap();
     let decisions = std::fs::read_to_string(&opts.decisions).unwrap();

@@ -16,13 +16,22 @@ fn options(events: std::path::PathBuf, out: &std::path::Path) -> Options {
         skip_invalid: false,
         progress: false,
         limits: Limits::default(),
+        workers: 2,
     }
 }
 
 #[test]
 fn seed1_decisions_and_report_are_byte_identical() {
+    // Sharding customers over workers must not change a single byte.
+    for workers in [1, 3] {
+        seed1_with(workers);
+    }
+}
+
+fn seed1_with(workers: usize) {
     let out = tempfile::tempdir().unwrap();
-    let opts = options(fixture("seed1/events.jsonl"), out.path());
+    let mut opts = options(fixture("seed1/events.jsonl"), out.path());
+    opts.workers = workers;
     let summary = replay::run(&opts).unwrap();
     assert_eq!(summary.events, 17977);
     assert!(
@@ -32,7 +41,10 @@ fn seed1_decisions_and_report_are_byte_identical() {
     );
     let got = std::fs::read(&opts.decisions).unwrap();
     let want = std::fs::read(fixture("seed1/decisions.jsonl")).unwrap();
-    assert!(got == want, "decisions differ from the expected file");
+    assert!(
+        got == want,
+        "decisions differ from the expected file ({workers} workers)"
+    );
     let got = std::fs::read_to_string(&opts.report).unwrap();
     let want = std::fs::read_to_string(fixture("seed1/report.jsonl")).unwrap();
     assert_eq!(got, want);

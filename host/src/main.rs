@@ -79,6 +79,10 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Worker threads (customers are sharded over them); default: one
+        /// per CPU.
+        #[arg(long)]
+        workers: Option<usize>,
         #[command(flatten)]
         sources: Sources,
     },
@@ -125,6 +129,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             data,
             skip_invalid,
             quiet,
+            workers,
             sources,
         } => {
             let opts = replay::Options {
@@ -138,6 +143,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 skip_invalid,
                 progress: !quiet,
                 limits: sources.limits(),
+                workers: workers
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             };
             let summary =
                 replay::run(&opts).with_context(|| format!("replaying {}", events.display()))?;

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
@@ -195,6 +195,12 @@ pub struct Call {
     ops: usize,
     max_value: usize,
     max_ops: usize,
+    /// When the call started, and how long it has spent blocked in host
+    /// imports (a store read waiting on disk): the deadline limits the
+    /// plugin's own time, not the host's.
+    started: Option<Instant>,
+    host_time: Duration,
+    deadline: Duration,
 }
 
 impl Call {
@@ -249,9 +255,12 @@ impl v0_1_0::trigger::nudge::plugin::state::Host for HostState {
         let Some(store) = &self.call.store else {
             return Ok(None);
         };
-        store
+        let t = Instant::now();
+        let v = store
             .plugin_state(&self.call.customer, &self.call.plugin, &key)
-            .map_err(|e| wasmtime::format_err!("state.get({key:?}): {e}"))
+            .map_err(|e| wasmtime::format_err!("state.get({key:?}): {e}"));
+        self.call.host_time += t.elapsed();
+        v
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
@@ -476,7 +485,20 @@ impl Runtime {
         };
         let mut store = WasmStore::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
+        // At each deadline tick: interrupt once the plugin's own time (wall
+        // time minus time blocked in host imports) is over the deadline.
+        store.epoch_deadline_callback(|ctx| {
+            let call = &ctx.data().call;
+            let Some(started) = call.started else {
+                return Ok(wasmtime::UpdateDeadline::Interrupt);
+            };
+            let own = started.elapsed().saturating_sub(call.host_time);
+            if own >= call.deadline {
+                return Ok(wasmtime::UpdateDeadline::Interrupt);
+            }
+            let left = (call.deadline - own).as_millis() / EPOCH_TICK.as_millis();
+            Ok(wasmtime::UpdateDeadline::Continue(left as u64 + 1))
+        });
         store
     }
 
@@ -796,6 +818,8 @@ impl Instances {
         let inst = self.instance(plugin)?;
         call.max_value = limits.max_state_value;
         call.max_ops = limits.max_ops_per_call;
+        call.deadline = limits.deadline;
+        call.started = Some(Instant::now());
         inst.store.data_mut().call = call;
         inst.store.set_epoch_deadline(ticks);
         Ok(inst)

@@ -15,7 +15,7 @@ use crate::generation::Generation;
 use crate::plugins::{Limits, PluginError, Runtime};
 use crate::report::{self, Row};
 use crate::rules::{RuleSet, RulesError};
-use crate::store::{Store, StoreError};
+use crate::store::{shard_of, Store, StoreError};
 use crate::worker::{Decision, Stats, Worker, WorkerError};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +31,7 @@ pub enum ReplayError {
         line: usize,
         message: String,
     },
-    #[error("rules:\n{0}")]
+    #[error(transparent)]
     Rules(#[from] RulesError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
@@ -90,6 +90,8 @@ pub struct Options {
     pub skip_invalid: bool,
     pub progress: bool,
     pub limits: Limits,
+    /// Worker threads; customers are sharded over them.
+    pub workers: usize,
 }
 
 /// What a replay did.
@@ -130,6 +132,9 @@ impl Summary {
 type Parsed = (usize, u64, Result<Event, EventError>);
 
 const CHUNK: usize = 1024;
+
+/// Committed keys held in memory before they are written to sled.
+const PERSIST_KEYS: usize = 100_000;
 
 fn read_lines(path: PathBuf, tx: mpsc::SyncSender<Result<Vec<Parsed>, ReplayError>>) {
     let file = match std::fs::File::open(&path) {
@@ -177,9 +182,14 @@ fn read_lines(path: PathBuf, tx: mpsc::SyncSender<Result<Vec<Parsed>, ReplayErro
 }
 
 /// Replays `opts.events` and writes the decisions and the report.
+///
+/// Customers are sharded over `opts.workers` worker threads. Every decision
+/// depends only on its own customer's events, timers and history, and each
+/// worker sees its customers' events in file order with their due timers
+/// fired first, so the outputs are those of one worker, whatever the count.
 pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     let runtime = Arc::new(Runtime::new(opts.limits.clone(), opts.cache.clone())?);
-    let gen = load_generation(&runtime, 1, &opts.plugins, &opts.rules)?;
+    let gen = Arc::new(load_generation(&runtime, 1, &opts.plugins, &opts.rules)?);
     let temp;
     let data_dir = match &opts.data {
         Some(d) => d.clone(),
@@ -191,8 +201,8 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
             temp.path().to_owned()
         }
     };
-    let store = Store::open(&data_dir)?;
-    let mut worker = Worker::new(store.clone(), runtime)?;
+    let shards = opts.workers.max(1);
+    let store = Store::open_sharded(&data_dir, shards)?;
 
     let size = std::fs::metadata(&opts.events)
         .map_err(io(&opts.events))?
@@ -204,7 +214,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     };
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} replay [{bar:40}] {percent:>3}% {binary_bytes}/{binary_total_bytes} {per_sec} eta {eta}",
+            "{spinner} replay [{bar:40}] {percent:>3}% {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> "),
@@ -217,8 +227,51 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         .spawn(move || read_lines(path, tx))
         .map_err(io(Path::new("reader thread")))?;
 
+    type WorkerResult = Result<(Vec<Decision>, Stats), WorkerError>;
+    let mut senders = Vec::with_capacity(shards);
+    let mut workers: Vec<std::thread::JoinHandle<WorkerResult>> = Vec::with_capacity(shards);
+    for shard in 0..shards {
+        let (wtx, wrx) = mpsc::sync_channel::<Vec<Event>>(8);
+        let mut worker = Worker::new(store.clone(), runtime.clone(), shard)?;
+        let gen = gen.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("nudge-worker-{shard}"))
+            .spawn(move || {
+                let mut out = Vec::new();
+                for chunk in wrx {
+                    for ev in chunk {
+                        worker.handle(&gen, &ev, &mut out)?;
+                    }
+                }
+                Ok((out, worker.stats))
+            })
+            .map_err(io(Path::new("worker thread")))?;
+        senders.push(wtx);
+        workers.push(handle);
+    }
+
+    // Group commit: whole events reach sled together, and a key changed by
+    // many events in between is written once. A thread of its own, so the
+    // workers never wait for the disk.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let persister = {
+        let (store, stop) = (store.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("nudge-persist".into())
+            .spawn(move || -> Result<(), StoreError> {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if store.pending_len() >= PERSIST_KEYS {
+                        store.persist()?;
+                    } else {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                Ok(())
+            })
+            .map_err(io(Path::new("persist thread")))?
+    };
+
     let start = Instant::now();
-    let mut decisions: Vec<Decision> = Vec::new();
     let mut skipped = 0u64;
     let mut skipped_lines = Vec::new();
     let mut last_ts: Option<i64> = None;
@@ -232,6 +285,9 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
             }
         };
         let mut bytes = 0;
+        let mut per_shard: Vec<Vec<Event>> = (0..shards)
+            .map(|_| Vec::with_capacity(CHUNK / shards + 16))
+            .collect();
         for (line, len, parsed) in chunk {
             bytes += len;
             let checked = parsed
@@ -247,10 +303,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
             match checked {
                 Ok(ev) => {
                     last_ts = Some(ev.ts);
-                    if let Err(e) = worker.handle(&gen, &ev, &mut decisions) {
-                        result = Err(e.into());
-                        break 'chunks;
-                    }
+                    per_shard[shard_of(&ev.customer, shards)].push(ev);
                 }
                 Err(message) if opts.skip_invalid => {
                     skipped += 1;
@@ -265,14 +318,58 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
                         line,
                         message,
                     });
+                    // Events before the bad line are still decided.
+                    for (tx, evs) in senders.iter().zip(per_shard) {
+                        let _ = tx.send(evs);
+                    }
                     break 'chunks;
                 }
             }
         }
+        for (tx, evs) in senders.iter().zip(per_shard) {
+            // A worker that stopped reports its error when joined below.
+            if !evs.is_empty() && tx.send(evs).is_err() {
+                break 'chunks;
+            }
+        }
         bar.inc(bytes);
     }
+    drop(senders);
     // On an early stop the reader sees the closed channel and ends.
     let _ = reader.join();
+    let mut decisions: Vec<Decision> = Vec::new();
+    let mut stats = Stats::default();
+    for w in workers {
+        match w.join() {
+            Ok(Ok((d, s))) => {
+                decisions.extend(d);
+                stats.merge(s);
+            }
+            Ok(Err(e)) => {
+                if result.is_ok() {
+                    result = Err(e.into());
+                }
+            }
+            Err(_) => {
+                if result.is_ok() {
+                    result = Err(ReplayError::Io {
+                        path: opts.events.clone(),
+                        source: std::io::Error::other("a worker thread panicked"),
+                    });
+                }
+            }
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    match persister.join() {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(ReplayError::Io {
+                path: data_dir,
+                source: std::io::Error::other("the persist thread panicked"),
+            })
+        }
+    }
     result?;
     bar.finish_and_clear();
     store.flush()?;
@@ -294,12 +391,12 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     let rows = report::build(&gen.rules, &decisions, &store)?;
     write_file(&opts.report, report::to_jsonl(&rows).as_bytes())?;
     Ok(Summary {
-        events: worker.stats.events,
+        events: stats.events,
         skipped,
         skipped_lines,
         decisions: decisions.len() as u64,
         elapsed,
-        stats: worker.stats.clone(),
+        stats,
         report: rows,
     })
 }

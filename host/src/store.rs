@@ -16,9 +16,19 @@
 //! Customer ids never contain NUL (ingest refuses them), so `\0` ends them and
 //! byte order of keys is the order of (time, customer id). Times are encoded
 //! big-endian with the sign bit flipped so negative times sort first.
+//!
+//! # Write-back
+//!
+//! Writing every event to sled costs more than deciding it. So [`Store::commit`]
+//! applies an event's changes atomically to an in-memory layer that every
+//! read consults first, and [`Store::persist`] writes that layer to sled as
+//! one atomic batch (group commit): a crash loses whole events since the last
+//! persist, never part of one. The timer queue is also kept in memory
+//! (loaded at open) so the next due timer is found without a scan.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -65,10 +75,46 @@ pub struct DueTimer {
     pub trigger: String,
 }
 
-/// Handle to the store; cheap to clone.
+/// Bytes of values the read cache holds before it starts over.
+const CLEAN_CACHE_BYTES: usize = 256 << 20;
+
+impl Pending {
+    fn cache(&mut self, k: Vec<u8>, v: Option<Vec<u8>>) {
+        if self.clean_bytes > CLEAN_CACHE_BYTES {
+            // Starting over is crude but cheap, and only this process
+            // writes the store, so correctness never depends on the cache.
+            self.clean.clear();
+            self.clean_bytes = 0;
+        }
+        self.clean_bytes += k.len() + v.as_ref().map_or(0, Vec::len) + 64;
+        self.clean.insert(k, v);
+    }
+}
+
+/// Handle to the store; cheap to clone, clones share the write-back layer.
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    pending: Arc<Mutex<Pending>>,
+}
+
+/// Keys and their values (`None`: deleted or absent).
+type KeyValues = HashMap<Vec<u8>, Option<Vec<u8>>>;
+
+/// Committed changes not yet persisted, a read cache, and the timer queue.
+#[derive(Default)]
+struct Pending {
+    /// key → value (`None`: deleted) since the last persist.
+    dirty: KeyValues,
+    /// Changes being written to sled by a `persist` in progress: still
+    /// read from here until sled has them.
+    persisting: Option<Arc<KeyValues>>,
+    /// Values as persisted (`None`: absent), read or written recently. Only
+    /// this process writes the store, so it never goes stale.
+    clean: KeyValues,
+    clean_bytes: usize,
+    /// Every pending timer, per shard: queue key → trigger id.
+    timers: Vec<BTreeMap<Vec<u8>, Vec<u8>>>,
 }
 
 fn time_bytes(ms: i64) -> [u8; 8] {
@@ -113,6 +159,26 @@ fn queue_key(due: i64, customer: &str, plugin: &str, key: &str) -> Vec<u8> {
     k
 }
 
+/// The worker shard that owns `customer`: FNV-1a 64 of the id, modulo
+/// `shards`. Every key of a customer is written by that shard's worker only.
+pub fn shard_of(customer: &str, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in customer.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % shards.max(1) as u64) as usize
+}
+
+fn queue_shard(k: &[u8], shards: usize) -> usize {
+    if shards <= 1 {
+        return 0;
+    }
+    let rest = k.get(9..).unwrap_or_default();
+    let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+    shard_of(&String::from_utf8_lossy(&rest[..end]), shards)
+}
+
 fn parse_queue_key(k: &[u8], trigger: &[u8]) -> Option<DueTimer> {
     let due = time_from(k.get(1..)?)?;
     let rest = k.get(9..)?;
@@ -135,20 +201,66 @@ fn parse_queue_key(k: &[u8], trigger: &[u8]) -> Option<DueTimer> {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir`.
+    /// Opens (creating if needed) the store in `dir`, with one timer queue.
     pub fn open(dir: &Path) -> Result<Store> {
+        Store::open_sharded(dir, 1)
+    }
+
+    /// Opens the store with the timer queue split into `shards` by customer
+    /// ([`shard_of`]), one per worker.
+    pub fn open_sharded(dir: &Path, shards: usize) -> Result<Store> {
+        let shards = shards.max(1);
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(512 << 20)
-            // Durability of acknowledged events comes from explicit flushes;
-            // the background flush only bounds how much a crash can redo.
+            // Durability comes from `persist` + `flush`; the background
+            // flush only bounds how much a crash can lose between them.
             .flush_every_ms(Some(1000))
             .open()?;
-        Ok(Store { db })
+        let mut timers = vec![BTreeMap::new(); shards];
+        for kv in db.scan_prefix(b"T") {
+            let (k, v) = kv?;
+            let shard = queue_shard(&k, shards);
+            timers[shard].insert(k.to_vec(), v.to_vec());
+        }
+        Ok(Store {
+            db,
+            pending: Arc::new(Mutex::new(Pending {
+                timers,
+                ..Pending::default()
+            })),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A panic while holding the lock cannot leave `Pending` half-applied
+        // (`commit` applies after all fallible work), so a poisoned lock is
+        // still consistent.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        {
+            let pending = self.lock();
+            let found = pending
+                .dirty
+                .get(key)
+                .or_else(|| pending.persisting.as_ref().and_then(|p| p.get(key)))
+                .or_else(|| pending.clean.get(key));
+            if let Some(v) = found {
+                return Ok(v.clone());
+            }
+        }
+        // Not pending anywhere, and only the worker that owns this customer
+        // writes its keys (and it is here, reading), so sled's value cannot
+        // change before we cache it.
+        let v = self.db.get(key)?.map(|v| v.to_vec());
+        self.lock().cache(key.to_vec(), v.clone());
+        Ok(v)
     }
 
     pub fn traits(&self, customer: &str) -> Result<Map<String, Value>> {
-        match self.db.get(customer_key(customer, b't'))? {
+        match self.get(&customer_key(customer, b't'))? {
             None => Ok(Map::new()),
             Some(v) => serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
                 what: "traits",
@@ -159,7 +271,7 @@ impl Store {
     }
 
     pub fn history(&self, customer: &str) -> Result<History> {
-        match self.db.get(customer_key(customer, b'h'))? {
+        match self.get(&customer_key(customer, b'h'))? {
             None => Ok(History::default()),
             Some(v) => serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
                 what: "decision history",
@@ -170,14 +282,11 @@ impl Store {
     }
 
     pub fn plugin_state(&self, customer: &str, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        Ok(self
-            .db
-            .get(plugin_key(customer, b's', plugin, key))?
-            .map(|v| v.to_vec()))
+        self.get(&plugin_key(customer, b's', plugin, key))
     }
 
     pub fn timer(&self, customer: &str, plugin: &str, key: &str) -> Result<Option<Timer>> {
-        let Some(v) = self.db.get(plugin_key(customer, b'm', plugin, key))? else {
+        let Some(v) = self.get(&plugin_key(customer, b'm', plugin, key))? else {
             return Ok(None);
         };
         let due = time_from(&v).ok_or_else(|| StoreError::Corrupt {
@@ -191,18 +300,24 @@ impl Store {
         }))
     }
 
-    /// The earliest pending timer, if any.
-    pub fn first_timer(&self) -> Result<Option<DueTimer>> {
-        let Some((k, v)) = self.db.scan_prefix(b"T").next().transpose()? else {
+    /// The earliest pending timer of `shard`, if any.
+    pub fn first_timer(&self, shard: usize) -> Result<Option<DueTimer>> {
+        let pending = self.lock();
+        let Some((k, v)) = pending.timers.get(shard).and_then(|t| t.iter().next()) else {
             return Ok(None);
         };
-        parse_queue_key(&k, &v)
+        parse_queue_key(k, v)
             .map(Some)
             .ok_or_else(|| StoreError::Corrupt {
                 what: "timer queue key",
                 customer: String::new(),
                 problem: format!("{k:?}"),
             })
+    }
+
+    /// Number of pending timers.
+    pub fn timer_count(&self) -> usize {
+        self.lock().timers.iter().map(BTreeMap::len).sum()
     }
 
     /// Whether `customer` had a `track` event `event` in (from, to].
@@ -214,25 +329,92 @@ impl Store {
         lo.extend_from_slice(&time_bytes(from.saturating_add(1)));
         let mut hi = base;
         hi.extend_from_slice(&time_bytes(to));
-        Ok(self.db.range(lo..=hi).next().transpose()?.is_some())
+        let in_pending = self.lock().dirty.iter().any(|(k, v)| {
+            v.is_some() && k.as_slice() >= lo.as_slice() && k.as_slice() <= hi.as_slice()
+        });
+        Ok(in_pending || self.db.range(lo..=hi).next().transpose()?.is_some())
     }
 
-    /// Applies one event's (or one timer's) changes atomically.
-    pub fn commit(&self, changes: Changes) -> Result<()> {
-        if !changes.empty {
-            self.db.apply_batch(changes.batch)?;
+    /// Applies one event's (or one timer's) changes atomically: every later
+    /// read sees all of them. They reach disk at the next [`Store::persist`].
+    pub fn commit(&self, changes: Changes) {
+        if changes.ops.is_empty() {
+            return;
         }
+        let mut pending = self.lock();
+        let shards = pending.timers.len();
+        for (k, v) in changes.ops {
+            if k.first() == Some(&b'T') {
+                let queue = &mut pending.timers[queue_shard(&k, shards)];
+                match &v {
+                    Some(v) => queue.insert(k.clone(), v.clone()),
+                    None => queue.remove(&k),
+                };
+            }
+            pending.dirty.insert(k, v);
+        }
+    }
+
+    /// Number of keys committed but not yet persisted.
+    pub fn pending_len(&self) -> usize {
+        self.lock().dirty.len()
+    }
+
+    /// Writes everything committed so far to sled as one atomic batch.
+    /// Workers keep committing meanwhile; reads see the changes throughout.
+    /// Calls must not overlap (one thread persists).
+    pub fn persist(&self) -> Result<()> {
+        let dirty = {
+            let mut pending = self.lock();
+            if pending.dirty.is_empty() {
+                return Ok(());
+            }
+            let dirty = Arc::new(std::mem::take(&mut pending.dirty));
+            pending.persisting = Some(dirty.clone());
+            dirty
+        };
+        let started = std::time::Instant::now();
+        let mut batch = sled::Batch::default();
+        for (k, v) in dirty.iter() {
+            match v {
+                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        let applied = self.db.apply_batch(batch);
+        let mut pending = self.lock();
+        pending.persisting = None;
+        if let Err(e) = applied {
+            // Not written: back to dirty, under anything committed since.
+            for (k, v) in dirty.iter() {
+                if !pending.dirty.contains_key(k) {
+                    pending.dirty.insert(k.clone(), v.clone());
+                }
+            }
+            return Err(e.into());
+        }
+        for (k, v) in dirty.iter() {
+            if !pending.dirty.contains_key(k) {
+                pending.cache(k.clone(), v.clone());
+            }
+        }
+        tracing::debug!(
+            keys = dirty.len(),
+            micros = started.elapsed().as_micros() as u64,
+            "persisted"
+        );
         Ok(())
     }
 
-    /// Waits until everything committed so far is on disk.
+    /// Persists, then waits until it is on disk.
     pub fn flush(&self) -> Result<()> {
+        self.persist()?;
         self.db.flush()?;
         Ok(())
     }
 
-    /// Every decision in the log, in (time, customer, campaign) order, as
-    /// the JSON each was written with.
+    /// Every persisted decision in the log, in (time, customer, campaign)
+    /// order, as the JSON each was written with.
     pub fn decisions(&self) -> impl Iterator<Item = Result<Vec<u8>>> + '_ {
         self.db
             .scan_prefix(b"D")
@@ -246,33 +428,22 @@ impl Store {
 }
 
 /// Changes of one event or timer firing, committed together.
+#[derive(Default)]
 pub struct Changes {
-    batch: sled::Batch,
-    empty: bool,
-}
-
-impl Default for Changes {
-    fn default() -> Self {
-        Changes::new()
-    }
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl Changes {
     pub fn new() -> Changes {
-        Changes {
-            batch: sled::Batch::default(),
-            empty: true,
-        }
+        Changes::default()
     }
 
     fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
-        self.empty = false;
-        self.batch.insert(k, v);
+        self.ops.push((k, Some(v)));
     }
 
     fn del(&mut self, k: Vec<u8>) {
-        self.empty = false;
-        self.batch.remove(k);
+        self.ops.push((k, None));
     }
 
     pub fn set_traits(&mut self, customer: &str, traits: &Map<String, Value>) {
@@ -364,14 +535,14 @@ mod tests {
         c.timer("c-9", "p", "k", None, Some(&t(5)));
         c.timer("c-1", "p", "k", None, Some(&t(7)));
         c.timer("c-2", "p", "k", None, Some(&t(-3)));
-        s.commit(c).unwrap();
+        s.commit(c);
         let mut order = Vec::new();
-        while let Some(d) = s.first_timer().unwrap() {
+        while let Some(d) = s.first_timer(0).unwrap() {
             order.push((d.due, d.customer.clone()));
             let old = s.timer(&d.customer, &d.plugin, &d.key).unwrap();
             let mut c = Changes::new();
             c.timer(&d.customer, &d.plugin, &d.key, old.as_ref(), None);
-            s.commit(c).unwrap();
+            s.commit(c);
         }
         assert_eq!(
             order,
@@ -394,7 +565,7 @@ mod tests {
             let mut traits = Map::new();
             traits.insert("email".into(), "a@b".into());
             c.set_traits("u", &traits);
-            s.commit(c).unwrap();
+            s.commit(c);
             s.flush().unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
@@ -407,7 +578,7 @@ mod tests {
         let (_d, s) = open();
         let mut c = Changes::new();
         c.goal("u", "Order Completed", 100);
-        s.commit(c).unwrap();
+        s.commit(c);
         assert!(s.goal_between("u", "Order Completed", 99, 100).unwrap());
         assert!(!s.goal_between("u", "Order Completed", 100, 200).unwrap());
         assert!(!s.goal_between("u", "Order Completed", 0, 99).unwrap());
@@ -442,11 +613,18 @@ mod tests {
         // committed in random batches, read back the same, and the timer
         // queue drains in (due, customer) order with nothing left over.
         #[test]
-        fn store_matches_model(batches in prop::collection::vec(prop::collection::vec(op(), 1..6), 1..12)) {
-            let (_d, s) = open();
+        fn store_matches_model(
+            batches in prop::collection::vec(prop::collection::vec(op(), 1..6), 1..12),
+            persist_every in 1..4usize,
+        ) {
+            let (dir, mut s) = open();
             let mut state: HashMap<(String, String, String), Vec<u8>> = HashMap::new();
+            let mut touched = std::collections::HashSet::new();
             let mut timers: HashMap<(String, String), i64> = HashMap::new();
-            for batch in batches {
+            for (i, batch) in batches.into_iter().enumerate() {
+                if i % persist_every == 0 {
+                    s.persist().unwrap();
+                }
                 let mut c = Changes::new();
                 let mut pending: HashMap<(String, String), Option<i64>> = HashMap::new();
                 for op in batch {
@@ -454,12 +632,14 @@ mod tests {
                         Op::Set(cu, p, k, v) => {
                             let key = (format!("c{cu}"), format!("p{p}"), format!("k{k}"));
                             c.plugin_state(&key.0, &key.1, &key.2, Some(&v));
+                            touched.insert(key.clone());
                             state.insert(key, v);
                         }
                         Op::Del(cu, p, k) => {
                             let key = (format!("c{cu}"), format!("p{p}"), format!("k{k}"));
                             c.plugin_state(&key.0, &key.1, &key.2, None);
                             state.remove(&key);
+                            touched.insert(key);
                         }
                         Op::Timer(cu, k, due) => {
                             // One timer change per key per batch, as the
@@ -476,21 +656,28 @@ mod tests {
                     c.timer(&cu, "t", &k, old.as_ref(), new.as_ref());
                     match due { Some(d) => { timers.insert((cu, k), d); } None => { timers.remove(&(cu, k)); } }
                 }
-                s.commit(c).unwrap();
+                s.commit(c);
             }
+            for key in &touched {
+                prop_assert_eq!(s.plugin_state(&key.0, &key.1, &key.2).unwrap(), state.get(key).cloned());
+            }
+            // Everything persisted reads back the same after a reopen.
+            s.flush().unwrap();
+            drop(s);
+            s = Store::open(dir.path()).unwrap();
             for ((cu, p, k), v) in &state {
                 prop_assert_eq!(s.plugin_state(cu, p, k).unwrap(), Some(v.clone()));
             }
             let mut expect: Vec<(i64, String, String)> = timers.iter().map(|((c, k), d)| (*d, c.clone(), k.clone())).collect();
             expect.sort();
             let mut got = Vec::new();
-            while let Some(d) = s.first_timer().unwrap() {
+            while let Some(d) = s.first_timer(0).unwrap() {
                 got.push((d.due, d.customer.clone(), d.key.clone()));
                 let old = s.timer(&d.customer, &d.plugin, &d.key).unwrap();
                 prop_assert_eq!(old.as_ref().map(|t| t.due), Some(d.due));
                 let mut c = Changes::new();
                 c.timer(&d.customer, &d.plugin, &d.key, old.as_ref(), None);
-                s.commit(c).unwrap();
+                s.commit(c);
             }
             prop_assert_eq!(got, expect);
         }

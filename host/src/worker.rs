@@ -5,7 +5,7 @@
 //! The same worker serves replay (clock = event time) and the live server
 //! (clock = wall time): only the clock and the source of events differ.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -83,7 +83,24 @@ pub struct Stats {
 
 impl Stats {
     pub const KEEP_FAULTS: usize = 1000;
+
+    /// Adds another worker's counts.
+    pub fn merge(&mut self, other: Stats) {
+        self.events += other.events;
+        self.timers_fired += other.timers_fired;
+        self.decisions += other.decisions;
+        self.rule_errors += other.rule_errors;
+        for (k, n) in other.faults {
+            *self.faults.entry(k).or_default() += n;
+        }
+        let room = Self::KEEP_FAULTS.saturating_sub(self.fault_log.len());
+        self.fault_log
+            .extend(other.fault_log.into_iter().take(room));
+    }
 }
+
+/// Customers whose decoded traits a worker keeps.
+const TRAITS_CACHE: usize = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -91,10 +108,16 @@ pub enum WorkerError {
     Store(#[from] StoreError),
 }
 
-/// Processes events of its customers, in order.
+/// Processes the events of the customers of its shard, in order. Each
+/// customer belongs to exactly one worker ([`crate::store::shard_of`]), so
+/// workers never touch each other's customers and need no coordination.
 pub struct Worker {
     store: Store,
+    shard: usize,
     instances: Instances,
+    /// Decoded traits of this shard's customers; the worker is their only
+    /// writer, so the cache never goes stale.
+    traits: HashMap<String, Arc<Map<String, Value>>>,
     /// Earliest pending timer (a lower bound: it may have been cancelled).
     next_due: Option<i64>,
     pub stats: Stats,
@@ -107,11 +130,14 @@ struct Qualified {
 }
 
 impl Worker {
-    pub fn new(store: Store, runtime: Arc<Runtime>) -> Result<Worker, WorkerError> {
-        let next_due = store.first_timer()?.map(|t| t.due);
+    /// The worker of `shard` (use 0 with a store opened unsharded).
+    pub fn new(store: Store, runtime: Arc<Runtime>, shard: usize) -> Result<Worker, WorkerError> {
+        let next_due = store.first_timer(shard)?.map(|t| t.due);
         Ok(Worker {
             store,
+            shard,
             instances: Instances::new(runtime),
+            traits: HashMap::new(),
             next_due,
             stats: Stats::default(),
         })
@@ -140,7 +166,7 @@ impl Worker {
         out: &mut Vec<Decision>,
     ) -> Result<(), WorkerError> {
         while self.next_due.is_some_and(|d| d <= now) {
-            match self.store.first_timer()? {
+            match self.store.first_timer(self.shard)? {
                 Some(t) if t.due <= now => self.fire_timer(gen, t, out)?,
                 next => {
                     self.next_due = next.map(|t| t.due);
@@ -174,6 +200,19 @@ impl Worker {
                 fault,
             });
         }
+    }
+
+    /// The customer's traits, from the cache or the store.
+    fn traits(&mut self, customer: &str) -> Result<Arc<Map<String, Value>>, WorkerError> {
+        if let Some(t) = self.traits.get(customer) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(self.store.traits(customer)?);
+        if self.traits.len() >= TRAITS_CACHE {
+            self.traits.clear();
+        }
+        self.traits.insert(customer.to_owned(), t.clone());
+        Ok(t)
     }
 
     /// Adds a successful call's state and timer changes to `changes`.
@@ -230,10 +269,10 @@ impl Worker {
             .find(|(_, p)| p.name == t.plugin)
         else {
             tracing::warn!(plugin = %t.plugin, customer = %t.customer, "timer of a plugin no longer loaded: dropped");
-            self.store.commit(changes)?;
+            self.store.commit(changes);
             return Ok(());
         };
-        let traits = self.store.traits(&t.customer)?;
+        let traits = self.traits(&t.customer)?;
         let input = CallInput::new(None, &t.customer, &traits);
         let call = Call::new(&plugin.name, &t.customer, t.due, Some(self.store.clone()));
         let mut qualified = Vec::new();
@@ -269,7 +308,7 @@ impl Worker {
             &mut changes,
             out,
         )?;
-        self.store.commit(changes)?;
+        self.store.commit(changes);
         Ok(())
     }
 
@@ -281,14 +320,15 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         self.stats.events += 1;
         let mut changes = Changes::new();
-        let mut traits = self.store.traits(&ev.customer)?;
         let key = match ev.kind {
             Kind::Identify => {
                 // Shallow merge: each key carried replaces the old value.
+                let mut traits = (*self.traits(&ev.customer)?).clone();
                 for (k, v) in &ev.traits {
                     traits.insert(k.clone(), v.clone());
                 }
                 changes.set_traits(&ev.customer, &traits);
+                self.traits.insert(ev.customer.clone(), Arc::new(traits));
                 IDENTIFY
             }
             Kind::Track => {
@@ -298,8 +338,15 @@ impl Worker {
                 ev.name.as_str()
             }
         };
-        let mut qualified = Vec::new();
         let subs = gen.subscribers(key);
+        let direct = gen.campaigns_for_event(key);
+        if subs.is_empty() && direct.is_empty() {
+            // Nothing listens: no need to read the customer at all.
+            self.store.commit(changes);
+            return Ok(());
+        }
+        let traits = self.traits(&ev.customer)?;
+        let mut qualified = Vec::new();
         if !subs.is_empty() {
             let input = CallInput::new(Some(ev), &ev.customer, &traits);
             for &pi in subs {
@@ -331,7 +378,6 @@ impl Worker {
                 }
             }
         }
-        let direct = gen.campaigns_for_event(key);
         if !direct.is_empty() {
             let none = Firing {
                 name: String::new(),
@@ -358,7 +404,7 @@ impl Worker {
             &mut changes,
             out,
         )?;
-        self.store.commit(changes)?;
+        self.store.commit(changes);
         Ok(())
     }
 
