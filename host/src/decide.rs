@@ -4,7 +4,7 @@
 use serde_json::{Map, Value};
 
 use crate::rules::Policies;
-use crate::store::History;
+use crate::store::{History, Open};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Outcome {
@@ -51,6 +51,8 @@ pub struct Candidate<'a> {
     pub priority: i64,
     pub frequency_ms: i64,
     pub holdout_pct: u32,
+    /// Goal event and window, for measuring conversion.
+    pub goal: Option<(&'a str, i64)>,
 }
 
 /// FNV-1a 64 of `customer:campaign`, modulo 100.
@@ -165,6 +167,14 @@ pub fn record(
     for (c, o) in candidates.iter().zip(outcomes) {
         if o.counts() {
             history.last.insert(c.campaign.to_owned(), now);
+            if let Some((goal, window)) = c.goal {
+                history.open.push(Open {
+                    campaign: c.campaign.to_owned(),
+                    ts: now,
+                    goal: goal.to_owned(),
+                    until: now.saturating_add(window),
+                });
+            }
         }
         if *o == Outcome::Sent
             && policies
@@ -188,6 +198,27 @@ pub fn record(
         }
     }
     history.sent.retain(|_, t| !t.is_empty());
+}
+
+/// A `track` event `event` at `now`: returns the open decisions it
+/// converts (goal event in (decision time, decision time + window]) and
+/// forgets them and those whose window has closed. Returns `None` when the
+/// history did not change.
+pub fn convert(history: &mut History, event: &str, now: i64) -> Option<Vec<Open>> {
+    if history.open.is_empty() {
+        return None;
+    }
+    let before = history.open.len();
+    let mut converted = Vec::new();
+    history.open.retain(|o| {
+        if o.goal == event && o.ts < now && now <= o.until {
+            converted.push(o.clone());
+            false
+        } else {
+            now <= o.until
+        }
+    });
+    (history.open.len() != before).then_some(converted)
 }
 
 #[cfg(test)]
@@ -228,6 +259,7 @@ mod tests {
             priority,
             frequency_ms: 7 * DAY,
             holdout_pct: 0,
+            goal: Some(("Goal", DAY)),
         }
     }
 
@@ -327,6 +359,32 @@ mod tests {
             decide(0, "u", &[c], &t, &History::default(), &p),
             vec![Outcome::Sent]
         );
+    }
+
+    #[test]
+    fn goal_events_convert_within_the_window_only() {
+        let p = policies();
+        let mut h = History::default();
+        let c = [cand("a", "agent", 1), cand("b", "agent", 1)];
+        record(
+            &mut h,
+            100,
+            &c,
+            &[Outcome::Sent, Outcome::SuppressedArbitration],
+            &p,
+        );
+        assert_eq!(h.open.len(), 1, "only counted decisions wait for a goal");
+        // Same millisecond: not after the decision.
+        assert_eq!(convert(&mut h, "Goal", 100), None);
+        assert_eq!(convert(&mut h, "Other", 200), None);
+        let got = convert(&mut h, "Goal", 100 + DAY).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].campaign, "a");
+        assert!(h.open.is_empty());
+        record(&mut h, 0, &c[..1], &[Outcome::Control], &p);
+        // Past the window: forgotten, not converted.
+        assert_eq!(convert(&mut h, "Goal", DAY + 1), Some(vec![]));
+        assert!(h.open.is_empty());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::plugins::{Limits, PluginError, Runtime};
 use crate::report::{self, Row};
 use crate::rules::{RuleSet, RulesError};
 use crate::store::{shard_of, Store, StoreError};
-use crate::worker::{Decision, Stats, Worker, WorkerError};
+use crate::worker::{Conversion, Decision, Stats, Worker, WorkerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -134,7 +134,7 @@ type Parsed = (usize, u64, Result<Event, EventError>);
 const CHUNK: usize = 1024;
 
 /// Committed keys held in memory before they are written to sled.
-const PERSIST_KEYS: usize = 100_000;
+const PERSIST_KEYS: usize = 250_000;
 
 fn read_lines(path: PathBuf, tx: mpsc::SyncSender<Result<Vec<Parsed>, ReplayError>>) {
     let file = match std::fs::File::open(&path) {
@@ -227,7 +227,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         .spawn(move || read_lines(path, tx))
         .map_err(io(Path::new("reader thread")))?;
 
-    type WorkerResult = Result<(Vec<Decision>, Stats), WorkerError>;
+    type WorkerResult = Result<(Vec<Decision>, Vec<Conversion>, Stats), WorkerError>;
     let mut senders = Vec::with_capacity(shards);
     let mut workers: Vec<std::thread::JoinHandle<WorkerResult>> = Vec::with_capacity(shards);
     for shard in 0..shards {
@@ -243,7 +243,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
                         worker.handle(&gen, &ev, &mut out)?;
                     }
                 }
-                Ok((out, worker.stats))
+                Ok((out, std::mem::take(&mut worker.conversions), worker.stats))
             })
             .map_err(io(Path::new("worker thread")))?;
         senders.push(wtx);
@@ -338,11 +338,13 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     // On an early stop the reader sees the closed channel and ends.
     let _ = reader.join();
     let mut decisions: Vec<Decision> = Vec::new();
+    let mut conversions: Vec<Conversion> = Vec::new();
     let mut stats = Stats::default();
     for w in workers {
         match w.join() {
-            Ok(Ok((d, s))) => {
+            Ok(Ok((d, c, s))) => {
                 decisions.extend(d);
+                conversions.extend(c);
                 stats.merge(s);
             }
             Ok(Err(e)) => {
@@ -388,7 +390,11 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         out.push(b'\n');
     }
     write_file(&opts.decisions, &out)?;
-    let rows = report::build(&gen.rules, &decisions, &store)?;
+    let converted = conversions
+        .iter()
+        .map(|c| (c.ts, c.customer.as_str(), c.campaign.as_str()))
+        .collect();
+    let rows = report::build(&gen.rules, &decisions, &converted);
     write_file(&opts.report, report::to_jsonl(&rows).as_bytes())?;
     Ok(Summary {
         events: stats.events,

@@ -1,13 +1,16 @@
 //! Measurement: per campaign, what was decided, and how many `sent` and
 //! `control` customers reached the campaign's goal within its window.
+//!
+//! Conversions are found when the goal event arrives (the worker matches it
+//! against the customer's open decisions), so no event needs to be kept.
 
+use std::collections::HashSet;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::decide::Outcome;
 use crate::rules::RuleSet;
-use crate::store::{Store, StoreError};
 use crate::worker::Decision;
 
 /// One campaign's line of the report, fields in the order of SPEC §4.
@@ -39,13 +42,13 @@ impl Row {
 }
 
 /// Builds the report of `decisions` for every campaign in `rules` (zeros
-/// included), sorted by campaign id. Conversions are looked up in the store's
-/// goal events, so the report covers goals seen after the decision too.
+/// included), sorted by campaign id. `converted` holds the (time, customer,
+/// campaign) of every decision whose goal event followed within its window.
 pub fn build(
     rules: &RuleSet,
     decisions: &[Decision],
-    store: &Store,
-) -> Result<Vec<Row>, StoreError> {
+    converted: &HashSet<(i64, &str, &str)>,
+) -> Vec<Row> {
     let mut rows: Vec<Row> = rules
         .campaigns
         .iter()
@@ -59,26 +62,16 @@ pub fn build(
         let Ok(i) = rows.binary_search_by(|r| r.campaign.as_str().cmp(&d.campaign)) else {
             continue;
         };
-        let converted = || -> Result<bool, StoreError> {
-            match rules
-                .campaigns
-                .iter()
-                .find(|c| c.id == d.campaign)
-                .and_then(|c| c.goal.as_ref())
-            {
-                Some(g) => store.goal_between(&d.customer, &g.event, d.ts, d.ts + g.window_ms),
-                None => Ok(false),
-            }
-        };
+        let conv = u64::from(converted.contains(&(d.ts, d.customer.as_str(), d.campaign.as_str())));
         let r = &mut rows[i];
         match d.outcome {
             Outcome::Sent => {
                 r.sent += 1;
-                r.sent_converted += u64::from(converted()?);
+                r.sent_converted += conv;
             }
             Outcome::Control => {
                 r.control += 1;
-                r.control_converted += u64::from(converted()?);
+                r.control_converted += conv;
             }
             Outcome::SuppressedConsent => r.suppressed_consent += 1,
             Outcome::SuppressedFrequency => r.suppressed_frequency += 1,
@@ -86,7 +79,7 @@ pub fn build(
             Outcome::SuppressedArbitration => r.suppressed_arbitration += 1,
         }
     }
-    Ok(rows)
+    rows
 }
 
 /// JSON Lines, one row per campaign.

@@ -9,9 +9,9 @@
 //! | `c` customer `\0` `h` | decision history (frequency, contact policy), JSON |
 //! | `c` customer `\0` `s` len plugin key | plugin state bytes |
 //! | `c` customer `\0` `m` len plugin key | pending timer: due (8 bytes) + trigger id |
-//! | `c` customer `\0` `g` event `\0` ts | goal event occurrence |
 //! | `T` due customer `\0` len plugin key | timer queue, ordered by (due, customer) |
 //! | `D` ts customer `\0` campaign | decision log, ordered as the output |
+//! | `V` ts customer `\0` campaign | when that decision converted (its goal event's time) |
 //!
 //! Customer ids never contain NUL (ingest refuses them), so `\0` ends them and
 //! byte order of keys is the order of (time, customer id). Times are encoded
@@ -48,13 +48,28 @@ pub enum StoreError {
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// What frequency and contact policies read: the latest counted decision
-/// of each campaign and the recent `sent` times on each channel.
+/// of each campaign and the recent `sent` times on each channel; and the
+/// decisions still waiting for their goal event.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct History {
     /// campaign → time of its latest `sent` or `control` decision.
     pub last: BTreeMap<String, i64>,
     /// channel → times of recent `sent` decisions, oldest first.
     pub sent: BTreeMap<String, Vec<i64>>,
+    /// `sent` and `control` decisions whose goal window is still open.
+    #[serde(default)]
+    pub open: Vec<Open>,
+}
+
+/// A counted decision waiting for its goal event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Open {
+    pub campaign: String,
+    /// Decision time: goal events at or before it do not count.
+    pub ts: i64,
+    pub goal: String,
+    /// Last moment a goal event counts.
+    pub until: i64,
 }
 
 /// A pending timer.
@@ -115,6 +130,9 @@ struct Pending {
     clean_bytes: usize,
     /// Every pending timer, per shard: queue key → trigger id.
     timers: Vec<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// Queue keys created since the last persist (so not in sled): one
+    /// removed again before the persist need not be written at all.
+    fresh: std::collections::HashSet<Vec<u8>>,
 }
 
 fn time_bytes(ms: i64) -> [u8; 8] {
@@ -320,21 +338,6 @@ impl Store {
         self.lock().timers.iter().map(BTreeMap::len).sum()
     }
 
-    /// Whether `customer` had a `track` event `event` in (from, to].
-    pub fn goal_between(&self, customer: &str, event: &str, from: i64, to: i64) -> Result<bool> {
-        let mut base = customer_key(customer, b'g');
-        base.extend_from_slice(event.as_bytes());
-        base.push(0);
-        let mut lo = base.clone();
-        lo.extend_from_slice(&time_bytes(from.saturating_add(1)));
-        let mut hi = base;
-        hi.extend_from_slice(&time_bytes(to));
-        let in_pending = self.lock().dirty.iter().any(|(k, v)| {
-            v.is_some() && k.as_slice() >= lo.as_slice() && k.as_slice() <= hi.as_slice()
-        });
-        Ok(in_pending || self.db.range(lo..=hi).next().transpose()?.is_some())
-    }
-
     /// Applies one event's (or one timer's) changes atomically: every later
     /// read sees all of them. They reach disk at the next [`Store::persist`].
     pub fn commit(&self, changes: Changes) {
@@ -347,8 +350,24 @@ impl Store {
             if k.first() == Some(&b'T') {
                 let queue = &mut pending.timers[queue_shard(&k, shards)];
                 match &v {
-                    Some(v) => queue.insert(k.clone(), v.clone()),
-                    None => queue.remove(&k),
+                    Some(v) => {
+                        if queue.insert(k.clone(), v.clone()).is_none()
+                            && !pending.dirty.contains_key(&k)
+                            && !pending
+                                .persisting
+                                .as_ref()
+                                .is_some_and(|p| p.contains_key(&k))
+                        {
+                            pending.fresh.insert(k.clone());
+                        }
+                    }
+                    None => {
+                        queue.remove(&k);
+                        if pending.fresh.remove(&k) {
+                            pending.dirty.remove(&k);
+                            continue;
+                        }
+                    }
                 };
             }
             pending.dirty.insert(k, v);
@@ -371,6 +390,7 @@ impl Store {
             }
             let dirty = Arc::new(std::mem::take(&mut pending.dirty));
             pending.persisting = Some(dirty.clone());
+            pending.fresh.clear();
             dirty
         };
         let started = std::time::Instant::now();
@@ -492,12 +512,16 @@ impl Changes {
         }
     }
 
-    pub fn goal(&mut self, customer: &str, event: &str, ts: i64) {
-        let mut k = customer_key(customer, b'g');
-        k.extend_from_slice(event.as_bytes());
-        k.push(0);
+    /// Records that the decision (`ts`, `customer`, `campaign`) converted
+    /// at `at`.
+    pub fn conversion(&mut self, ts: i64, customer: &str, campaign: &str, at: i64) {
+        let mut k = Vec::with_capacity(10 + customer.len() + campaign.len());
+        k.push(b'V');
         k.extend_from_slice(&time_bytes(ts));
-        self.put(k, Vec::new());
+        k.extend_from_slice(customer.as_bytes());
+        k.push(0);
+        k.extend_from_slice(campaign.as_bytes());
+        self.put(k, time_bytes(at).to_vec());
     }
 
     pub fn decision(&mut self, ts: i64, customer: &str, campaign: &str, json: Vec<u8>) {
@@ -571,19 +595,6 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.plugin_state("u", "p", "k").unwrap(), Some(b"v".to_vec()));
         assert_eq!(s.traits("u").unwrap()["email"], "a@b");
-    }
-
-    #[test]
-    fn goals_are_found_in_half_open_windows() {
-        let (_d, s) = open();
-        let mut c = Changes::new();
-        c.goal("u", "Order Completed", 100);
-        s.commit(c);
-        assert!(s.goal_between("u", "Order Completed", 99, 100).unwrap());
-        assert!(!s.goal_between("u", "Order Completed", 100, 200).unwrap());
-        assert!(!s.goal_between("u", "Order Completed", 0, 99).unwrap());
-        assert!(!s.goal_between("u2", "Order Completed", 0, 200).unwrap());
-        assert!(!s.goal_between("u", "Order", 0, 200).unwrap());
     }
 
     #[derive(Clone, Debug)]

@@ -16,7 +16,7 @@ use crate::event::{format_ts, Event, Kind};
 use crate::generation::{Generation, IDENTIFY};
 use crate::plugins::{Call, CallInput, Effects, Fault, Firing, Instances, Runtime};
 use crate::rules::{EvalScope, Facts};
-use crate::store::{Changes, DueTimer, Store, StoreError, Timer};
+use crate::store::{Changes, DueTimer, History, Store, StoreError, Timer};
 
 /// One decision, as written to the decision log and the output file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +54,17 @@ impl Decision {
         })
         .unwrap_or_default()
     }
+}
+
+/// A counted decision that reached its goal.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Conversion {
+    /// The decision's time, customer and campaign.
+    pub ts: i64,
+    pub customer: String,
+    pub campaign: String,
+    /// When the goal event happened.
+    pub at: i64,
 }
 
 /// A plugin call that produced nothing, and why.
@@ -118,6 +129,8 @@ pub struct Worker {
     /// Decoded traits of this shard's customers; the worker is their only
     /// writer, so the cache never goes stale.
     traits: HashMap<String, Arc<Map<String, Value>>>,
+    /// Conversions found so far (drained by the caller).
+    pub conversions: Vec<Conversion>,
     /// Earliest pending timer (a lower bound: it may have been cancelled).
     next_due: Option<i64>,
     pub stats: Stats,
@@ -138,6 +151,7 @@ impl Worker {
             shard,
             instances: Instances::new(runtime),
             traits: HashMap::new(),
+            conversions: Vec::new(),
             next_due,
             stats: Stats::default(),
         })
@@ -305,6 +319,7 @@ impl Worker {
             &t.trigger,
             &traits,
             qualified,
+            None,
             &mut changes,
             out,
         )?;
@@ -331,13 +346,27 @@ impl Worker {
                 self.traits.insert(ev.customer.clone(), Arc::new(traits));
                 IDENTIFY
             }
-            Kind::Track => {
-                if gen.is_goal(&ev.name) {
-                    changes.goal(&ev.customer, &ev.name, ev.ts);
-                }
-                ev.name.as_str()
-            }
+            Kind::Track => ev.name.as_str(),
         };
+        // A goal event converts the customer's open decisions first: a
+        // decision this event makes cannot be converted by it.
+        let mut history = None;
+        if ev.kind == Kind::Track && gen.is_goal(&ev.name) {
+            let mut h = self.store.history(&ev.customer)?;
+            if let Some(converted) = decide::convert(&mut h, &ev.name, ev.ts) {
+                changes.set_history(&ev.customer, &h);
+                for o in converted {
+                    changes.conversion(o.ts, &ev.customer, &o.campaign, ev.ts);
+                    self.conversions.push(Conversion {
+                        ts: o.ts,
+                        customer: ev.customer.clone(),
+                        campaign: o.campaign,
+                        at: ev.ts,
+                    });
+                }
+            }
+            history = Some(h);
+        }
         let subs = gen.subscribers(key);
         let direct = gen.campaigns_for_event(key);
         if subs.is_empty() && direct.is_empty() {
@@ -401,6 +430,7 @@ impl Worker {
             &ev.message_id,
             &traits,
             qualified,
+            history,
             &mut changes,
             out,
         )?;
@@ -465,6 +495,7 @@ impl Worker {
         trigger: &str,
         traits: &Map<String, Value>,
         qualified: Vec<Qualified>,
+        history: Option<History>,
         changes: &mut Changes,
         out: &mut Vec<Decision>,
     ) -> Result<(), WorkerError> {
@@ -481,11 +512,15 @@ impl Worker {
                     priority: q.priority,
                     frequency_ms: c.frequency_ms,
                     holdout_pct: c.holdout_pct,
+                    goal: c.goal.as_ref().map(|g| (g.event.as_str(), g.window_ms)),
                 }
             })
             .collect();
         let policies = &gen.rules.policies;
-        let mut history = self.store.history(customer)?;
+        let mut history = match history {
+            Some(h) => h,
+            None => self.store.history(customer)?,
+        };
         let outcomes = decide::decide(now, customer, &candidates, traits, &history, policies);
         decide::record(&mut history, now, &candidates, &outcomes, policies);
         changes.set_history(customer, &history);
