@@ -404,22 +404,24 @@ impl Store {
         let applied = self.db.apply_batch(batch);
         let mut pending = self.lock();
         pending.persisting = None;
+        let keys = dirty.len();
+        // Readers took their clones under the lock, so this is the last
+        // reference: the values move into the cache without copying.
+        let dirty = Arc::try_unwrap(dirty).unwrap_or_else(|shared| (*shared).clone());
         if let Err(e) = applied {
             // Not written: back to dirty, under anything committed since.
-            for (k, v) in dirty.iter() {
-                if !pending.dirty.contains_key(k) {
-                    pending.dirty.insert(k.clone(), v.clone());
-                }
+            for (k, v) in dirty {
+                pending.dirty.entry(k).or_insert(v);
             }
             return Err(e.into());
         }
-        for (k, v) in dirty.iter() {
-            if !pending.dirty.contains_key(k) {
-                pending.cache(k.clone(), v.clone());
+        for (k, v) in dirty {
+            if !pending.dirty.contains_key(&k) {
+                pending.cache(k, v);
             }
         }
         tracing::debug!(
-            keys = dirty.len(),
+            keys,
             micros = started.elapsed().as_micros() as u64,
             "persisted"
         );
