@@ -347,6 +347,9 @@ impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
 
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// Time allowed to instantiate a plugin or ask it to describe itself.
+const SETUP_DEADLINE: Duration = Duration::from_secs(2);
+
 /// The engine, the linker with every host capability, and the compile cache.
 pub struct Runtime {
     engine: Engine,
@@ -506,6 +509,14 @@ impl Runtime {
         (self.limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
     }
 
+    /// Instantiating and `describe` run outside any call: they get a fixed
+    /// budget, at least the call deadline, so a loaded machine does not turn
+    /// a fresh instance into a fault.
+    fn setup_ticks(&self) -> u64 {
+        let budget = self.limits.deadline.max(SETUP_DEADLINE);
+        (budget.as_millis() / EPOCH_TICK.as_millis()) as u64 + 1
+    }
+
     /// Compiles (or loads from cache), type-checks against the contract and
     /// asks the plugin to describe itself.
     pub fn load(&self, source: &str, bytes: &[u8]) -> Result<Plugin, PluginError> {
@@ -528,7 +539,7 @@ impl Runtime {
         let mut tried = Vec::new();
         if let Ok(pre) = v0_1_0::trigger::TriggerPre::new(ipre.clone()) {
             let mut store = self.new_store(Call::default());
-            store.set_epoch_deadline(self.deadline_ticks());
+            store.set_epoch_deadline(self.setup_ticks());
             let inst = pre.instantiate(&mut store).map_err(contract_err)?;
             let info = inst
                 .nudge_plugin_trigger_handler()
@@ -553,7 +564,7 @@ impl Runtime {
         }
         if let Ok(pre) = v0_1_0::response::ResponsePre::new(ipre.clone()) {
             let mut store = self.new_store(Call::default());
-            store.set_epoch_deadline(self.deadline_ticks());
+            store.set_epoch_deadline(self.setup_ticks());
             let inst = pre.instantiate(&mut store).map_err(contract_err)?;
             let (name, version) = inst
                 .nudge_plugin_response_handler()
@@ -575,7 +586,7 @@ impl Runtime {
         }
         if let Ok(pre) = v0_1_0::channel::ChannelPre::new(ipre) {
             let mut store = self.new_store(Call::default());
-            store.set_epoch_deadline(self.deadline_ticks());
+            store.set_epoch_deadline(self.setup_ticks());
             let inst = pre.instantiate(&mut store).map_err(contract_err)?;
             let (name, version) = inst
                 .nudge_plugin_channel_handler()
@@ -793,7 +804,7 @@ impl Instances {
     fn instance(&mut self, plugin: &Plugin) -> Result<&mut Instance, Fault> {
         if !self.live.contains_key(&plugin.hash) {
             let mut store = self.runtime.new_store(Call::default());
-            store.set_epoch_deadline(self.runtime.deadline_ticks());
+            store.set_epoch_deadline(self.runtime.setup_ticks());
             let live = match &plugin.pre {
                 Pre::Trigger(p) => p.instantiate(&mut store).map(Live::Trigger),
                 Pre::Response(p) => p.instantiate(&mut store).map(Live::Response),
