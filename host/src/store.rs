@@ -180,12 +180,7 @@ fn queue_key(due: i64, customer: &str, plugin: &str, key: &str) -> Vec<u8> {
 /// The worker shard that owns `customer`: FNV-1a 64 of the id, modulo
 /// `shards`. Every key of a customer is written by that shard's worker only.
 pub fn shard_of(customer: &str, shards: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in customer.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % shards.max(1) as u64) as usize
+    (crate::decide::fnv1a64(&[customer.as_bytes()]) % shards.max(1) as u64) as usize
 }
 
 fn queue_shard(k: &[u8], shards: usize) -> usize {
