@@ -328,11 +328,6 @@ impl Store {
             })
     }
 
-    /// Number of pending timers.
-    pub fn timer_count(&self) -> usize {
-        self.lock().timers.iter().map(BTreeMap::len).sum()
-    }
-
     /// Applies one event's (or one timer's) changes atomically: every later
     /// read sees all of them. They reach disk at the next [`Store::persist`].
     pub fn commit(&self, changes: Changes) {
@@ -436,11 +431,6 @@ impl Store {
         self.db
             .scan_prefix(b"D")
             .map(|r| r.map(|(_, v)| v.to_vec()).map_err(StoreError::from))
-    }
-
-    /// Bytes the store takes on disk.
-    pub fn size_on_disk(&self) -> Result<u64> {
-        Ok(self.db.size_on_disk()?)
     }
 }
 
