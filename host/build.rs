@@ -9,16 +9,27 @@ const EXAMPLES: &[&str] = &[
     "first-identify",
     "mortgage-interest",
     "agent-script",
+    "email",
+    "sms",
+    "webhook",
+    "agent-queue",
 ];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let built = build_guests(EXAMPLES, &["plugins"]);
     let copied = copy_into(&built, &out.join("plugins"));
-    let mut code = String::from("/// The example plugins, compiled for wasm32-wasip2.\npub const EMBEDDED: &[(&str, &[u8])] = &[\n");
+    let mut code = String::from("/// The example plugins, compiled for wasm32-wasip2.\n/// (name, component, manifest text)\npub const EMBEDDED: &[(&str, &[u8], &str)] = &[\n");
+    let workspace =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR")).join("..");
     for (name, file) in &copied {
+        let manifest = workspace
+            .join("plugins")
+            .join(name)
+            .join("nudge-plugin.toml");
+        let text = std::fs::read_to_string(&manifest).unwrap_or_default();
         code.push_str(&format!(
-            "    ({name:?}, include_bytes!({:?})),\n",
+            "    ({name:?}, include_bytes!({:?}), {text:?}),\n",
             file.display().to_string()
         ));
     }

@@ -20,7 +20,7 @@ fn setup(dir: &Path, fault: Option<&str>) -> (PathBuf, PathBuf) {
     let rules = dir.join("rules");
     std::fs::create_dir_all(&plugins).unwrap();
     std::fs::create_dir_all(&rules).unwrap();
-    for (name, bytes) in nudge::embedded::EMBEDDED {
+    for (name, bytes, _manifest) in nudge::embedded::EMBEDDED {
         std::fs::write(plugins.join(format!("{name}.wasm")), bytes).unwrap();
     }
     for e in std::fs::read_dir(root().join("rules")).unwrap() {

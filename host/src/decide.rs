@@ -234,12 +234,14 @@ mod tests {
             "email".into(),
             ChannelPolicy {
                 consent_trait: Some("consent_email".into()),
+                plugin: None,
             },
         );
         p.channels.insert(
             "sms".into(),
             ChannelPolicy {
                 consent_trait: Some("consent_sms".into()),
+                plugin: None,
             },
         );
         p.channels.insert("agent".into(), ChannelPolicy::default());

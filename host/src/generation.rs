@@ -144,6 +144,23 @@ impl Generation {
                 }
             }
         }
+        for (channel, policy) in &rules.policies.channels {
+            let Some(name) = &policy.plugin else { continue };
+            let problem = match by_name.get(name).map(|&i| &plugins[i].kind) {
+                Some(PluginKind::Channel) => continue,
+                Some(_) => format!("plugin {name:?} is not a channel plugin"),
+                None => format!(
+                    "no plugin named {name:?} (channel plugins: {})",
+                    names(|k| matches!(k, PluginKind::Channel))
+                ),
+            };
+            errors.push(RuleError {
+                file: rules.dir.join(crate::rules::POLICIES_FILE),
+                line: None,
+                field: Some(format!("channels.{channel}.plugin")),
+                message: problem,
+            });
+        }
         if !errors.is_empty() {
             return Err(RulesError(errors));
         }
@@ -181,6 +198,12 @@ impl Generation {
     /// Campaigns triggered directly by event `key`.
     pub fn campaigns_for_event(&self, key: &str) -> &[usize] {
         self.on_event.get(key).map_or(&[], Vec::as_slice)
+    }
+
+    /// The channel plugin that delivers on `channel`, if one is set.
+    pub fn channel_plugin(&self, channel: &str) -> Option<&Plugin> {
+        let name = self.rules.policies.channels.get(channel)?.plugin.as_ref()?;
+        self.plugin(name)
     }
 
     pub fn is_goal(&self, event: &str) -> bool {

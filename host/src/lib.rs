@@ -17,14 +17,33 @@
 //! - [`worker`]: one event's way through the house.
 //! - [`report`]: goals, control vs treated, uplift.
 //! - [`replay`]: `nudge replay`, a file of events through a worker.
+//! - [`config`]: `nudge serve`'s TOML configuration.
+//! - [`ingest`]: Segment-compatible requests: auth, gzip, limits, validation.
+//! - [`inbox`]: durable acknowledgement by group commit, de-duplication.
+//! - [`serve`]: the live server's threads, start-up recovery and shutdown.
+//! - [`api`]: the HTTP routes (axum).
+//! - [`deliver`]: the outbox to the channels: SMTP, allowlisted HTTP, the
+//!   agent queue; retries and dead letters.
+//! - [`manifest`]: what a plugin may ask the host to do.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`cli`]: the `nudge` command line.
 
+pub mod api;
+pub mod cli;
+pub mod config;
 pub mod decide;
+pub mod deliver;
 pub mod event;
 pub mod generation;
+pub mod inbox;
+pub mod ingest;
+pub mod manifest;
+pub mod metrics;
 pub mod plugins;
 pub mod replay;
 pub mod report;
 pub mod rules;
+pub mod serve;
 pub mod store;
 pub mod worker;
 

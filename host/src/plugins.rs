@@ -6,8 +6,8 @@
 //!   host's types, so old plugins keep loading beside new ones.
 //! - Compiled once: artifacts are cached on disk, keyed by the SHA-256 of the
 //!   component and the engine's compatibility hash.
-//! - Sandboxed: WASI with no preopened directories, no environment, no
-//!   network, frozen clocks (time comes only from the `clock` import); a
+//! - Sandboxed: WASI with no preopened directories, no network, frozen
+//!   clocks, and no environment but the `[config]` of the plugin's manifest (time comes only from the `clock` import); a
 //!   memory cap per instance and a deadline per call (epoch interruption).
 //! - Contained: a trap, a deadline or a memory bomb ends that call only; the
 //!   poisoned instance is dropped and the next call gets a fresh one from the
@@ -25,6 +25,7 @@ use wasmtime::{Config, Engine, Store as WasmStore, StoreLimits, StoreLimitsBuild
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::event::{Event, Kind};
+use crate::manifest::Manifest;
 use crate::store::Store;
 
 /// Bindings of contract 0.1.0, one module per world, sharing the types.
@@ -137,9 +138,6 @@ pub enum PluginKind {
 enum Pre {
     Trigger(v0_1_0::trigger::TriggerPre<HostState>),
     Response(v0_1_0::response::ResponsePre<HostState>),
-    // Instantiated by delivery in the live server; loading already checks
-    // that a channel plugin fits its world.
-    #[allow(dead_code)]
     Channel(v0_1_0::channel::ChannelPre<HostState>),
 }
 
@@ -154,6 +152,8 @@ pub struct Plugin {
     pub hash: String,
     /// Where it was loaded from (a file, or `embedded:NAME`).
     pub source: String,
+    /// What the plugin may ask the host to do, as granted.
+    pub manifest: Manifest,
     pre: Pre,
 }
 
@@ -467,8 +467,13 @@ impl Runtime {
         Ok(component)
     }
 
-    fn new_store(&self, call: Call) -> WasmStore<HostState> {
+    fn new_store(&self, call: Call, manifest: Option<&Manifest>) -> WasmStore<HostState> {
         let mut wasi = WasiCtx::builder();
+        if let Some(m) = manifest {
+            for (k, v) in &m.config {
+                wasi.env(k, v);
+            }
+        }
         wasi.wall_clock(FrozenClock)
             .monotonic_clock(FrozenClock)
             .allow_tcp(false)
@@ -538,7 +543,7 @@ impl Runtime {
         // only for their own kind; other components export just one world.
         let mut tried = Vec::new();
         if let Ok(pre) = v0_1_0::trigger::TriggerPre::new(ipre.clone()) {
-            let mut store = self.new_store(Call::default());
+            let mut store = self.new_store(Call::default(), None);
             store.set_epoch_deadline(self.setup_ticks());
             let inst = pre.instantiate(&mut store).map_err(contract_err)?;
             let info = inst
@@ -557,13 +562,14 @@ impl Runtime {
                     contract: "0.1.0",
                     hash,
                     source: source.to_owned(),
+                    manifest: Manifest::default(),
                     pre: Pre::Trigger(pre),
                 });
             }
             tried.push("trigger");
         }
         if let Ok(pre) = v0_1_0::response::ResponsePre::new(ipre.clone()) {
-            let mut store = self.new_store(Call::default());
+            let mut store = self.new_store(Call::default(), None);
             store.set_epoch_deadline(self.setup_ticks());
             let inst = pre.instantiate(&mut store).map_err(contract_err)?;
             let (name, version) = inst
@@ -579,13 +585,14 @@ impl Runtime {
                     contract: "0.1.0",
                     hash,
                     source: source.to_owned(),
+                    manifest: Manifest::default(),
                     pre: Pre::Response(pre),
                 });
             }
             tried.push("response");
         }
         if let Ok(pre) = v0_1_0::channel::ChannelPre::new(ipre) {
-            let mut store = self.new_store(Call::default());
+            let mut store = self.new_store(Call::default(), None);
             store.set_epoch_deadline(self.setup_ticks());
             let inst = pre.instantiate(&mut store).map_err(contract_err)?;
             let (name, version) = inst
@@ -601,6 +608,7 @@ impl Runtime {
                     contract: "0.1.0",
                     hash,
                     source: source.to_owned(),
+                    manifest: Manifest::default(),
                     pre: Pre::Channel(pre),
                 });
             }
@@ -634,7 +642,12 @@ impl Runtime {
                     source_name: f.display().to_string(),
                     message: format!("cannot read: {e}"),
                 })?;
-                self.load(&f.display().to_string(), &bytes)
+                let mut plugin = self.load(&f.display().to_string(), &bytes)?;
+                plugin.manifest = Manifest::beside(f).map_err(|message| PluginError::Invalid {
+                    source_name: f.display().to_string(),
+                    message: format!("manifest: {message}"),
+                })?;
+                Ok(plugin)
             })
             .collect()
     }
@@ -773,6 +786,7 @@ impl CallInput {
 enum Live {
     Trigger(v0_1_0::trigger::Trigger),
     Response(v0_1_0::response::Response),
+    Channel(v0_1_0::channel::Channel),
 }
 
 struct Instance {
@@ -803,16 +817,14 @@ impl Instances {
 
     fn instance(&mut self, plugin: &Plugin) -> Result<&mut Instance, Fault> {
         if !self.live.contains_key(&plugin.hash) {
-            let mut store = self.runtime.new_store(Call::default());
+            let mut store = self
+                .runtime
+                .new_store(Call::default(), Some(&plugin.manifest));
             store.set_epoch_deadline(self.runtime.setup_ticks());
             let live = match &plugin.pre {
                 Pre::Trigger(p) => p.instantiate(&mut store).map(Live::Trigger),
                 Pre::Response(p) => p.instantiate(&mut store).map(Live::Response),
-                Pre::Channel(_) => {
-                    return Err(Fault::Instantiate(
-                        "channel plugins are called by delivery".into(),
-                    ))
-                }
+                Pre::Channel(p) => p.instantiate(&mut store).map(Live::Channel),
             }
             .map_err(|e| Fault::Instantiate(format!("{e:#}")))?;
             self.live
@@ -938,17 +950,99 @@ impl Instances {
             _ => Ok(Err("not a response plugin".into())),
         };
         let (t, _) = self.finish(plugin, result)?;
-        Ok(Treatment {
-            subject: t.subject,
-            body: t.body,
-            agent_script: t.agent_script,
-            variables: t
-                .variables
-                .into_iter()
-                .map(|f| (f.key, value_from_wit(f.value)))
-                .collect(),
-        })
+        Ok(treatment_from_wit(t))
     }
+}
+
+impl Instances {
+    /// Calls a channel plugin: what should the host send for `treatment`?
+    pub fn deliver(
+        &mut self,
+        plugin: &Plugin,
+        call: Call,
+        treatment: &Treatment,
+        recipient: &Recipient,
+    ) -> Result<Vec<Outbound>, Fault> {
+        let t = treatment_to_wit(treatment);
+        let r = wit::Recipient {
+            customer_id: recipient.customer.clone(),
+            email: recipient.email.clone(),
+            phone: recipient.phone.clone(),
+        };
+        let inst = self.prepare(plugin, call)?;
+        let result = match &inst.live {
+            Live::Channel(c) => {
+                c.nudge_plugin_channel_handler()
+                    .call_deliver(&mut inst.store, &t, &r)
+            }
+            _ => Ok(Err("not a channel plugin".into())),
+        };
+        let (out, _) = self.finish(plugin, result)?;
+        Ok(out
+            .into_iter()
+            .map(|o| match o {
+                wit::Outbound::Email(m) => Outbound::Email {
+                    to: m.to,
+                    subject: m.subject,
+                    body: m.body,
+                },
+                wit::Outbound::Http(h) => Outbound::Http {
+                    method: h.method,
+                    url: h.url,
+                    headers: h.headers,
+                    body: h.body,
+                },
+                wit::Outbound::AgentQueue(t) => Outbound::AgentQueue(treatment_from_wit(t)),
+            })
+            .collect())
+    }
+}
+
+fn treatment_to_wit(t: &Treatment) -> wit::Treatment {
+    wit::Treatment {
+        subject: t.subject.clone(),
+        body: t.body.clone(),
+        agent_script: t.agent_script.clone(),
+        variables: fields(&t.variables),
+    }
+}
+
+fn treatment_from_wit(t: wit::Treatment) -> Treatment {
+    Treatment {
+        subject: t.subject,
+        body: t.body,
+        agent_script: t.agent_script,
+        variables: t
+            .variables
+            .into_iter()
+            .map(|f| (f.key, value_from_wit(f.value)))
+            .collect(),
+    }
+}
+
+/// Who a treatment goes to, as far as the host knows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Recipient {
+    pub customer: String,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+}
+
+/// What a channel plugin asked the host to send.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outbound {
+    Email {
+        to: String,
+        subject: String,
+        body: String,
+    },
+    Http {
+        method: String,
+        url: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    AgentQueue(Treatment),
 }
 
 /// A decided action, for a response plugin.
@@ -962,7 +1056,7 @@ pub struct Action {
 }
 
 /// A response plugin's pre-thought action.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Treatment {
     pub subject: String,
     pub body: String,

@@ -4,14 +4,17 @@
 //! A reader thread parses lines while the worker decides, so the two cores
 //! share the work; lines reach the worker in file order.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::config::PluginGrant;
 use crate::event::{format_ts, Event, EventError};
 use crate::generation::Generation;
+use crate::manifest::Manifest;
 use crate::plugins::{Limits, PluginError, Runtime};
 use crate::report::{self, Row};
 use crate::rules::{RuleSet, RulesError};
@@ -57,20 +60,39 @@ pub enum PluginSource {
     Dir(PathBuf),
 }
 
-/// Loads plugins and rules and checks them against each other.
+/// Loads plugins and rules and checks them against each other. `grants`
+/// (the operator's, by plugin name) override what manifests ask for.
 pub fn load_generation(
     runtime: &Runtime,
     number: u64,
     plugins: &PluginSource,
     rules: &Path,
+    grants: &BTreeMap<String, PluginGrant>,
 ) -> Result<Generation, ReplayError> {
-    let loaded = match plugins {
+    let mut loaded = match plugins {
         PluginSource::Embedded => crate::embedded::EMBEDDED
             .iter()
-            .map(|(name, bytes)| runtime.load(&format!("embedded:{name}"), bytes))
-            .collect::<Result<Vec<_>, _>>()?,
+            .map(|(name, bytes, manifest)| {
+                let source = format!("embedded:{name}");
+                let mut p = runtime.load(&source, bytes)?;
+                p.manifest = Manifest::parse(&format!("{source}/nudge-plugin.toml"), manifest)
+                    .map_err(|message| PluginError::Invalid {
+                        source_name: source.clone(),
+                        message,
+                    })?;
+                Ok(p)
+            })
+            .collect::<Result<Vec<_>, PluginError>>()?,
         PluginSource::Dir(d) => runtime.load_dir(d)?,
     };
+    for p in &mut loaded {
+        p.manifest = std::mem::take(&mut p.manifest).granted(grants.get(&p.name));
+    }
+    for name in grants.keys() {
+        if !loaded.iter().any(|p| &p.name == name) {
+            tracing::warn!(plugin = %name, "config grants capabilities to a plugin that is not loaded");
+        }
+    }
     let rules = RuleSet::load(rules)?;
     Ok(Generation::build(number, loaded, rules)?)
 }
@@ -189,7 +211,13 @@ fn read_lines(path: PathBuf, tx: mpsc::SyncSender<Result<Vec<Parsed>, ReplayErro
 /// fired first, so the outputs are those of one worker, whatever the count.
 pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     let runtime = Arc::new(Runtime::new(opts.limits.clone(), opts.cache.clone())?);
-    let gen = Arc::new(load_generation(&runtime, 1, &opts.plugins, &opts.rules)?);
+    let gen = Arc::new(load_generation(
+        &runtime,
+        1,
+        &opts.plugins,
+        &opts.rules,
+        &BTreeMap::new(),
+    )?);
     let temp;
     let data_dir = match &opts.data {
         Some(d) => d.clone(),

@@ -120,6 +120,9 @@ pub struct ChannelPolicy {
     /// The trait that must be the JSON value `true`; none means no consent
     /// is needed (e.g. an agent's call list).
     pub consent_trait: Option<String>,
+    /// The channel plugin that delivers on this channel (live server); none:
+    /// decisions are made and recorded, nothing is sent.
+    pub plugin: Option<String>,
 }
 
 /// At most `limit` `sent` decisions on `channels` together within `window`.
@@ -249,7 +252,7 @@ struct ContactFile {
     window: Spanned<String>,
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
         .iter()
         .filter(|b| **b == b'\n')

@@ -12,6 +12,11 @@
 //! | `T` due customer `\0` len plugin key | timer queue, ordered by (due, customer) |
 //! | `D` ts customer `\0` campaign | decision log, ordered as the output |
 //! | `V` ts customer `\0` campaign | when that decision converted (its goal event's time) |
+//! | `I` seq | inbox: an acknowledged event not yet decided (live server) |
+//! | `M` messageId | when that message id was first accepted (de-duplication) |
+//! | `O` delivery id | outbox: a `sent` decision's delivery, until delivered |
+//! | `L` delivery id | dead letters: deliveries that failed for good |
+//! | `A` customer `\0` action id | the contact centre's action queue |
 //!
 //! Customer ids never contain NUL (ingest refuses them), so `\0` ends them and
 //! byte order of keys is the order of (time, customer id). Times are encoded
@@ -25,6 +30,14 @@
 //! one atomic batch (group commit): a crash loses whole events since the last
 //! persist, never part of one. The timer queue is also kept in memory
 //! (loaded at open) so the next due timer is found without a scan.
+//!
+//! # Acknowledged events
+//!
+//! The live server writes each accepted event to the inbox (`I`), flushed
+//! to disk before the client gets its `200`. The commit of the event's
+//! decision removes its inbox entry in the same batch as the decision and
+//! its outbox entries, so after a crash an event is either decided with all
+//! its effects or still in the inbox, to be decided again on start-up.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -177,6 +190,30 @@ fn queue_key(due: i64, customer: &str, plugin: &str, key: &str) -> Vec<u8> {
     k
 }
 
+fn inbox_key(seq: u64) -> [u8; 9] {
+    let mut k = [b'I'; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn tagged(tag: u8, id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.len() + 1);
+    k.push(tag);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn message_key(message_id: &str) -> Vec<u8> {
+    tagged(b'M', message_id)
+}
+
+fn action_key(customer: &str, id: &str) -> Vec<u8> {
+    let mut k = tagged(b'A', customer);
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 /// The worker shard that owns `customer`: FNV-1a 64 of the id, modulo
 /// `shards`. Every key of a customer is written by that shard's worker only.
 pub fn shard_of(customer: &str, shards: usize) -> usize {
@@ -223,13 +260,29 @@ impl Store {
     /// ([`shard_of`]), one per worker.
     pub fn open_sharded(dir: &Path, shards: usize) -> Result<Store> {
         let shards = shards.max(1);
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(512 << 20)
             // Durability comes from `persist` + `flush`; the background
             // flush only bounds how much a crash can lose between them.
-            .flush_every_ms(Some(1000))
-            .open()?;
+            .flush_every_ms(Some(1000));
+        // sled releases its file lock when its last background thread
+        // ends, shortly after the previous handle in this process dropped:
+        // wait a little for it rather than fail a restart.
+        let mut tries = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::Other
+                        && e.to_string().contains("could not acquire lock")
+                        && tries < 100 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let mut timers = vec![BTreeMap::new(); shards];
         for kv in db.scan_prefix(b"T") {
             let (k, v) = kv?;
@@ -369,14 +422,15 @@ impl Store {
         self.lock().dirty.len()
     }
 
-    /// Writes everything committed so far to sled as one atomic batch.
-    /// Workers keep committing meanwhile; reads see the changes throughout.
-    /// Calls must not overlap (one thread persists).
-    pub fn persist(&self) -> Result<()> {
+    /// Writes everything committed so far to sled as one atomic batch, and
+    /// returns the outbox entries it wrote. Workers keep committing
+    /// meanwhile; reads see the changes throughout. Calls must not overlap
+    /// (one thread persists).
+    pub fn persist(&self) -> Result<Vec<Vec<u8>>> {
         let dirty = {
             let mut pending = self.lock();
             if pending.dirty.is_empty() {
-                return Ok(());
+                return Ok(Vec::new());
             }
             let dirty = Arc::new(std::mem::take(&mut pending.dirty));
             pending.persisting = Some(dirty.clone());
@@ -405,9 +459,14 @@ impl Store {
             }
             return Err(e.into());
         }
+        let mut outbox = Vec::new();
         for (k, v) in dirty {
-            if !pending.dirty.contains_key(&k) {
-                pending.cache(k, v);
+            match k.first() {
+                // Only customer keys are read back; the logs, inbox and
+                // outbox are written here and read by scans.
+                Some(b'c') if !pending.dirty.contains_key(&k) => pending.cache(k, v),
+                Some(b'O') => outbox.extend(v),
+                _ => {}
             }
         }
         tracing::debug!(
@@ -415,14 +474,150 @@ impl Store {
             micros = started.elapsed().as_micros() as u64,
             "persisted"
         );
+        Ok(outbox)
+    }
+
+    /// Persists, then waits until it is on disk. Returns the outbox entries
+    /// written, now durable.
+    pub fn flush(&self) -> Result<Vec<Vec<u8>>> {
+        let outbox = self.persist()?;
+        self.db.flush()?;
+        Ok(outbox)
+    }
+
+    /// Waits until everything written to sled is on disk.
+    pub fn sync(&self) -> Result<()> {
+        self.db.flush()?;
         Ok(())
     }
 
-    /// Persists, then waits until it is on disk.
-    pub fn flush(&self) -> Result<()> {
-        self.persist()?;
+    /// Records accepted events in the inbox with their message ids, in one
+    /// batch, and waits until it is on disk: then they may be acknowledged.
+    pub fn append_inbox(&self, events: &[(u64, &str, &[u8])], received_ms: i64) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (seq, message_id, bytes) in events {
+            batch.insert(inbox_key(*seq).as_slice(), *bytes);
+            batch.insert(message_key(message_id), &time_bytes(received_ms)[..]);
+        }
+        self.db.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Whether `message_id` was accepted before (and not yet forgotten).
+    pub fn seen_message(&self, message_id: &str) -> Result<bool> {
+        Ok(self.db.contains_key(message_key(message_id))?)
+    }
+
+    /// Forgets message ids accepted before `before_ms`; returns how many.
+    pub fn forget_messages(&self, before_ms: i64) -> Result<usize> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.db.scan_prefix(b"M") {
+            let (k, v) = kv?;
+            if time_from(&v).is_some_and(|t| t < before_ms) {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        self.db.apply_batch(batch)?;
+        Ok(n)
+    }
+
+    /// Every event still in the inbox, in acceptance order.
+    pub fn inbox(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        self.db
+            .scan_prefix(b"I")
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq = k
+                    .get(1..9)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u64::from_be_bytes)
+                    .ok_or_else(|| StoreError::Corrupt {
+                        what: "inbox key",
+                        customer: String::new(),
+                        problem: format!("{k:?}"),
+                    })?;
+                Ok((seq, v.to_vec()))
+            })
+            .collect()
+    }
+
+    /// Every pending delivery in the outbox.
+    pub fn outbox(&self) -> Result<Vec<Vec<u8>>> {
+        self.scan_values(b"O")
+    }
+
+    /// Rewrites a pending delivery (its attempts so far).
+    pub fn outbox_update(&self, id: &str, json: &[u8]) -> Result<()> {
+        self.db.insert(tagged(b'O', id), json)?;
+        Ok(())
+    }
+
+    /// A delivery is done: out of the outbox and, for the agent queue, its
+    /// action in, as one batch. Durable at the next [`Store::sync`].
+    pub fn outbox_done(&self, id: &str, action: Option<(&str, &str, &[u8])>) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.remove(tagged(b'O', id));
+        if let Some((customer, action_id, json)) = action {
+            batch.insert(action_key(customer, action_id), json);
+        }
+        self.db.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Moves a delivery from the outbox to the dead letters.
+    pub fn dead_letter(&self, id: &str, json: &[u8]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.remove(tagged(b'O', id));
+        batch.insert(tagged(b'L', id), json);
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn dead_letters(&self) -> Result<Vec<Vec<u8>>> {
+        self.scan_values(b"L")
+    }
+
+    pub fn dead_letter_get(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(tagged(b'L', id))?.map(|v| v.to_vec()))
+    }
+
+    /// Moves a dead letter back to the outbox as `json` (attempts reset).
+    pub fn retry_dead_letter(&self, id: &str, json: &[u8]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.remove(tagged(b'L', id));
+        batch.insert(tagged(b'O', id), json);
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The customer's queued actions, by id.
+    pub fn actions(&self, customer: &str) -> Result<Vec<Vec<u8>>> {
+        let mut prefix = vec![b'A'];
+        prefix.extend_from_slice(customer.as_bytes());
+        prefix.push(0);
+        self.scan_values(&prefix)
+    }
+
+    pub fn action(&self, customer: &str, id: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(action_key(customer, id))?.map(|v| v.to_vec()))
+    }
+
+    pub fn set_action(&self, customer: &str, id: &str, json: &[u8]) -> Result<()> {
+        self.db.insert(action_key(customer, id), json)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn scan_values(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>> {
+        self.db
+            .scan_prefix(prefix)
+            .map(|kv| Ok(kv?.1.to_vec()))
+            .collect()
     }
 
     /// Every persisted decision in the log, in (time, customer, campaign)
@@ -509,6 +704,17 @@ impl Changes {
         k.push(0);
         k.extend_from_slice(campaign.as_bytes());
         self.put(k, time_bytes(at).to_vec());
+    }
+
+    /// The event `seq` of the inbox is decided: its entry goes with this
+    /// commit.
+    pub fn inbox_done(&mut self, seq: u64) {
+        self.del(inbox_key(seq).to_vec());
+    }
+
+    /// A delivery to make once this commit is durable.
+    pub fn outbox(&mut self, id: &str, json: Vec<u8>) {
+        self.put(tagged(b'O', id), json);
     }
 
     pub fn decision(&mut self, ts: i64, customer: &str, campaign: &str, json: Vec<u8>) {

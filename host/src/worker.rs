@@ -12,9 +12,13 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::decide::{self, Candidate, Outcome};
+use crate::deliver::Delivery;
 use crate::event::{format_ts, Event, Kind};
 use crate::generation::{Generation, IDENTIFY};
-use crate::plugins::{Call, CallInput, Effects, Fault, Firing, Instances, Runtime};
+use crate::metrics::Metrics;
+use crate::plugins::{
+    Action, Call, CallInput, Effects, Fault, Firing, Instances, Recipient, Runtime, Treatment,
+};
 use crate::rules::{EvalScope, Facts};
 use crate::store::{Changes, DueTimer, History, Store, StoreError, Timer};
 
@@ -56,6 +60,15 @@ impl Decision {
     }
 }
 
+fn text_trait(traits: &Map<String, Value>, key: &str) -> Option<String> {
+    traits
+        .get(key)
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
 /// A counted decision that reached its goal.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Conversion {
@@ -83,6 +96,8 @@ pub struct FaultRecord {
 pub struct Stats {
     pub events: u64,
     pub timers_fired: u64,
+    /// Timers fired more than [`LATE_MS`] after they fell due (live only).
+    pub timers_late: u64,
     pub decisions: u64,
     /// (plugin, fault kind) → count.
     pub faults: BTreeMap<(String, &'static str), u64>,
@@ -99,6 +114,7 @@ impl Stats {
     pub fn merge(&mut self, other: Stats) {
         self.events += other.events;
         self.timers_fired += other.timers_fired;
+        self.timers_late += other.timers_late;
         self.decisions += other.decisions;
         self.rule_errors += other.rule_errors;
         for (k, n) in other.faults {
@@ -109,6 +125,9 @@ impl Stats {
             .extend(other.fault_log.into_iter().take(room));
     }
 }
+
+/// A timer fired this much after it fell due counts as late.
+pub const LATE_MS: i64 = 1000;
 
 /// Customers whose decoded traits a worker keeps.
 const TRAITS_CACHE: usize = 1_000_000;
@@ -134,12 +153,20 @@ pub struct Worker {
     /// Earliest pending timer (a lower bound: it may have been cancelled).
     next_due: Option<i64>,
     pub stats: Stats,
+    /// Live server: `sent` decisions get a pre-thought treatment and an
+    /// outbox entry, and late timers are marked.
+    pub live: bool,
+    pub metrics: Option<Arc<Metrics>>,
+    /// How late the timer being handled fired (live only).
+    late_ms: Option<i64>,
 }
 
 /// One firing's worth of qualified campaigns.
 struct Qualified {
     campaign: usize,
     priority: i64,
+    /// What fired it, for the response plugin.
+    firing: Arc<Firing>,
 }
 
 impl Worker {
@@ -154,7 +181,15 @@ impl Worker {
             conversions: Vec::new(),
             next_due,
             stats: Stats::default(),
+            live: false,
+            metrics: None,
+            late_ms: None,
         })
+    }
+
+    /// The earliest pending timer of this shard (a lower bound).
+    pub fn next_due(&self) -> Option<i64> {
+        self.next_due
     }
 
     pub fn store(&self) -> &Store {
@@ -169,7 +204,7 @@ impl Worker {
         out: &mut Vec<Decision>,
     ) -> Result<(), WorkerError> {
         self.run_timers(gen, ev.ts, out)?;
-        self.handle_event(gen, ev, out)
+        self.handle_event(gen, ev, None, out)
     }
 
     /// Fires every timer due at or before `now`, in (due, customer) order.
@@ -181,7 +216,7 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         while self.next_due.is_some_and(|d| d <= now) {
             match self.store.first_timer(self.shard)? {
-                Some(t) if t.due <= now => self.fire_timer(gen, t, out)?,
+                Some(t) if t.due <= now => self.fire_timer(gen, t, now, out)?,
                 next => {
                     self.next_due = next.map(|t| t.due);
                     break;
@@ -205,6 +240,9 @@ impl Worker {
             .faults
             .entry((plugin.to_owned(), fault.kind()))
             .or_default() += 1;
+        if let Some(m) = &self.metrics {
+            m.plugin_fault(plugin, fault.kind());
+        }
         if self.stats.fault_log.len() < Stats::KEEP_FAULTS {
             self.stats.fault_log.push(FaultRecord {
                 plugin: plugin.to_owned(),
@@ -267,9 +305,24 @@ impl Worker {
         &mut self,
         gen: &Generation,
         t: DueTimer,
+        now: i64,
         out: &mut Vec<Decision>,
     ) -> Result<(), WorkerError> {
         self.stats.timers_fired += 1;
+        self.late_ms = None;
+        if let Some(m) = &self.metrics {
+            m.timers_fired.inc();
+        }
+        if self.live && now - t.due > LATE_MS {
+            // Fell due while the server was down or overloaded: fire it now
+            // and say so, rather than drop it.
+            self.stats.timers_late += 1;
+            self.late_ms = Some(now - t.due);
+            if let Some(m) = &self.metrics {
+                m.timers_late.inc();
+            }
+            tracing::warn!(customer = %t.customer, plugin = %t.plugin, key = %t.key, late_ms = now - t.due, "timer fired late");
+        }
         let mut changes = Changes::new();
         let fired = Timer {
             due: t.due,
@@ -290,7 +343,12 @@ impl Worker {
         let input = CallInput::new(None, &t.customer, &traits);
         let call = Call::new(&plugin.name, &t.customer, t.due, Some(self.store.clone()));
         let mut qualified = Vec::new();
-        match self.instances.on_timer(plugin, call, &t.key, &input) {
+        let started = std::time::Instant::now();
+        let result = self.instances.on_timer(plugin, call, &t.key, &input);
+        if let Some(m) = &self.metrics {
+            m.plugin_call(&plugin.name, started.elapsed());
+        }
+        match result {
             Ok((firings, fx)) => {
                 self.apply(&mut changes, &t.customer, &plugin.name, &t.trigger, fx)?;
                 for f in firings {
@@ -298,7 +356,7 @@ impl Worker {
                     self.qualify(
                         gen,
                         campaigns,
-                        &f,
+                        Arc::new(f),
                         None,
                         &t.customer,
                         t.due,
@@ -323,18 +381,26 @@ impl Worker {
             &mut changes,
             out,
         )?;
+        self.late_ms = None;
         self.store.commit(changes);
         Ok(())
     }
 
-    fn handle_event(
+    /// Processes `ev` without firing timers first (the caller runs them on
+    /// its clock). `inbox`: the event's inbox entry, removed in the same
+    /// commit as its effects.
+    pub fn handle_event(
         &mut self,
         gen: &Generation,
         ev: &Event,
+        inbox: Option<u64>,
         out: &mut Vec<Decision>,
     ) -> Result<(), WorkerError> {
         self.stats.events += 1;
         let mut changes = Changes::new();
+        if let Some(seq) = inbox {
+            changes.inbox_done(seq);
+        }
         let key = match ev.kind {
             Kind::Identify => {
                 // Shallow merge: each key carried replaces the old value.
@@ -381,7 +447,12 @@ impl Worker {
             for &pi in subs {
                 let plugin = &gen.plugins[pi];
                 let call = Call::new(&plugin.name, &ev.customer, ev.ts, Some(self.store.clone()));
-                match self.instances.on_event(plugin, call, &input) {
+                let started = std::time::Instant::now();
+                let result = self.instances.on_event(plugin, call, &input);
+                if let Some(m) = &self.metrics {
+                    m.plugin_call(&plugin.name, started.elapsed());
+                }
+                match result {
                     Ok((firings, fx)) => {
                         self.apply(&mut changes, &ev.customer, &plugin.name, &ev.message_id, fx)?;
                         for f in firings {
@@ -389,7 +460,7 @@ impl Worker {
                             self.qualify(
                                 gen,
                                 campaigns,
-                                &f,
+                                Arc::new(f),
                                 Some(ev),
                                 &ev.customer,
                                 ev.ts,
@@ -415,7 +486,7 @@ impl Worker {
             self.qualify(
                 gen,
                 direct,
-                &none,
+                Arc::new(none),
                 Some(ev),
                 &ev.customer,
                 ev.ts,
@@ -444,7 +515,7 @@ impl Worker {
         &mut self,
         gen: &Generation,
         campaigns: &[usize],
-        firing: &Firing,
+        firing: Arc<Firing>,
         event: Option<&Event>,
         customer: &str,
         now: i64,
@@ -476,6 +547,7 @@ impl Worker {
                 Ok(Some(priority)) => out.push(Qualified {
                     campaign: ci,
                     priority,
+                    firing: firing.clone(),
                 }),
                 Ok(None) => {}
                 Err(e) => {
@@ -517,6 +589,10 @@ impl Worker {
             })
             .collect();
         let policies = &gen.rules.policies;
+        let channel_plugins: Vec<Option<&str>> = candidates
+            .iter()
+            .map(|c| gen.channel_plugin(c.channel).map(|p| p.name.as_str()))
+            .collect();
         let mut history = match history {
             Some(h) => h,
             None => self.store.history(customer)?,
@@ -524,7 +600,24 @@ impl Worker {
         let outcomes = decide::decide(now, customer, &candidates, traits, &history, policies);
         decide::record(&mut history, now, &candidates, &outcomes, policies);
         changes.set_history(customer, &history);
-        for (c, o) in candidates.iter().zip(outcomes) {
+        for (i, (c, o)) in candidates.iter().zip(outcomes).enumerate() {
+            if let Some(m) = &self.metrics {
+                m.decision(o.as_str());
+            }
+            if let (true, Outcome::Sent, Some(plugin)) = (self.live, o, channel_plugins[i]) {
+                let campaign = gen.campaign(qualified[i].campaign);
+                let delivery = self.delivery(
+                    gen,
+                    campaign,
+                    plugin,
+                    customer,
+                    now,
+                    trigger,
+                    traits,
+                    &qualified[i].firing,
+                );
+                changes.outbox(&delivery.id, delivery.to_json());
+            }
             let d = Decision {
                 ts: now,
                 customer: customer.to_owned(),
@@ -538,5 +631,69 @@ impl Worker {
             self.stats.decisions += 1;
         }
         Ok(())
+    }
+
+    /// The delivery of a `sent` decision: the response plugin's treatment
+    /// (or, if it has none or fails, the campaign's description) to the
+    /// customer's addresses, keyed for idempotency by the decision.
+    #[allow(clippy::too_many_arguments)]
+    fn delivery(
+        &mut self,
+        gen: &Generation,
+        campaign: &crate::rules::Campaign,
+        plugin: &str,
+        customer: &str,
+        now: i64,
+        trigger: &str,
+        traits: &Map<String, Value>,
+        firing: &Firing,
+    ) -> Delivery {
+        let fallback = || Treatment {
+            subject: campaign.description.clone(),
+            body: campaign.description.clone(),
+            agent_script: campaign.description.clone(),
+            variables: Map::new(),
+        };
+        let treatment = match campaign.response.as_deref().and_then(|r| gen.plugin(r)) {
+            None => fallback(),
+            Some(rp) => {
+                let action = Action {
+                    campaign: campaign.id.clone(),
+                    channel: campaign.channel.clone(),
+                    ts: now,
+                    trigger: trigger.to_owned(),
+                    firing: firing.clone(),
+                };
+                let input = CallInput::new(None, customer, traits);
+                let call = Call::new(&rp.name, customer, now, None);
+                let started = std::time::Instant::now();
+                let result = self.instances.respond(rp, call, &action, &input);
+                if let Some(m) = &self.metrics {
+                    m.plugin_call(&rp.name, started.elapsed());
+                }
+                match result {
+                    Ok(t) => t,
+                    Err(fault) => {
+                        let (name, version) = (rp.name.clone(), rp.version.clone());
+                        self.fault((&name, &version), trigger, customer, fault);
+                        fallback()
+                    }
+                }
+            }
+        };
+        Delivery::new(
+            campaign,
+            plugin,
+            customer,
+            now,
+            trigger,
+            self.late_ms,
+            treatment,
+            Recipient {
+                customer: customer.to_owned(),
+                email: text_trait(traits, "email"),
+                phone: text_trait(traits, "phone"),
+            },
+        )
     }
 }

@@ -50,6 +50,8 @@ mod value;
 pub mod guest;
 
 pub use ctx::{Ctx, Host, Level};
+/// For plugins that build JSON documents (webhooks, gateways).
+pub use serde_json;
 pub use types::*;
 pub use value::{Fields, Value};
 
@@ -61,11 +63,17 @@ pub const MINUTE: i64 = 60 * SECOND;
 pub const HOUR: i64 = 60 * MINUTE;
 pub const DAY: i64 = 24 * HOUR;
 
+/// A setting from the plugin's manifest (`[config]`), as the operator
+/// granted it. Plugins have no other environment.
+pub fn config(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.is_empty())
+}
+
 pub mod prelude {
     pub use crate::{
-        export_channel, export_response, export_trigger, Action, Channel, Ctx, Customer, Event,
-        EventKind, Fields, Firing, Outbound, Recipient, Response, Treatment, Trigger, TriggerInfo,
-        Value, DAY, HOUR, MINUTE, SECOND,
+        config, export_channel, export_response, export_trigger, Action, Channel, Ctx, Customer,
+        Event, EventKind, Fields, Firing, Outbound, Recipient, Response, Treatment, Trigger,
+        TriggerInfo, Value, DAY, HOUR, MINUTE, SECOND,
     };
 }
 

@@ -1,0 +1,331 @@
+//! The HTTP API: Segment-compatible ingest, the contact centre's action
+//! queue, dead letters, health and metrics. Errors are JSON naming what is
+//! wrong: `{"error": "...", "status": 400}`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::deliver::{self, AgentAction, Delivery};
+use crate::event::format_ts;
+use crate::ingest::{self, Endpoint, IngestError};
+use crate::serve::{now_ms, Shared};
+
+type AppState = Arc<Shared>;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/track", post(track))
+        .route("/v1/identify", post(identify))
+        .route("/v1/batch", post(batch))
+        .route("/v1/import", post(batch))
+        .route("/v1/customers/{id}/actions", get(actions))
+        .route(
+            "/v1/customers/{id}/actions/{action}/outcome",
+            post(action_outcome),
+        )
+        .route("/v1/dead-letters", get(dead_letters))
+        .route("/v1/dead-letters/{id}/retry", post(retry_dead_letter))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (
+        status,
+        Json(json!({ "error": message, "status": status.as_u16() })),
+    )
+        .into_response()
+}
+
+fn ingest_error(state: &Shared, e: IngestError) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST);
+    state.metrics.rejected(e.status());
+    let retry = e.retry_after();
+    let mut resp = error(status, e.to_string());
+    if let Some(secs) = retry {
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+    }
+    resp
+}
+
+async fn track(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    ingest(s, Endpoint::Track, headers, body).await
+}
+
+async fn identify(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    ingest(s, Endpoint::Identify, headers, body).await
+}
+
+async fn batch(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    ingest(s, Endpoint::Batch, headers, body).await
+}
+
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn ingest(s: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let received = Instant::now();
+    let limits = &s.cfg.ingest;
+    if let Err(e) = ingest::authorize(
+        header_str(&headers, header::AUTHORIZATION),
+        &limits.write_keys,
+    ) {
+        return ingest_error(&s, e);
+    }
+    let max = match endpoint {
+        Endpoint::Batch => limits.max_batch_bytes,
+        _ => limits.max_event_bytes,
+    };
+    // A compressed body is never larger than what it inflates to (past
+    // gzip's few bytes of framing), so the raw limit is the same.
+    let raw: Bytes = match axum::body::to_bytes(body, max + 1024).await {
+        Ok(b) => b,
+        Err(_) => {
+            return ingest_error(
+                &s,
+                IngestError::TooLarge(format!("request body is over {max} bytes")),
+            )
+        }
+    };
+    let state = s.clone();
+    let encoding = header_str(&headers, header::CONTENT_ENCODING).map(str::to_owned);
+    // Inflating and parsing a 500 KB batch is CPU work: off the reactor.
+    let parsed = tokio::task::spawn_blocking(move || {
+        let body = ingest::decode_body(encoding.as_deref(), &raw, max)?;
+        ingest::parse(endpoint, &body, &state.cfg.ingest, now_ms(), &state.ids)
+    })
+    .await
+    .unwrap_or_else(|e| Err(IngestError::Unavailable(format!("parser: {e}"))));
+    let parsed = match parsed {
+        Ok(p) => p,
+        Err(e) => return ingest_error(&s, e),
+    };
+    s.metrics
+        .events_unattributed
+        .inc_by(parsed.unattributed as u64);
+    match s.inbox.submit(parsed.events, received).await {
+        Ok(ack) => Json(json!({
+            "success": true,
+            "accepted": ack.accepted,
+            "duplicates": ack.duplicates,
+            "unattributed": parsed.unattributed,
+        }))
+        .into_response(),
+        Err(e) => ingest_error(&s, e),
+    }
+}
+
+/// Operator and contact-centre endpoints take `Bearer <api token>`.
+fn check_api(s: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    if s.cfg.api.tokens.is_empty() {
+        return Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "no API tokens are configured ([api] tokens or NUDGE_API_TOKENS)".into(),
+        )));
+    }
+    let token = header_str(headers, header::AUTHORIZATION)
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .map(str::trim);
+    match token {
+        Some(t) if s.cfg.api.tokens.iter().any(|k| k == t) => Ok(()),
+        Some(_) => Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "unknown API token".into(),
+        ))),
+        None => Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "missing Authorization: Bearer <api token>".into(),
+        ))),
+    }
+}
+
+fn store_error(e: impl std::fmt::Display) -> Response {
+    error(StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}"))
+}
+
+#[derive(Deserialize)]
+struct ActionsQuery {
+    /// Also expired and already-decided actions.
+    #[serde(default)]
+    all: bool,
+}
+
+async fn actions(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<ActionsQuery>,
+) -> Response {
+    if let Err(r) = check_api(&s, &headers) {
+        return *r;
+    }
+    let raw = match s.store.actions(&id) {
+        Ok(r) => r,
+        Err(e) => return store_error(e),
+    };
+    let now = now_ms();
+    let mut list: Vec<AgentAction> = raw
+        .iter()
+        .filter_map(|b| serde_json::from_slice(b).ok())
+        .filter(|a: &AgentAction| {
+            q.all || (a.outcome.is_none() && a.expires_ms.is_none_or(|e| e > now))
+        })
+        .collect();
+    list.sort_by(|a, b| b.decided_at.cmp(&a.decided_at));
+    Json(json!({ "customer": id, "actions": list })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutcomeBody {
+    outcome: String,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+async fn action_outcome(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = check_api(&s, &headers) {
+        return *r;
+    }
+    let req: OutcomeBody = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("body: {e} (expected {{\"outcome\": \"accepted\" | \"declined\", \"note\": \"...\"}})"),
+            )
+        }
+    };
+    if req.outcome != "accepted" && req.outcome != "declined" {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("outcome: {:?} (accepted or declined)", req.outcome),
+        );
+    }
+    let mut a: AgentAction = match s.store.action(&id, &action) {
+        Ok(Some(b)) => match serde_json::from_slice(&b) {
+            Ok(a) => a,
+            Err(e) => return store_error(e),
+        },
+        Ok(None) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("customer {id:?} has no action {action:?}"),
+            )
+        }
+        Err(e) => return store_error(e),
+    };
+    let now = now_ms();
+    if let Some(prev) = &a.outcome {
+        return error(
+            StatusCode::CONFLICT,
+            format!("action {action:?} already has outcome {prev:?}"),
+        );
+    }
+    if a.expires_ms.is_some_and(|e| e <= now) {
+        return error(
+            StatusCode::GONE,
+            format!(
+                "action {action:?} expired at {}",
+                a.expires_at.clone().unwrap_or_default()
+            ),
+        );
+    }
+    a.outcome = Some(req.outcome);
+    a.outcome_at = Some(format_ts(now));
+    a.outcome_note = req.note;
+    let json = serde_json::to_vec(&a).unwrap_or_default();
+    if let Err(e) = s.store.set_action(&id, &action, &json) {
+        return store_error(e);
+    }
+    Json(a).into_response()
+}
+
+async fn dead_letters(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_api(&s, &headers) {
+        return *r;
+    }
+    match s.store.dead_letters() {
+        Ok(list) => {
+            let list: Vec<Value> = list
+                .iter()
+                .filter_map(|b| serde_json::from_slice(b).ok())
+                .collect();
+            Json(json!({ "dead_letters": list })).into_response()
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+async fn retry_dead_letter(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = check_api(&s, &headers) {
+        return *r;
+    }
+    let mut d: Delivery = match s.store.dead_letter_get(&id) {
+        Ok(Some(b)) => match serde_json::from_slice(&b) {
+            Ok(d) => d,
+            Err(e) => return store_error(e),
+        },
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no dead letter {id:?}")),
+        Err(e) => return store_error(e),
+    };
+    d.attempts = 0;
+    d.next_at = 0;
+    d.failed_at = None;
+    let json = d.to_json();
+    if let Err(e) = s.store.retry_dead_letter(&id, &json) {
+        return store_error(e);
+    }
+    if let Some(tx) = s.deliver.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        let _ = tx.send(deliver::Input::New(vec![json]));
+    }
+    Json(json!({ "retrying": id })).into_response()
+}
+
+async fn healthz(State(s): State<AppState>) -> Response {
+    Json(json!({
+        "status": "ok",
+        "generation": s.current.load().number,
+        "inflight_events": s.inbox.inflight(),
+    }))
+    .into_response()
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    s.metrics
+        .set_queue_depth("inflight_events", s.inbox.inflight() as i64);
+    if let Ok(n) = s.store.dead_letters().map(|l| l.len()) {
+        s.metrics.set_queue_depth("dead_letters", n as i64);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+        .into_response()
+}

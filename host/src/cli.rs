@@ -1,0 +1,288 @@
+//! The `nudge` command line. The binary's `main` only sets the allocator and
+//! calls [`main`], so tests can run the very same CLI as a subprocess.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat};
+use crate::plugins::{Limits, Runtime};
+use crate::replay::{self, PluginSource};
+
+#[derive(Parser)]
+#[command(name = "nudge", version, about = "Real-time trigger-marketing engine")]
+struct Cli {
+    /// Log filter (tracing-subscriber syntax), e.g. `info` or `nudge=debug`.
+    #[arg(long, env = "NUDGE_LOG", default_value = "warn", global = true)]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct Sources {
+    /// Campaigns and policies folder.
+    #[arg(long, default_value = "rules")]
+    rules: PathBuf,
+    /// Plugins folder (`*.wasm`); default: the example plugins built in.
+    #[arg(long)]
+    plugins: Option<PathBuf>,
+    /// Where compiled plugins are cached between runs.
+    #[arg(long, default_value = ".nudge-cache")]
+    cache: PathBuf,
+    /// Memory cap per plugin instance, in MiB.
+    #[arg(long, default_value_t = 64)]
+    plugin_memory_mib: usize,
+    /// Deadline per plugin call, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    plugin_deadline_ms: u64,
+}
+
+impl Sources {
+    fn plugin_source(&self) -> PluginSource {
+        match &self.plugins {
+            Some(d) => PluginSource::Dir(d.clone()),
+            None => PluginSource::Embedded,
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            memory_bytes: self.plugin_memory_mib << 20,
+            deadline: Duration::from_millis(self.plugin_deadline_ms),
+            ..Limits::default()
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replay a file of events (JSON Lines, Segment Spec) on an event-time
+    /// clock and write the decisions and the report.
+    Replay {
+        /// Events, one JSON object per line.
+        #[arg(long)]
+        events: PathBuf,
+        /// Where to write the decisions (JSON Lines).
+        #[arg(long)]
+        decisions: PathBuf,
+        /// Where to write the report (JSON Lines, one row per campaign).
+        #[arg(long)]
+        report: PathBuf,
+        /// Store folder (sled); kept afterwards. Default: a temporary folder.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Skip invalid lines (counted and reported) instead of stopping.
+        #[arg(long)]
+        skip_invalid: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        /// Worker threads (customers are sharded over them); default: one
+        /// per CPU.
+        #[arg(long)]
+        workers: Option<usize>,
+        #[command(flatten)]
+        sources: Sources,
+    },
+    /// Run the live server: Segment-compatible ingest, decisions within
+    /// milliseconds, delivery to the channels.
+    Serve {
+        /// Configuration file (every field documented in the repository's
+        /// `nudge.toml`). Without one, the defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Overrides `server.listen`, e.g. `127.0.0.1:0` for any free port.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Overrides `server.data`.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Rules: validate campaigns and policies against the plugins.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Check a rules folder as the server would load it.
+    Check {
+        #[command(flatten)]
+        sources: Sources,
+    },
+}
+
+fn init_logs(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Parses the command line and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli.log, cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(
+    log: &str,
+    config: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    data: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut cfg = match &config {
+        Some(path) => Config::load(path)?,
+        None => {
+            let mut c = Config::default();
+            c.apply_env(|k| std::env::var(k).ok());
+            c
+        }
+    };
+    if let Some(l) = listen {
+        cfg.server.listen = l;
+    }
+    if let Some(d) = data {
+        cfg.server.data = d;
+    }
+    // The server logs what it does at info unless told otherwise.
+    let filter = if log == "warn" && std::env::var_os("NUDGE_LOG").is_none() {
+        "info"
+    } else {
+        log
+    };
+    init_logs(filter, cfg.server.log_format);
+    if cfg.ingest.write_keys.is_empty() {
+        tracing::warn!("no write keys configured: ingest accepts every request");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+            .await
+            .with_context(|| format!("listening on {}", cfg.server.listen))?;
+        let addr = listener.local_addr()?;
+        // One line on stdout, for scripts and tests that start the server
+        // on port 0.
+        println!("nudge listening on http://{addr}");
+        crate::serve::run(cfg, listener, crate::serve::shutdown_signal())
+            .await
+            .context("serving")
+    })
+}
+
+fn run(log: &str, command: Command) -> anyhow::Result<()> {
+    // The server sets up its logs from its config file.
+    if !matches!(command, Command::Serve { .. }) {
+        init_logs(log, LogFormat::Text);
+    }
+    match command {
+        Command::Serve {
+            config,
+            listen,
+            data,
+        } => serve(log, config, listen, data),
+        Command::Replay {
+            events,
+            decisions,
+            report,
+            data,
+            skip_invalid,
+            quiet,
+            workers,
+            sources,
+        } => {
+            let opts = replay::Options {
+                events: events.clone(),
+                decisions,
+                report,
+                rules: sources.rules.clone(),
+                plugins: sources.plugin_source(),
+                data,
+                cache: Some(sources.cache.clone()),
+                skip_invalid,
+                progress: !quiet,
+                limits: sources.limits(),
+                workers: workers
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            };
+            let summary =
+                replay::run(&opts).with_context(|| format!("replaying {}", events.display()))?;
+            for (line, problem) in &summary.skipped_lines {
+                eprintln!("skipped line {line}: {problem}");
+            }
+            for ((plugin, kind), n) in &summary.stats.faults {
+                eprintln!("plugin {plugin}: {n} calls failed ({kind})");
+            }
+            print!("{}", crate::report::to_table(&summary.report));
+            eprintln!("{}", summary.line());
+            Ok(())
+        }
+        Command::Rules {
+            command: RulesCommand::Check { sources },
+        } => {
+            let runtime = Runtime::new(sources.limits(), Some(sources.cache.clone()))?;
+            let gen = replay::load_generation(
+                &runtime,
+                1,
+                &sources.plugin_source(),
+                &sources.rules,
+                &Default::default(),
+            )
+            .with_context(|| format!("checking {}", sources.rules.display()))?;
+            println!(
+                "ok: {} campaigns, {} plugins, {} contact policies",
+                gen.rules.campaigns.len(),
+                gen.plugins.len(),
+                gen.rules.policies.contact.len()
+            );
+            for p in &gen.plugins {
+                println!(
+                    "  plugin {} {} ({:?}) from {}",
+                    p.name,
+                    p.version,
+                    kind_name(&p.kind),
+                    p.source
+                );
+            }
+            for c in &gen.rules.campaigns {
+                println!(
+                    "  campaign {} ({}) on {} from {}",
+                    c.id,
+                    c.owner,
+                    c.channel,
+                    c.file.display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn kind_name(k: &crate::plugins::PluginKind) -> &'static str {
+    match k {
+        crate::plugins::PluginKind::Trigger(_) => "trigger",
+        crate::plugins::PluginKind::Response => "response",
+        crate::plugins::PluginKind::Channel => "channel",
+    }
+}

@@ -1,0 +1,340 @@
+//! `nudge serve` configuration: one TOML file (every field documented in
+//! `nudge.toml` at the repository root), secrets overridable from the
+//! environment so they need not sit in the file.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::rules::parse_duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}{line}: {message}")]
+    Invalid {
+        path: PathBuf,
+        /// `:N` when the line is known.
+        line: String,
+        message: String,
+    },
+}
+
+/// A duration written as `"250ms"`, `"30s"`, `"5m"`, `"24h"` or `"7d"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+        let s = String::deserialize(d)?;
+        let ms = parse_duration(&s).map_err(serde::de::Error::custom)?;
+        Ok(Dur(Duration::from_millis(ms.max(0) as u64)))
+    }
+}
+
+/// Which clock timers run on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Clock {
+    /// Timers fire when the wall clock reaches them (production).
+    #[default]
+    Wall,
+    /// Timers fire when event time passes them, as in `nudge replay`: for
+    /// backfilling a historical stream through the live API.
+    Event,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: Server,
+    pub ingest: Ingest,
+    pub api: Api,
+    pub limits: PluginLimits,
+    pub smtp: Smtp,
+    pub delivery: Delivery,
+    /// Per-plugin grants and settings that override the plugin's manifest.
+    pub plugins: BTreeMap<String, PluginGrant>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Server {
+    pub listen: SocketAddr,
+    pub data: PathBuf,
+    pub rules: PathBuf,
+    /// Plugins folder; unset: the example plugins built into the binary.
+    pub plugins: Option<PathBuf>,
+    pub cache: PathBuf,
+    /// Worker threads; 0: one per CPU.
+    pub workers: usize,
+    pub clock: Clock,
+    pub log_format: LogFormat,
+    /// How long graceful shutdown waits for deliveries in flight.
+    pub shutdown_grace: Dur,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ingest {
+    /// Write keys accepted on `/v1/*` ingest (HTTP Basic user name, as the
+    /// Segment SDKs send it, or a bearer token). Environment:
+    /// `NUDGE_WRITE_KEYS`, comma-separated, replaces this list.
+    pub write_keys: Vec<String>,
+    /// Events accepted but not yet decided, across all requests. Past it,
+    /// ingest answers 503 with `Retry-After`.
+    pub max_inflight_events: usize,
+    /// Segment's limits.
+    pub max_event_bytes: usize,
+    pub max_batch_bytes: usize,
+    pub max_message_id: usize,
+    /// How long a `messageId` is remembered for de-duplication.
+    pub dedupe_window: Dur,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Api {
+    /// Bearer tokens for the operator and contact-centre API (actions,
+    /// dead letters). Empty: that API is refused. Environment:
+    /// `NUDGE_API_TOKENS`, comma-separated.
+    pub tokens: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginLimits {
+    pub memory_mib: usize,
+    pub deadline: Dur,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    /// Plain SMTP (a relay on loopback or a private network).
+    #[default]
+    None,
+    /// Plain connection upgraded with STARTTLS (port 587).
+    Starttls,
+    /// TLS from the first byte (port 465).
+    Tls,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Smtp {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub username: Option<String>,
+    /// Environment: `NUDGE_SMTP_PASSWORD`.
+    pub password: Option<String>,
+    /// The `From` of every message.
+    pub from: String,
+    /// Domain part of generated `Message-ID`s.
+    pub message_id_domain: String,
+    pub timeout: Dur,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Delivery {
+    /// Attempts before a delivery goes to the dead letters.
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt up to `backoff_max`.
+    pub backoff_initial: Dur,
+    pub backoff_max: Dur,
+    /// Deliveries in flight at once.
+    pub concurrency: usize,
+    pub http_timeout: Dur,
+}
+
+/// What the operator grants one plugin, over its manifest.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginGrant {
+    /// Replaces the manifest's HTTP allowlist (`host` or `host:port`).
+    pub http: Option<Vec<String>>,
+    /// Merged over the manifest's `[config]`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data: "nudge-data".into(),
+            rules: "rules".into(),
+            plugins: None,
+            cache: ".nudge-cache".into(),
+            workers: 0,
+            clock: Clock::Wall,
+            log_format: LogFormat::Text,
+            shutdown_grace: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
+impl Default for Ingest {
+    fn default() -> Self {
+        Ingest {
+            write_keys: Vec::new(),
+            max_inflight_events: 200_000,
+            max_event_bytes: 32 << 10,
+            max_batch_bytes: 500 << 10,
+            max_message_id: 100,
+            dedupe_window: Dur(Duration::from_secs(7 * 86_400)),
+        }
+    }
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            memory_mib: 64,
+            deadline: Dur(Duration::from_millis(200)),
+        }
+    }
+}
+
+impl Default for Smtp {
+    fn default() -> Self {
+        Smtp {
+            host: "127.0.0.1".into(),
+            port: 25,
+            tls: SmtpTls::None,
+            username: None,
+            password: None,
+            from: "Nudge <nudge@localhost>".into(),
+            message_id_domain: "nudge.localhost".into(),
+            timeout: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
+impl Default for Delivery {
+    fn default() -> Self {
+        Delivery {
+            max_attempts: 8,
+            backoff_initial: Dur(Duration::from_secs(1)),
+            backoff_max: Dur(Duration::from_secs(600)),
+            concurrency: 32,
+            http_timeout: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
+fn list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Config {
+    /// Reads `path`, then applies the environment overrides.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut c = Config::parse(path, &text)?;
+        c.apply_env(|k| std::env::var(k).ok());
+        Ok(c)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| format!(":{}", crate::rules::line_of(text, s.start)))
+                .unwrap_or_default();
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                line,
+                message: e.message().to_owned(),
+            }
+        })
+    }
+
+    /// Secrets from the environment replace the file's.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        if let Some(v) = var("NUDGE_WRITE_KEYS") {
+            self.ingest.write_keys = list(&v);
+        }
+        if let Some(v) = var("NUDGE_API_TOKENS") {
+            self.api.tokens = list(&v);
+        }
+        if let Some(v) = var("NUDGE_SMTP_PASSWORD") {
+            self.smtp.password = Some(v);
+        }
+        if let Some(v) = var("NUDGE_SMTP_USERNAME") {
+            self.smtp.username = Some(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repository_example_parses_and_documents_every_section() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../nudge.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c = Config::parse(&path, &text).unwrap();
+        assert_eq!(c.server.listen.port(), 8080);
+        for section in [
+            "[server]",
+            "[ingest]",
+            "[api]",
+            "[limits]",
+            "[smtp]",
+            "[delivery]",
+        ] {
+            assert!(text.contains(section), "nudge.toml lacks {section}");
+        }
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let e = Config::parse(
+            Path::new("x.toml"),
+            "[server]\nworkers = 2\nclok = \"wall\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("x.toml:3:"), "{e}");
+        assert!(e.contains("clok"), "{e}");
+    }
+
+    #[test]
+    fn environment_replaces_secrets() {
+        let mut c = Config::default();
+        c.apply_env(|k| match k {
+            "NUDGE_WRITE_KEYS" => Some("a, b".into()),
+            "NUDGE_SMTP_PASSWORD" => Some("pw".into()),
+            _ => None,
+        });
+        assert_eq!(c.ingest.write_keys, ["a", "b"]);
+        assert_eq!(c.smtp.password.as_deref(), Some("pw"));
+        assert!(c.api.tokens.is_empty());
+    }
+}

@@ -1,0 +1,273 @@
+//! Durable acknowledgement with group commit.
+//!
+//! Ingest requests queue here; one committer thread takes everything queued,
+//! drops message ids already accepted, writes the rest to the store's inbox
+//! in one batch, waits for it to reach disk, answers every request at once,
+//! and hands the events to the workers in acceptance order. One fsync serves
+//! every request that arrived while the previous one ran, so throughput
+//! grows with load instead of collapsing.
+//!
+//! Memory is bounded: past `max_inflight_events` accepted-but-undecided
+//! events, requests are refused with 503 and `Retry-After`.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::event::Event;
+use crate::ingest::{Incoming, IngestError};
+use crate::metrics::Metrics;
+use crate::store::{shard_of, Store};
+
+/// An accepted event on its way to a worker.
+pub struct Work {
+    pub seq: u64,
+    pub event: Event,
+    /// When its request arrived (none for events recovered at start-up).
+    pub received: Option<Instant>,
+}
+
+/// What the client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub accepted: usize,
+    pub duplicates: usize,
+}
+
+struct Submit {
+    events: Vec<Incoming>,
+    received: Instant,
+    reply: oneshot::Sender<Result<Ack, IngestError>>,
+}
+
+/// The ingest side's handle.
+pub struct Inbox {
+    tx: Mutex<Option<SyncSender<Submit>>>,
+    inflight: Arc<AtomicUsize>,
+    max_inflight: usize,
+}
+
+/// Requests queued for the committer, at most (each holds its events'
+/// in-flight reservation, which is the real bound).
+const QUEUED_REQUESTS: usize = 8192;
+
+/// Most events one group commit takes.
+const GROUP_EVENTS: usize = 50_000;
+
+impl Inbox {
+    /// Starts the committer. `workers`: one sender per worker shard.
+    /// `next_seq`: above every sequence number still in the store's inbox.
+    pub fn start(
+        store: Store,
+        workers: Vec<Sender<Work>>,
+        next_seq: u64,
+        inflight: Arc<AtomicUsize>,
+        max_inflight: usize,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Inbox, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::sync_channel(QUEUED_REQUESTS);
+        let committer = {
+            let inflight = inflight.clone();
+            std::thread::Builder::new()
+                .name("nudge-inbox".into())
+                .spawn(move || commit_loop(rx, store, workers, next_seq, inflight, metrics))?
+        };
+        Ok((
+            Inbox {
+                tx: Mutex::new(Some(tx)),
+                inflight,
+                max_inflight,
+            },
+            committer,
+        ))
+    }
+
+    /// Records `events` durably; resolves once they are on disk.
+    pub async fn submit(
+        &self,
+        events: Vec<Incoming>,
+        received: Instant,
+    ) -> Result<Ack, IngestError> {
+        let n = events.len();
+        if n == 0 {
+            return Ok(Ack {
+                accepted: 0,
+                duplicates: 0,
+            });
+        }
+        let before = self.inflight.fetch_add(n, Ordering::AcqRel);
+        if before + n > self.max_inflight && before > 0 {
+            self.inflight.fetch_sub(n, Ordering::AcqRel);
+            return Err(IngestError::Busy {
+                message: format!(
+                    "{before} events are waiting to be decided (limit {})",
+                    self.max_inflight
+                ),
+                retry_after: 1,
+            });
+        }
+        let (reply, answer) = oneshot::channel();
+        let sent = {
+            let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+            match tx.as_ref() {
+                None => Err(IngestError::Unavailable("shutting down".into())),
+                Some(tx) => tx
+                    .try_send(Submit {
+                        events,
+                        received,
+                        reply,
+                    })
+                    .map_err(|e| match e {
+                        TrySendError::Full(_) => IngestError::Busy {
+                            message: "too many requests queued for commit".into(),
+                            retry_after: 1,
+                        },
+                        TrySendError::Disconnected(_) => {
+                            IngestError::Unavailable("the inbox has stopped".into())
+                        }
+                    }),
+            }
+        };
+        if let Err(e) = sent {
+            self.inflight.fetch_sub(n, Ordering::AcqRel);
+            return Err(e);
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(IngestError::Unavailable("the inbox has stopped".into())))
+    }
+
+    /// Refuses further requests; the committer finishes what is queued and
+    /// stops.
+    pub fn close(&self) {
+        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+fn commit_loop(
+    rx: Receiver<Submit>,
+    store: Store,
+    workers: Vec<Sender<Work>>,
+    mut seq: u64,
+    inflight: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+) {
+    let shards = workers.len();
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        let mut events = group[0].events.len();
+        while events < GROUP_EVENTS {
+            match rx.try_recv() {
+                Ok(s) => {
+                    events += s.events.len();
+                    group.push(s);
+                }
+                Err(_) => break,
+            }
+        }
+        // De-duplicate against the store and within the group.
+        let mut fresh: HashSet<&str> = HashSet::new();
+        let mut keep: Vec<Vec<bool>> = Vec::with_capacity(group.len());
+        let mut failed = None;
+        for s in &group {
+            let mut k = Vec::with_capacity(s.events.len());
+            for inc in &s.events {
+                let id = inc.event.message_id.as_str();
+                let dup = !fresh.insert(id)
+                    || match store.seen_message(id) {
+                        Ok(seen) => seen,
+                        Err(e) => {
+                            failed = Some(e.to_string());
+                            true
+                        }
+                    };
+                k.push(!dup);
+            }
+            keep.push(k);
+        }
+        let mut entries = Vec::with_capacity(events);
+        let first_seq = seq;
+        for (s, k) in group.iter().zip(&keep) {
+            for (inc, keep) in s.events.iter().zip(k) {
+                if *keep {
+                    entries.push((seq, inc.event.message_id.as_str(), inc.raw.as_slice()));
+                    seq += 1;
+                }
+            }
+        }
+        let written = match failed {
+            Some(e) => Err(e),
+            None => store
+                .append_inbox(&entries, now_ms())
+                .map_err(|e| e.to_string()),
+        };
+        drop(entries);
+        metrics.group_commit_events.observe(events as f64);
+        if let Err(e) = written {
+            tracing::error!("inbox write failed, refusing {events} events: {e}");
+            inflight.fetch_sub(events, Ordering::AcqRel);
+            for s in group {
+                let _ = s
+                    .reply
+                    .send(Err(IngestError::Unavailable(format!("store: {e}"))));
+            }
+            seq = first_seq;
+            continue;
+        }
+        // Durable: answer everyone, then hand the events on in order.
+        let mut next = first_seq;
+        let mut dispatch = Vec::with_capacity(events);
+        let mut duplicates_total = 0;
+        for (s, k) in group.into_iter().zip(keep) {
+            let mut ack = Ack {
+                accepted: 0,
+                duplicates: 0,
+            };
+            for (inc, keep) in s.events.into_iter().zip(k) {
+                if keep {
+                    ack.accepted += 1;
+                    dispatch.push(Work {
+                        seq: next,
+                        event: inc.event,
+                        received: Some(s.received),
+                    });
+                    next += 1;
+                } else {
+                    ack.duplicates += 1;
+                }
+            }
+            duplicates_total += ack.duplicates;
+            metrics
+                .ack_seconds
+                .observe(s.received.elapsed().as_secs_f64());
+            let _ = s.reply.send(Ok(ack));
+        }
+        metrics.events_accepted.inc_by(dispatch.len() as u64);
+        metrics.events_duplicate.inc_by(duplicates_total as u64);
+        // Duplicates are not processed: release their reservation now.
+        inflight.fetch_sub(duplicates_total, Ordering::AcqRel);
+        for w in dispatch {
+            let shard = shard_of(&w.event.customer, shards);
+            if workers[shard].send(w).is_err() {
+                // A worker stopped (it logged why); the event stays in the
+                // inbox and is decided at the next start.
+                inflight.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}

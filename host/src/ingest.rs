@@ -1,0 +1,451 @@
+//! Ingest requests in the shape of Segment's HTTP tracking API, so that
+//! Segment's and RudderStack's SDKs work unchanged: authentication by write
+//! key, gzip bodies, `track`/`identify`/`batch`, Segment's size limits.
+//!
+//! A request is validated whole before anything is stored: one bad event
+//! refuses the request, naming the event and the field.
+
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use base64::Engine as _;
+use serde_json::{Map, Value};
+
+use crate::config;
+use crate::event::{format_ts, Event};
+
+/// Which endpoint a request came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    Track,
+    Identify,
+    Batch,
+}
+
+/// Why a request was refused; maps onto an HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Malformed(String),
+    #[error("{0}")]
+    Unsupported(String),
+    /// Queues are full: retry after this many seconds.
+    #[error("busy: {message}")]
+    Busy { message: String, retry_after: u64 },
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl IngestError {
+    pub fn status(&self) -> u16 {
+        match self {
+            IngestError::Unauthorized(_) => 401,
+            IngestError::TooLarge(_) => 413,
+            IngestError::Malformed(_) => 400,
+            IngestError::Unsupported(_) => 415,
+            IngestError::Busy { .. } => 503,
+            IngestError::Unavailable(_) => 503,
+        }
+    }
+
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            IngestError::Busy { retry_after, .. } => Some(*retry_after),
+            IngestError::Unavailable(_) => Some(5),
+            _ => None,
+        }
+    }
+}
+
+/// One accepted event: parsed, and as stored in the inbox.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub event: Event,
+    /// The event's JSON as accepted (defaults filled in).
+    pub raw: Vec<u8>,
+}
+
+/// A validated request.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub events: Vec<Incoming>,
+    /// Events with only an `anonymousId`: acknowledged, but there is no
+    /// customer to decide for.
+    pub unattributed: usize,
+}
+
+/// Checks `Authorization`: HTTP Basic with the write key as user name (how
+/// Segment's SDKs send it) or `Bearer <write key>`. No keys configured:
+/// every request is let in.
+pub fn authorize(header: Option<&str>, keys: &[String]) -> Result<(), IngestError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let Some(h) = header else {
+        return Err(IngestError::Unauthorized(
+            "missing Authorization header: use HTTP Basic with the write key as user name, or Bearer <write key>".into(),
+        ));
+    };
+    let key = if let Some(b) = h
+        .strip_prefix("Basic ")
+        .or_else(|| h.strip_prefix("basic "))
+    {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(b.trim())
+            .map_err(|_| {
+                IngestError::Unauthorized("Authorization: Basic credentials are not base64".into())
+            })?;
+        let text = String::from_utf8_lossy(&decoded).into_owned();
+        text.split_once(':')
+            .map(|(u, _)| u.to_owned())
+            .unwrap_or(text)
+    } else if let Some(t) = h
+        .strip_prefix("Bearer ")
+        .or_else(|| h.strip_prefix("bearer "))
+    {
+        t.trim().to_owned()
+    } else {
+        return Err(IngestError::Unauthorized(
+            "Authorization: expected Basic or Bearer".into(),
+        ));
+    };
+    // Compare against every key in full, so timing says nothing about
+    // which prefix matched.
+    let mut ok = false;
+    for k in keys {
+        ok |= constant_time_eq(k.as_bytes(), key.as_bytes());
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(IngestError::Unauthorized("unknown write key".into()))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The request body, gunzipped if it says so, at most `max` bytes.
+pub fn decode_body(
+    encoding: Option<&str>,
+    body: &[u8],
+    max: usize,
+) -> Result<Vec<u8>, IngestError> {
+    let too_large = || IngestError::TooLarge(format!("request body is over {max} bytes"));
+    match encoding.map(|e| e.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("identity") => {
+            if body.len() > max {
+                return Err(too_large());
+            }
+            Ok(body.to_vec())
+        }
+        Some("gzip") | Some("x-gzip") => {
+            let mut out = Vec::with_capacity(body.len() * 4);
+            // Read one byte past the limit to tell "at the limit" from
+            // "over it" without inflating a gzip bomb further.
+            flate2::read::MultiGzDecoder::new(body)
+                .take(max as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| IngestError::Malformed(format!("gzip body: {e}")))?;
+            if out.len() > max {
+                return Err(too_large());
+            }
+            Ok(out)
+        }
+        Some(other) => Err(IngestError::Unsupported(format!(
+            "Content-Encoding {other:?} (use gzip or none)"
+        ))),
+    }
+}
+
+/// Makes message ids for events sent without one (Segment generates them
+/// server-side too).
+pub struct MessageIds {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl MessageIds {
+    pub fn new() -> MessageIds {
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        MessageIds {
+            prefix: format!("nudge-{start:x}-{:x}", std::process::id()),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn next(&self) -> String {
+        format!(
+            "{}-{}",
+            self.prefix,
+            self.next.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
+
+impl Default for MessageIds {
+    fn default() -> Self {
+        MessageIds::new()
+    }
+}
+
+/// Validates a decoded body from `endpoint`. `now_ms` fills a missing
+/// `timestamp` (Segment uses the time received).
+pub fn parse(
+    endpoint: Endpoint,
+    body: &[u8],
+    limits: &config::Ingest,
+    now_ms: i64,
+    ids: &MessageIds,
+) -> Result<Parsed, IngestError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| IngestError::Malformed(format!("body is not valid JSON: {e}")))?;
+    let mut out = Parsed::default();
+    match endpoint {
+        Endpoint::Batch => {
+            let Value::Object(mut top) = value else {
+                return Err(IngestError::Malformed(
+                    "body must be a JSON object with a `batch` array".into(),
+                ));
+            };
+            let items = match top.remove("batch") {
+                Some(Value::Array(a)) => a,
+                Some(_) => {
+                    return Err(IngestError::Malformed(
+                        "field `batch` must be an array".into(),
+                    ))
+                }
+                None => return Err(IngestError::Malformed("field `batch` is missing".into())),
+            };
+            out.events.reserve(items.len());
+            for (i, item) in items.into_iter().enumerate() {
+                let Value::Object(m) = item else {
+                    return Err(IngestError::Malformed(format!(
+                        "batch[{i}]: must be an object"
+                    )));
+                };
+                accept(
+                    &format!("batch[{i}]"),
+                    m,
+                    None,
+                    limits,
+                    now_ms,
+                    ids,
+                    &mut out,
+                )?;
+            }
+        }
+        Endpoint::Track | Endpoint::Identify => {
+            let Value::Object(m) = value else {
+                return Err(IngestError::Malformed("body must be a JSON object".into()));
+            };
+            let kind = if endpoint == Endpoint::Track {
+                "track"
+            } else {
+                "identify"
+            };
+            accept("event", m, Some(kind), limits, now_ms, ids, &mut out)?;
+        }
+    }
+    Ok(out)
+}
+
+fn accept(
+    at: &str,
+    mut m: Map<String, Value>,
+    kind: Option<&str>,
+    limits: &config::Ingest,
+    now_ms: i64,
+    ids: &MessageIds,
+    out: &mut Parsed,
+) -> Result<(), IngestError> {
+    let bad =
+        |field: &str, problem: String| IngestError::Malformed(format!("{at}.{field}: {problem}"));
+    if let Some(kind) = kind {
+        match m.get("type") {
+            None | Some(Value::Null) => {
+                m.insert("type".into(), Value::String(kind.into()));
+            }
+            Some(Value::String(t)) if t == kind => {}
+            Some(other) => {
+                return Err(bad("type", format!("{other} sent to /v1/{kind}")));
+            }
+        }
+    }
+    match m.get("messageId") {
+        None | Some(Value::Null) => {
+            m.insert("messageId".into(), Value::String(ids.next()));
+        }
+        Some(Value::String(s)) if s.chars().count() > limits.max_message_id => {
+            return Err(bad(
+                "messageId",
+                format!("longer than {} characters", limits.max_message_id),
+            ));
+        }
+        _ => {}
+    }
+    if matches!(m.get("timestamp"), None | Some(Value::Null)) {
+        m.insert("timestamp".into(), Value::String(format_ts(now_ms)));
+    }
+    let anonymous_only = matches!(m.get("userId"), None | Some(Value::Null))
+        && matches!(m.get("anonymousId"), Some(Value::String(s)) if !s.is_empty());
+    let raw = serde_json::to_vec(&m).unwrap_or_default();
+    if raw.len() > limits.max_event_bytes {
+        return Err(IngestError::TooLarge(format!(
+            "{at}: event is {} bytes, over the {}-byte limit",
+            raw.len(),
+            limits.max_event_bytes
+        )));
+    }
+    if anonymous_only {
+        // Validate the rest all the same: a malformed anonymous event is
+        // still a malformed request.
+        if !matches!(m.get("type"), Some(Value::String(t)) if t == "track" || t == "identify") {
+            return Err(bad("type", "must be \"track\" or \"identify\"".into()));
+        }
+        out.unattributed += 1;
+        return Ok(());
+    }
+    let event = Event::from_value(Value::Object(m))
+        .map_err(|e| IngestError::Malformed(format!("{at}: {e}")))?;
+    out.events.push(Incoming { event, raw });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> config::Ingest {
+        config::Ingest::default()
+    }
+
+    #[test]
+    fn basic_and_bearer_auth() {
+        let keys = vec!["wk_1".to_string()];
+        // "wk_1:" in base64, as analytics-python sends it.
+        assert!(authorize(Some("Basic d2tfMTo="), &keys).is_ok());
+        assert!(authorize(Some("Bearer wk_1"), &keys).is_ok());
+        assert_eq!(authorize(None, &keys).unwrap_err().status(), 401);
+        assert_eq!(
+            authorize(Some("Bearer nope"), &keys).unwrap_err().status(),
+            401
+        );
+        assert_eq!(
+            authorize(Some("Basic !!!"), &keys).unwrap_err().status(),
+            401
+        );
+        assert!(authorize(None, &[]).is_ok());
+    }
+
+    #[test]
+    fn gzip_is_inflated_within_the_limit() {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(&vec![b' '; 10_000]).unwrap();
+        let body = gz.finish().unwrap();
+        assert_eq!(
+            decode_body(Some("gzip"), &body, 10_000).unwrap().len(),
+            10_000
+        );
+        assert_eq!(
+            decode_body(Some("gzip"), &body, 9_999)
+                .unwrap_err()
+                .status(),
+            413
+        );
+        assert_eq!(
+            decode_body(Some("br"), &body, 9_999).unwrap_err().status(),
+            415
+        );
+        assert_eq!(
+            decode_body(Some("gzip"), b"not gzip", 100)
+                .unwrap_err()
+                .status(),
+            400
+        );
+    }
+
+    #[test]
+    fn track_gets_type_id_and_timestamp_defaults() {
+        let ids = MessageIds::new();
+        let p = parse(
+            Endpoint::Track,
+            br#"{"userId":"c-1","event":"Deposit Made","properties":{"amount":5}}"#,
+            &limits(),
+            1_700_000_000_000,
+            &ids,
+        )
+        .unwrap();
+        assert_eq!(p.events.len(), 1);
+        let e = &p.events[0].event;
+        assert_eq!(e.name, "Deposit Made");
+        assert_eq!(e.ts, 1_700_000_000_000);
+        assert!(e.message_id.starts_with("nudge-"));
+    }
+
+    #[test]
+    fn errors_name_the_event_and_field() {
+        let ids = MessageIds::new();
+        let body = br#"{"batch":[{"type":"track","userId":"c","event":"E","messageId":"1","timestamp":"2026-01-01T00:00:00Z"},{"type":"track","event":"E","messageId":"2","timestamp":"2026-01-01T00:00:00Z"}]}"#;
+        let e = parse(Endpoint::Batch, body, &limits(), 0, &ids).unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert_eq!(e.to_string(), "batch[1]: field `userId`: missing");
+        let long = format!(
+            r#"{{"userId":"c","event":"E","messageId":"{}"}}"#,
+            "x".repeat(101)
+        );
+        let e = parse(Endpoint::Track, long.as_bytes(), &limits(), 0, &ids).unwrap_err();
+        assert_eq!(e.to_string(), "event.messageId: longer than 100 characters");
+        let e = parse(
+            Endpoint::Identify,
+            br#"{"type":"track","userId":"c"}"#,
+            &limits(),
+            0,
+            &ids,
+        )
+        .unwrap_err();
+        assert!(e.to_string().starts_with("event.type:"), "{e}");
+    }
+
+    #[test]
+    fn oversized_event_is_413() {
+        let ids = MessageIds::new();
+        let big = format!(
+            r#"{{"userId":"c","event":"E","properties":{{"x":"{}"}}}}"#,
+            "y".repeat(33 << 10)
+        );
+        let e = parse(Endpoint::Track, big.as_bytes(), &limits(), 0, &ids).unwrap_err();
+        assert_eq!(e.status(), 413);
+    }
+
+    #[test]
+    fn segment_python_capture_is_accepted_unchanged() {
+        let text = include_str!("../../tests/fixtures/segment/analytics-python-2.4.0-batch.json");
+        let captured: Value = serde_json::from_str(text).unwrap();
+        let req = &captured[0];
+        let body = serde_json::to_vec(&req["body"]).unwrap();
+        let ids = MessageIds::new();
+        let p = parse(Endpoint::Batch, &body, &limits(), 0, &ids).unwrap();
+        let batch = req["body"]["batch"].as_array().unwrap();
+        let anonymous = batch
+            .iter()
+            .filter(|e| e["userId"].is_null() && e["anonymousId"].is_string())
+            .count();
+        assert_eq!(p.events.len() + p.unattributed, batch.len());
+        assert_eq!(p.unattributed, anonymous);
+        let auth = req["headers"]["Authorization"].as_str().unwrap();
+        assert!(authorize(Some(auth), &["wk_test_123".to_string()]).is_ok());
+    }
+}

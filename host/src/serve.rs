@@ -1,0 +1,362 @@
+//! `nudge serve`: the live server. Wires ingest, the inbox, the workers,
+//! the persister and delivery together, and takes them down in order.
+//!
+//! Threads: the HTTP server (tokio), one inbox committer, one worker per
+//! shard (plugin calls are synchronous and CPU-bound), one persister (group
+//! commit of the workers' changes) and one deliverer.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{Clock, Config};
+use crate::deliver::{self, Deliverer};
+use crate::event::Event;
+use crate::generation::Current;
+use crate::inbox::{Inbox, Work};
+use crate::metrics::Metrics;
+use crate::plugins::{Limits, Runtime};
+use crate::replay::{self, PluginSource};
+use crate::store::{shard_of, Store};
+use crate::worker::Worker;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Load(#[from] replay::ReplayError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Plugin(#[from] crate::plugins::PluginError),
+    #[error(transparent)]
+    Deliver(#[from] deliver::DeliverError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
+    move |source| ServeError::Io {
+        what: what.to_owned(),
+        source,
+    }
+}
+
+/// How often the workers' committed changes are written and flushed.
+const PERSIST_EVERY: Duration = Duration::from_millis(10);
+
+/// How often remembered message ids are swept for expiry.
+const DEDUPE_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+/// Longest a worker sleeps with nothing to do (wall clock: then it checks
+/// timers).
+const IDLE: Duration = Duration::from_millis(200);
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// Everything the HTTP handlers reach.
+pub struct Shared {
+    pub cfg: Config,
+    pub store: Store,
+    pub inbox: Inbox,
+    pub metrics: Arc<Metrics>,
+    pub current: Arc<Current>,
+    pub ids: crate::ingest::MessageIds,
+    pub deliver: std::sync::Mutex<Option<Sender<deliver::Input>>>,
+}
+
+/// Runs the server on `listener` until `shutdown` resolves, then drains:
+/// requests in flight are answered, accepted events decided, their
+/// changes flushed, and due deliveries attempted (up to
+/// `server.shutdown_grace`).
+pub async fn run(
+    cfg: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let workers = match cfg.server.workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    let runtime = Arc::new(Runtime::new(
+        Limits {
+            memory_bytes: cfg.limits.memory_mib << 20,
+            deadline: cfg.limits.deadline.0,
+            ..Limits::default()
+        },
+        Some(cfg.server.cache.clone()),
+    )?);
+    let source = match &cfg.server.plugins {
+        Some(d) => PluginSource::Dir(d.clone()),
+        None => PluginSource::Embedded,
+    };
+    let gen = replay::load_generation(&runtime, 1, &source, &cfg.server.rules, &cfg.plugins)?;
+    tracing::info!(
+        plugins = gen.plugins.len(),
+        campaigns = gen.rules.campaigns.len(),
+        "generation 1 loaded"
+    );
+    let current = Arc::new(Current::new(gen));
+    let store = Store::open_sharded(&cfg.server.data, workers)?;
+    let metrics = Arc::new(Metrics::new());
+    let inflight = Arc::new(AtomicUsize::new(0));
+
+    // Workers.
+    let mut senders = Vec::with_capacity(workers);
+    let mut worker_threads = Vec::with_capacity(workers);
+    for shard in 0..workers {
+        let (tx, rx) = mpsc::channel::<Work>();
+        let mut worker =
+            Worker::new(store.clone(), runtime.clone(), shard).map_err(|e| ServeError::Io {
+                what: "worker".into(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        worker.live = true;
+        worker.metrics = Some(metrics.clone());
+        let (current, inflight, metrics) = (current.clone(), inflight.clone(), metrics.clone());
+        let clock = cfg.server.clock;
+        worker_threads.push(
+            std::thread::Builder::new()
+                .name(format!("nudge-worker-{shard}"))
+                .spawn(move || work(worker, rx, current, clock, inflight, metrics))
+                .map_err(io("worker thread"))?,
+        );
+        senders.push(tx);
+    }
+
+    // Events acknowledged before a crash and not decided: first in line.
+    let pending = store.inbox()?;
+    let next_seq = pending.last().map_or(0, |(s, _)| s + 1);
+    if !pending.is_empty() {
+        tracing::info!(
+            events = pending.len(),
+            "deciding events acknowledged before the last stop"
+        );
+    }
+    for (seq, raw) in pending {
+        match std::str::from_utf8(&raw)
+            .map_err(|e| e.to_string())
+            .and_then(|t| Event::parse(t).map_err(|e| e.to_string()))
+        {
+            Ok(event) => {
+                inflight.fetch_add(1, Ordering::AcqRel);
+                let shard = shard_of(&event.customer, workers);
+                let _ = senders[shard].send(Work {
+                    seq,
+                    event,
+                    received: None,
+                });
+            }
+            Err(e) => tracing::error!(seq, "inbox entry unreadable, left in place: {e}"),
+        }
+    }
+    let (inbox, committer) = Inbox::start(
+        store.clone(),
+        senders,
+        next_seq,
+        inflight.clone(),
+        cfg.ingest.max_inflight_events,
+        metrics.clone(),
+    )
+    .map_err(io("inbox thread"))?;
+
+    // Delivery.
+    let (deliver_tx, deliver_rx) = mpsc::channel();
+    let deliverer = Deliverer::new(
+        store.clone(),
+        current.clone(),
+        runtime.clone(),
+        &cfg.smtp,
+        cfg.delivery.clone(),
+        metrics.clone(),
+    )?;
+    let deliver_thread = std::thread::Builder::new()
+        .name("nudge-deliver".into())
+        .spawn(move || {
+            if let Err(e) = deliverer.run(deliver_rx) {
+                tracing::error!("delivery stopped: {e}");
+            }
+        })
+        .map_err(io("delivery thread"))?;
+
+    // Persister.
+    let stop_persist = Arc::new(AtomicBool::new(false));
+    let persister = {
+        let (store, stop, tx) = (store.clone(), stop_persist.clone(), deliver_tx.clone());
+        let window = cfg.ingest.dedupe_window.0;
+        std::thread::Builder::new()
+            .name("nudge-persist".into())
+            .spawn(move || persist_loop(store, stop, tx, window))
+            .map_err(io("persist thread"))?
+    };
+
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        store: store.clone(),
+        inbox,
+        metrics: metrics.clone(),
+        current: current.clone(),
+        ids: crate::ingest::MessageIds::new(),
+        deliver: std::sync::Mutex::new(Some(deliver_tx)),
+    });
+    let addr = listener.local_addr().map_err(io("listener"))?;
+    tracing::info!(%addr, workers, clock = ?cfg.server.clock, "nudge serving");
+    let app = crate::api::router(shared.clone());
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(io("http server"));
+
+    // Drain, in order.
+    tracing::info!("shutting down: draining accepted events");
+    shared.inbox.close();
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = committer.join();
+        for w in worker_threads {
+            let _ = w.join();
+        }
+    })
+    .await;
+    stop_persist.store(true, Ordering::Release);
+    let _ = tokio::task::spawn_blocking(move || persister.join()).await;
+    shared
+        .deliver
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let grace = cfg.server.shutdown_grace.0;
+    let started = Instant::now();
+    while !deliver_thread.is_finished() && started.elapsed() < grace {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if !deliver_thread.is_finished() {
+        tracing::warn!(
+            "deliveries still in flight after the grace period; they stay in the outbox"
+        );
+    }
+    store.flush()?;
+    tracing::info!("stopped");
+    served
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+fn work(
+    mut worker: Worker,
+    rx: Receiver<Work>,
+    current: Arc<Current>,
+    clock: Clock,
+    inflight: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+) {
+    let mut out = Vec::new();
+    loop {
+        let wait = match (clock, worker.next_due()) {
+            (Clock::Wall, Some(due)) => {
+                Duration::from_millis((due - now_ms()).clamp(0, IDLE.as_millis() as i64) as u64)
+            }
+            _ => IDLE,
+        };
+        let gen = current.load();
+        match rx.recv_timeout(wait) {
+            Ok(w) => {
+                let timers_at = match clock {
+                    Clock::Wall => now_ms(),
+                    Clock::Event => w.event.ts,
+                };
+                let result = worker
+                    .run_timers(&gen, timers_at, &mut out)
+                    .and_then(|_| worker.handle_event(&gen, &w.event, Some(w.seq), &mut out));
+                if let Err(e) = result {
+                    // Not committed: the event stays in the inbox and is
+                    // decided again at the next start.
+                    tracing::error!(message_id = %w.event.message_id, customer = %w.event.customer, "event not decided: {e}");
+                }
+                out.clear();
+                inflight.fetch_sub(1, Ordering::AcqRel);
+                metrics.events_processed.inc();
+                if let Some(r) = w.received {
+                    metrics
+                        .event_to_decision_seconds
+                        .observe(r.elapsed().as_secs_f64());
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if clock == Clock::Wall {
+                    if let Err(e) = worker.run_timers(&gen, now_ms(), &mut out) {
+                        tracing::error!("timers not run: {e}");
+                    }
+                    out.clear();
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+fn persist_loop(
+    store: Store,
+    stop: Arc<AtomicBool>,
+    deliver: Sender<deliver::Input>,
+    dedupe_window: Duration,
+) {
+    let mut last_sweep = Instant::now();
+    loop {
+        if last_sweep.elapsed() >= DEDUPE_SWEEP_EVERY {
+            // A full scan of remembered ids, once an hour, off the ingest
+            // path.
+            last_sweep = Instant::now();
+            let before = now_ms() - dedupe_window.as_millis() as i64;
+            match store.forget_messages(before) {
+                Ok(n) => {
+                    tracing::info!(forgotten = n, "message ids past the de-duplication window")
+                }
+                Err(e) => tracing::warn!("message id sweep failed: {e}"),
+            }
+        }
+        let stopping = stop.load(Ordering::Acquire);
+        if store.pending_len() == 0 && !stopping {
+            std::thread::sleep(PERSIST_EVERY);
+            continue;
+        }
+        match store.flush() {
+            Ok(outbox) if !outbox.is_empty() => {
+                let _ = deliver.send(deliver::Input::New(outbox));
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("persist failed (retrying): {e}"),
+        }
+        if stopping {
+            return;
+        }
+        std::thread::sleep(PERSIST_EVERY);
+    }
+}
