@@ -25,3 +25,316 @@ pub fn test_plugin(name: &str) -> PathBuf {
 pub fn cache_dir() -> PathBuf {
     root().join("target/nudge-test-cache")
 }
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nudge::config::Config;
+
+/// A port free at the time of asking (for servers in other processes).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_for_port(port: u16, what: &str, child: &mut Child) {
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{what} exited before listening ({status}); is it installed? (.ci/run installs it)"
+            );
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what} did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A real SMTP server (Python's aiosmtpd) on loopback, delivering into a
+/// Maildir the test reads.
+pub struct SmtpServer {
+    child: Child,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+/// One message as the SMTP server stored it.
+#[derive(Debug, Clone)]
+pub struct Mail {
+    pub message_id: String,
+    pub to: String,
+    pub subject: String,
+    pub body: String,
+}
+
+impl SmtpServer {
+    pub fn start() -> SmtpServer {
+        let dir = tempfile::tempdir().expect("mail dir");
+        let port = free_port();
+        let mut child = Command::new("python3")
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(dir.path().join("mail"))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3 -m aiosmtpd");
+        wait_for_port(port, "aiosmtpd", &mut child);
+        SmtpServer { child, port, dir }
+    }
+
+    /// Every message received so far.
+    pub fn messages(&self) -> Vec<Mail> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.dir.path().join("mail/new")) else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let Ok(text) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
+            let (head, body) = text.split_once("\n\n").unwrap_or((&text, ""));
+            let header = |name: &str| {
+                head.lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                    })
+                    .unwrap_or_default()
+            };
+            out.push(Mail {
+                message_id: header("Message-ID"),
+                to: header("X-RcptTo"),
+                subject: header("Subject"),
+                body: body.to_owned(),
+            });
+        }
+        out
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real HTTP receiver (Python's http.server) recording every request.
+pub struct HttpReceiver {
+    child: Child,
+    pub port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl HttpReceiver {
+    pub fn start() -> HttpReceiver {
+        let dir = tempfile::tempdir().expect("receiver dir");
+        let log = dir.path().join("requests.jsonl");
+        let port = free_port();
+        let mut child = Command::new("python3")
+            .arg(root().join("tests/servers/receiver.py"))
+            .arg(port.to_string())
+            .arg(&log)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python3 receiver.py");
+        wait_for_port(port, "receiver.py", &mut child);
+        HttpReceiver {
+            child,
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for HttpReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config for tests: data in `data`, the example rules, the shared
+/// plugin cache, two workers, nothing listening for SMTP unless set.
+pub fn test_config(data: &Path) -> Config {
+    let mut cfg = Config::default();
+    cfg.server.data = data.to_owned();
+    cfg.server.rules = root().join("rules");
+    cfg.server.cache = cache_dir();
+    cfg.server.workers = 2;
+    cfg.server.shutdown_grace = nudge::config::Dur(Duration::from_secs(2));
+    cfg.smtp.port = free_port();
+    cfg.delivery.backoff_initial = nudge::config::Dur(Duration::from_millis(100));
+    cfg.delivery.backoff_max = nudge::config::Dur(Duration::from_millis(500));
+    cfg
+}
+
+/// A response: status, headers (lower-case names) and body.
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// `nudge serve` in this process, on a port of its own.
+pub struct Server {
+    pub rt: tokio::runtime::Runtime,
+    pub addr: SocketAddr,
+    client: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<Result<(), nudge::serve::ServeError>>>,
+}
+
+impl Server {
+    pub fn start(cfg: Config) -> Server {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let handle = rt.spawn(nudge::serve::run(cfg, listener, async {
+            let _ = stopped.await;
+        }));
+        let server = Server {
+            rt,
+            addr,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            handle: Some(handle),
+        };
+        eventually(
+            Duration::from_secs(60),
+            "the server to answer /healthz",
+            || (server.get("/healthz", None).status == 200).then_some(()),
+        );
+        server
+    }
+
+    fn send(&self, req: reqwest::RequestBuilder) -> Reply {
+        self.rt.block_on(async {
+            let resp = req.send().await.expect("request");
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp.text().await.unwrap_or_default();
+            Reply {
+                status,
+                headers,
+                body,
+            }
+        })
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// POSTs `body`; `auth` is the whole Authorization header value.
+    pub fn post(
+        &self,
+        path: &str,
+        auth: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Reply {
+        let mut req = self.client.post(self.url(path)).body(body);
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req)
+    }
+
+    pub fn get(&self, path: &str, auth: Option<&str>) -> Reply {
+        let mut req = self.client.get(self.url(path));
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        self.send(req)
+    }
+
+    /// The value of one un-labelled metric.
+    pub fn metric(&self, name: &str) -> f64 {
+        self.get("/metrics", None)
+            .body
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                (k == name).then(|| v.parse().ok())?
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Graceful shutdown; returns what `run` returned.
+    pub fn stop(mut self) -> Result<(), nudge::serve::ServeError> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let handle = self.handle.take().expect("running");
+        self.rt.block_on(handle).expect("server task")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = self.rt.block_on(h);
+        }
+    }
+}
+
+/// A copy of the example rules in a temporary folder, to edit.
+pub fn rules_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("rules dir");
+    for e in std::fs::read_dir(root().join("rules"))
+        .expect("rules")
+        .flatten()
+    {
+        std::fs::copy(e.path(), dir.path().join(e.file_name())).expect("copy rule");
+    }
+    dir
+}

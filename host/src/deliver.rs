@@ -209,6 +209,11 @@ impl Deliverer {
         cfg: config::Delivery,
         metrics: Arc<Metrics>,
     ) -> Result<Deliverer, DeliverError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        // lettre's connection pool starts a task of its own when built.
+        let _in_rt = rt.enter();
         let smtp_err = |e: lettre::transport::smtp::Error| DeliverError::Smtp(e.to_string());
         let tls = || TlsParameters::new(smtp.host.clone()).map_err(smtp_err);
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host)
@@ -232,19 +237,18 @@ impl Deliverer {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| DeliverError::Http(e.to_string()))?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let senders = Senders {
+            smtp: builder.build(),
+            from,
+            message_id_domain: smtp.message_id_domain.clone(),
+            http,
+        };
+        drop(_in_rt);
         Ok(Deliverer {
             store,
             current,
             instances: Instances::new(runtime),
-            senders: Senders {
-                smtp: builder.build(),
-                from,
-                message_id_domain: smtp.message_id_domain.clone(),
-                http,
-            },
+            senders,
             cfg,
             metrics,
             rt,
@@ -264,6 +268,16 @@ impl Deliverer {
     /// Delivers until `input` closes, then returns (what is left stays in
     /// the outbox for the next start).
     pub fn run(mut self, input: Receiver<Input>) -> Result<(), DeliverError> {
+        // The SMTP pool spawns and drops tasks: keep the runtime entered
+        // until the deliverer, pool included, is gone.
+        let handle = self.rt.handle().clone();
+        let _in_rt = handle.enter();
+        let result = self.deliver_until_closed(input);
+        drop(self);
+        result
+    }
+
+    fn deliver_until_closed(&mut self, input: Receiver<Input>) -> Result<(), DeliverError> {
         for bytes in self.store.outbox()? {
             self.add(&bytes);
         }

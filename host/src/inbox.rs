@@ -271,3 +271,88 @@ fn commit_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    use crate::ingest::{parse, Endpoint, MessageIds};
+
+    fn events(ids: &[&str]) -> Vec<Incoming> {
+        let batch: Vec<String> = ids
+            .iter()
+            .map(|id| {
+                format!(
+                    r#"{{"type":"track","userId":"c-{id}","messageId":"{id}","timestamp":"2026-01-01T00:00:00Z","event":"E"}}"#
+                )
+            })
+            .collect();
+        let body = format!(r#"{{"batch":[{}]}}"#, batch.join(","));
+        parse(
+            Endpoint::Batch,
+            body.as_bytes(),
+            &config::Ingest::default(),
+            0,
+            &MessageIds::new(),
+        )
+        .unwrap()
+        .events
+    }
+
+    #[tokio::test]
+    async fn durable_dedupes_and_refuses_when_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // A worker that never takes anything: events stay in flight.
+        let (tx, rx) = mpsc::channel();
+        let inflight = Arc::new(AtomicUsize::new(0));
+        let (inbox, committer) = Inbox::start(
+            store.clone(),
+            vec![tx],
+            0,
+            inflight,
+            3,
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let ack = inbox
+            .submit(events(&["a", "b"]), Instant::now())
+            .await
+            .unwrap();
+        assert_eq!(
+            ack,
+            Ack {
+                accepted: 2,
+                duplicates: 0
+            }
+        );
+        // On disk before the acknowledgement, in order.
+        let stored: Vec<u64> = store.inbox().unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(stored, vec![0, 1]);
+        let busy = inbox
+            .submit(events(&["c", "d"]), Instant::now())
+            .await
+            .unwrap_err();
+        assert_eq!(busy.status(), 503);
+        assert_eq!(busy.retry_after(), Some(1));
+        // One more fits; a repeated id is acknowledged but not queued.
+        let ack = inbox.submit(events(&["a"]), Instant::now()).await.unwrap();
+        assert_eq!(
+            ack,
+            Ack {
+                accepted: 0,
+                duplicates: 1
+            }
+        );
+        assert_eq!(inbox.inflight(), 2);
+        let queued: Vec<String> = rx.try_iter().map(|w| w.event.message_id).collect();
+        assert_eq!(queued, ["a", "b"]);
+        inbox.close();
+        let closed = inbox
+            .submit(events(&["e"]), Instant::now())
+            .await
+            .unwrap_err();
+        assert_eq!(closed.status(), 503);
+        committer.join().unwrap();
+    }
+}

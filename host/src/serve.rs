@@ -120,6 +120,7 @@ pub async fn run(
                 source: std::io::Error::other(e.to_string()),
             })?;
         worker.live = true;
+        worker.mark_late = cfg.server.clock == Clock::Wall;
         worker.metrics = Some(metrics.clone());
         let (current, inflight, metrics) = (current.clone(), inflight.clone(), metrics.clone());
         let clock = cfg.server.clock;
@@ -170,22 +171,44 @@ pub async fn run(
 
     // Delivery.
     let (deliver_tx, deliver_rx) = mpsc::channel();
-    let deliverer = Deliverer::new(
-        store.clone(),
-        current.clone(),
-        runtime.clone(),
-        &cfg.smtp,
-        cfg.delivery.clone(),
-        metrics.clone(),
-    )?;
-    let deliver_thread = std::thread::Builder::new()
-        .name("nudge-deliver".into())
-        .spawn(move || {
-            if let Err(e) = deliverer.run(deliver_rx) {
-                tracing::error!("delivery stopped: {e}");
-            }
-        })
-        .map_err(io("delivery thread"))?;
+    // Built on its own thread: it owns a small runtime of its own, which
+    // must not be created or dropped inside this async context.
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let deliver_thread = {
+        let (store, current, runtime, metrics) = (
+            store.clone(),
+            current.clone(),
+            runtime.clone(),
+            metrics.clone(),
+        );
+        let (smtp, delivery) = (cfg.smtp.clone(), cfg.delivery.clone());
+        std::thread::Builder::new()
+            .name("nudge-deliver".into())
+            .spawn(move || {
+                match Deliverer::new(store, current, runtime, &smtp, delivery, metrics) {
+                    Ok(d) => {
+                        let _ = ready_tx.send(Ok(()));
+                        if let Err(e) = d.run(deliver_rx) {
+                            tracing::error!("delivery stopped: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(io("delivery thread"))?
+    };
+    tokio::task::spawn_blocking(move || ready_rx.recv())
+        .await
+        .map_err(|e| ServeError::Io {
+            what: "delivery thread".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(|_| ServeError::Io {
+            what: "delivery thread".into(),
+            source: std::io::Error::other("exited while starting"),
+        })??;
 
     // Persister.
     let stop_persist = Arc::new(AtomicBool::new(false));

@@ -156,6 +156,9 @@ pub struct Worker {
     /// Live server: `sent` decisions get a pre-thought treatment and an
     /// outbox entry, and late timers are marked.
     pub live: bool,
+    /// Wall-clock timers: one that fires more than [`LATE_MS`] after it
+    /// fell due is marked late.
+    pub mark_late: bool,
     pub metrics: Option<Arc<Metrics>>,
     /// How late the timer being handled fired (live only).
     late_ms: Option<i64>,
@@ -182,6 +185,7 @@ impl Worker {
             next_due,
             stats: Stats::default(),
             live: false,
+            mark_late: false,
             metrics: None,
             late_ms: None,
         })
@@ -313,7 +317,7 @@ impl Worker {
         if let Some(m) = &self.metrics {
             m.timers_fired.inc();
         }
-        if self.live && now - t.due > LATE_MS {
+        if self.mark_late && now - t.due > LATE_MS {
             // Fell due while the server was down or overloaded: fire it now
             // and say so, rather than drop it.
             self.stats.timers_late += 1;

@@ -1,0 +1,541 @@
+//! `nudge serve` end to end, with real peers on loopback: a real Segment SDK
+//! sending events, a real SMTP server (aiosmtpd) receiving email, a real
+//! HTTP receiver for webhooks, sled on disk.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use nudge::store::Store;
+use nudge_integration_tests::*;
+use serde_json::{json, Value};
+
+const WRITE_KEY: &str = "wk_test";
+const AUTH: &str = "Bearer wk_test";
+const API_TOKEN: &str = "Bearer api_test";
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn ts(ms: i64) -> String {
+    nudge::event::format_ts(ms)
+}
+
+fn config(data: &Path) -> nudge::config::Config {
+    let mut cfg = test_config(data);
+    cfg.ingest.write_keys = vec![WRITE_KEY.into()];
+    cfg.api.tokens = vec!["api_test".into()];
+    cfg
+}
+
+/// The decision log as the store kept it.
+fn decisions(data: &Path) -> Vec<Value> {
+    let store = Store::open(data).unwrap();
+    store
+        .decisions()
+        .map(|d| serde_json::from_slice(&d.unwrap()).unwrap())
+        .collect()
+}
+
+fn batch(events: &[Value]) -> Vec<u8> {
+    serde_json::to_vec(&json!({ "batch": events })).unwrap()
+}
+
+fn wait_processed(server: &Server, n: f64) {
+    eventually(Duration::from_secs(30), "events to be decided", || {
+        (server.metric("nudge_events_processed_total") >= n).then_some(())
+    });
+}
+
+#[test]
+fn serve_and_replay_decide_identically() {
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    // Event time drives the timers, as in replay.
+    cfg.server.clock = nudge::config::Clock::Event;
+    let server = Server::start(cfg);
+    let text = std::fs::read_to_string(fixture("seed1/events.jsonl")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for chunk in lines.chunks(400) {
+        // In order: each batch is acknowledged before the next is sent.
+        let r = server.post("/v1/batch", Some(AUTH), &[], batch(chunk));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["accepted"], chunk.len());
+    }
+    wait_processed(&server, lines.len() as f64);
+    server.stop().unwrap();
+    let got: Vec<u8> = Store::open(data.path())
+        .unwrap()
+        .decisions()
+        .flat_map(|d| {
+            let mut d = d.unwrap();
+            d.push(b'\n');
+            d
+        })
+        .collect();
+    let want = std::fs::read(fixture("seed1/decisions.jsonl")).unwrap();
+    assert!(
+        got == want,
+        "serve decided differently from replay: {} vs {} bytes",
+        got.len(),
+        want.len()
+    );
+}
+
+#[test]
+fn segment_python_sdk_is_accepted_and_decided() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(config(data.path()));
+    let out = std::process::Command::new("python3")
+        .arg(root().join("tests/servers/segment_client.py"))
+        .arg(server.url(""))
+        .arg(WRITE_KEY)
+        .arg("c-sdk-1")
+        .output()
+        .expect("python3 segment_client.py");
+    assert!(
+        out.status.success(),
+        "segment client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["errors"], json!([]), "the SDK reported errors");
+    wait_processed(&server, 2.0);
+    assert_eq!(server.metric("nudge_events_accepted_total"), 2.0);
+    assert_eq!(server.metric("nudge_events_unattributed_total"), 1.0);
+    server.stop().unwrap();
+    let d = decisions(data.path());
+    let sdk_ids: Vec<&str> = report["message_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    // The identify welcomes the customer; the deposit is large and first.
+    let mine: Vec<(&str, &str)> = d
+        .iter()
+        .filter(|d| d["customer"] == "c-sdk-1")
+        .map(|d| {
+            (
+                d["campaign"].as_str().unwrap(),
+                d["trigger"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        mine.contains(&("welcome", sdk_ids[0])),
+        "no welcome decision for the SDK's identify: {mine:?}"
+    );
+    assert!(
+        mine.contains(&("large-deposit", sdk_ids[1])),
+        "no large-deposit decision for the SDK's track: {mine:?}"
+    );
+}
+
+#[test]
+fn email_reaches_the_smtp_server_once_with_its_idempotency_key() {
+    let smtp = SmtpServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.smtp.port = smtp.port;
+    let server = Server::start(cfg);
+    let now = now_ms();
+    let ev = json!({"type": "identify", "userId": "c-mail-1", "messageId": "m-mail-1",
+        "timestamp": ts(now), "traits": {"email": "c-mail-1@example.com", "consent_email": true, "name": "Ada"}});
+    let r = server.post(
+        "/v1/identify",
+        Some(AUTH),
+        &[],
+        serde_json::to_vec(&ev).unwrap(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The same message again: acknowledged, not processed twice.
+    let r = server.post(
+        "/v1/identify",
+        Some(AUTH),
+        &[],
+        serde_json::to_vec(&ev).unwrap(),
+    );
+    assert_eq!(r.json()["duplicates"], 1);
+    let mail = eventually(Duration::from_secs(20), "the welcome email", || {
+        smtp.messages()
+            .into_iter()
+            .find(|m| m.to.contains("c-mail-1@example.com"))
+    });
+    assert_eq!(mail.subject, "Welcome!");
+    assert!(mail.body.contains("Hi Ada"), "{}", mail.body);
+    assert!(
+        mail.message_id.starts_with("<nd-") && mail.message_id.ends_with("@nudge.localhost>"),
+        "{}",
+        mail.message_id
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the delivery to be counted",
+        || {
+            let m = server.get("/metrics", None).body;
+            m.contains("nudge_deliveries_total{channel=\"email\",result=\"ok\"} 1")
+                .then_some(())
+        },
+    );
+    server.stop().unwrap();
+    assert_eq!(smtp.messages().len(), 1, "exactly one message");
+    let d = decisions(data.path());
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0]["outcome"], "sent");
+}
+
+#[test]
+fn agent_action_is_visible_answerable_and_expires() {
+    let rules = rules_copy();
+    let file = rules.path().join("large-deposit.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("expires = \"7d\"", "expires = \"4s\"")).unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.server.rules = rules.path().to_owned();
+    let server = Server::start(cfg);
+    // Customers outside the 10% holdout of large-deposit.
+    let customers: Vec<String> = (0..200)
+        .map(|i| format!("c-agent-{i}"))
+        .filter(|c| nudge::decide::bucket(c, "large-deposit") >= 10)
+        .take(2)
+        .collect();
+    let now = now_ms();
+    let events: Vec<Value> = customers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            json!({"type": "track", "userId": c, "messageId": format!("m-agent-{i}"),
+                "timestamp": ts(now), "event": "Deposit Made", "properties": {"amount": 50000.0}})
+        })
+        .collect();
+    let r = server.post("/v1/batch", Some(AUTH), &[], batch(&events));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let path = format!("/v1/customers/{}/actions", customers[0]);
+    let actions = eventually(Duration::from_secs(20), "the agent action", || {
+        let r = server.get(&path, Some(API_TOKEN));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let a = r.json()["actions"].as_array().cloned().unwrap_or_default();
+        (!a.is_empty()).then_some(a)
+    });
+    assert_eq!(actions.len(), 1);
+    let a = &actions[0];
+    assert_eq!(a["campaign"], "large-deposit");
+    assert!(
+        a["script"]
+            .as_str()
+            .unwrap()
+            .starts_with("Update client on new term deposit rates"),
+        "{a}"
+    );
+    assert!(a["why"].as_str().unwrap().contains("large deposit"), "{a}");
+    assert_eq!(a["trigger"], "m-agent-0");
+    // Without a token: refused.
+    assert_eq!(server.get(&path, None).status, 401);
+    // An agent records the outcome, once.
+    let id = a["id"].as_str().unwrap();
+    let outcome = format!("/v1/customers/{}/actions/{id}/outcome", customers[0]);
+    let r = server.post(
+        &outcome,
+        Some(API_TOKEN),
+        &[],
+        br#"{"outcome":"accepted","note":"booked"}"#.to_vec(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["outcome"], "accepted");
+    let r = server.post(
+        &outcome,
+        Some(API_TOKEN),
+        &[],
+        br#"{"outcome":"declined"}"#.to_vec(),
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+    let r = server.post(
+        &outcome,
+        Some(API_TOKEN),
+        &[],
+        br#"{"outcome":"maybe"}"#.to_vec(),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    // Answered: no longer pending.
+    assert_eq!(
+        server.get(&path, Some(API_TOKEN)).json()["actions"],
+        json!([])
+    );
+    // The other customer's action expires after 4 s.
+    let path2 = format!("/v1/customers/{}/actions", customers[1]);
+    eventually(Duration::from_secs(20), "the second action", || {
+        let a = server.get(&path2, Some(API_TOKEN)).json()["actions"].clone();
+        (a.as_array().is_some_and(|a| a.len() == 1)).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(4500));
+    assert_eq!(
+        server.get(&path2, Some(API_TOKEN)).json()["actions"],
+        json!([])
+    );
+    let all = server
+        .get(&format!("{path2}?all=true"), Some(API_TOKEN))
+        .json();
+    assert_eq!(all["actions"].as_array().unwrap().len(), 1, "{all}");
+    server.stop().unwrap();
+}
+
+#[test]
+fn webhook_gets_its_idempotency_key_and_an_unknown_host_is_refused() {
+    let receiver = HttpReceiver::start();
+    let rules = rules_copy();
+    let mut policies = std::fs::read_to_string(rules.path().join("policies.toml")).unwrap();
+    policies.push_str("\n[channels.webhook]\nplugin = \"webhook\"\n");
+    std::fs::write(rules.path().join("policies.toml"), policies).unwrap();
+    std::fs::write(
+        rules.path().join("partner-hook.toml"),
+        r#"id = "partner-hook"
+description = "A loan application: tell the partner system."
+trigger = { event = "Loan Applied" }
+channel = "webhook"
+priority = 10
+frequency = "1d"
+holdout = 0
+"#,
+    )
+    .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.server.rules = rules.path().to_owned();
+    let granted = format!("127.0.0.1:{}", receiver.port);
+    cfg.plugins.insert(
+        "webhook".into(),
+        nudge::config::PluginGrant {
+            http: Some(vec![granted.clone()]),
+            config: [("url".to_string(), format!("http://{granted}/hook"))].into(),
+        },
+    );
+    // The SMS plugin is pointed at a host it is not granted.
+    cfg.plugins.insert(
+        "sms".into(),
+        nudge::config::PluginGrant {
+            http: Some(vec![granted.clone()]),
+            config: [(
+                "url".to_string(),
+                format!("http://127.0.0.2:{}/sms", receiver.port),
+            )]
+            .into(),
+        },
+    );
+    let server = Server::start(cfg);
+    let now = now_ms();
+    let sms_customer = (0..200)
+        .map(|i| format!("c-sms-{i}"))
+        .find(|c| nudge::decide::bucket(c, "low-balance") >= 20)
+        .unwrap();
+    let events = vec![
+        json!({"type": "track", "userId": "c-hook-1", "messageId": "m-hook-1", "timestamp": ts(now),
+            "event": "Loan Applied", "properties": {"amount": 1000}}),
+        json!({"type": "identify", "userId": sms_customer, "messageId": "m-sms-0", "timestamp": ts(now),
+            "traits": {"phone": "+61400000001", "consent_sms": true}}),
+        json!({"type": "track", "userId": sms_customer, "messageId": "m-sms-1", "timestamp": ts(now),
+            "event": "Card Declined", "properties": {"reason": "insufficient_funds"}}),
+    ];
+    let r = server.post("/v1/batch", Some(AUTH), &[], batch(&events));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let hook = eventually(Duration::from_secs(20), "the webhook", || {
+        receiver
+            .requests()
+            .into_iter()
+            .find(|r| r["path"] == "/hook")
+    });
+    let key = hook["headers"]["idempotency-key"].as_str().unwrap();
+    assert!(key.starts_with("nd-"), "{hook}");
+    let body: Value = serde_json::from_str(hook["body"].as_str().unwrap()).unwrap();
+    assert_eq!(body["customer"], "c-hook-1");
+    assert_eq!(
+        body["subject"],
+        "A loan application: tell the partner system."
+    );
+    // The SMS went nowhere: refused before any connection, dead-lettered.
+    let dead = eventually(
+        Duration::from_secs(20),
+        "the refused SMS in the dead letters",
+        || {
+            let r = server.get("/v1/dead-letters", Some(API_TOKEN));
+            r.json()["dead_letters"]
+                .as_array()
+                .and_then(|l| l.iter().find(|d| d["channel"] == "sms").cloned())
+        },
+    );
+    let error = dead["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("may not send HTTP to 127.0.0.2") && error.contains(&granted),
+        "{error}"
+    );
+    assert_eq!(dead["customer"], sms_customer.as_str());
+    assert!(receiver.requests().iter().all(|r| r["path"] != "/sms"));
+    let m = server.get("/metrics", None).body;
+    assert!(
+        m.contains("nudge_deliveries_total{channel=\"sms\",result=\"dead\"} 1"),
+        "{m}"
+    );
+    // An operator retry goes through the same check, and fails the same way.
+    let r = server.post(
+        &format!("/v1/dead-letters/{}/retry", dead["id"].as_str().unwrap()),
+        Some(API_TOKEN),
+        &[],
+        vec![],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(
+        Duration::from_secs(20),
+        "the retried SMS to be refused again",
+        || {
+            let m = server.get("/metrics", None).body;
+            m.contains("nudge_deliveries_total{channel=\"sms\",result=\"dead\"} 2")
+                .then_some(())
+        },
+    );
+    server.stop().unwrap();
+}
+
+#[test]
+fn bad_requests_get_the_right_status_and_a_named_error() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(config(data.path()));
+    let good = |id: &str| {
+        json!({"type": "track", "userId": "c-bad", "messageId": id,
+            "timestamp": "2026-03-01T08:15:02.123456+02:00", "event": "Page Viewed"})
+    };
+    let body = |v: &Value| serde_json::to_vec(v).unwrap();
+    // Authentication.
+    let r = server.post("/v1/track", None, &[], body(&good("a")));
+    assert_eq!(r.status, 401);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("Authorization"));
+    assert_eq!(
+        server
+            .post("/v1/track", Some("Bearer nope"), &[], body(&good("a")))
+            .status,
+        401
+    );
+    // Basic auth with the key as user name, as Segment's SDKs send it.
+    let basic = "Basic d2tfdGVzdDo="; // "wk_test:"
+    assert_eq!(
+        server
+            .post("/v1/track", Some(basic), &[], body(&good("a")))
+            .status,
+        200
+    );
+    // Malformed.
+    let r = server.post("/v1/track", Some(AUTH), &[], b"{not json".to_vec());
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
+    let mut no_user = good("b");
+    no_user.as_object_mut().unwrap().remove("userId");
+    let r = server.post("/v1/batch", Some(AUTH), &[], batch(&[good("c"), no_user]));
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "batch[1]: field `userId`: missing");
+    let mut bad_ts = good("d");
+    bad_ts["timestamp"] = json!("yesterday");
+    let r = server.post("/v1/track", Some(AUTH), &[], body(&bad_ts));
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("timestamp"),
+        "{}",
+        r.body
+    );
+    let r = server.post("/v1/track", Some(AUTH), &[], body(&good(&"x".repeat(101))));
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].as_str().unwrap().contains("messageId"));
+    // Too large: one event over 32 KB, a batch over 500 KB.
+    let mut big = good("e");
+    big["properties"] = json!({"blob": "y".repeat(33 << 10)});
+    let r = server.post("/v1/batch", Some(AUTH), &[], batch(&[big]));
+    assert_eq!(r.status, 413, "{}", r.body);
+    let many: Vec<Value> = (0..40)
+        .map(|i| {
+            let mut e = good(&format!("f{i}"));
+            e["properties"] = json!({"blob": "z".repeat(15 << 10)});
+            e
+        })
+        .collect();
+    let r = server.post("/v1/batch", Some(AUTH), &[], batch(&many));
+    assert_eq!(r.status, 413, "{}", r.body);
+    // Unknown encoding; gzip accepted.
+    let r = server.post(
+        "/v1/track",
+        Some(AUTH),
+        &[("Content-Encoding", "br")],
+        body(&good("g")),
+    );
+    assert_eq!(r.status, 415);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(&batch(&[good("h"), good("i")])).unwrap();
+    let r = server.post(
+        "/v1/batch",
+        Some(AUTH),
+        &[("Content-Encoding", "gzip")],
+        gz.finish().unwrap(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["accepted"], 2);
+    // Nothing refused was stored: three events accepted in all.
+    wait_processed(&server, 3.0);
+    assert_eq!(server.metric("nudge_events_accepted_total"), 3.0);
+    let m = server.get("/metrics", None).body;
+    assert!(
+        m.contains("nudge_ingest_rejected_requests_total{status=\"413\"} 2"),
+        "{m}"
+    );
+    assert_eq!(server.get("/v1/nowhere", None).status, 404);
+    server.stop().unwrap();
+}
+
+#[test]
+fn a_timer_due_while_the_server_was_down_fires_at_start_up_marked_late() {
+    let data = tempfile::tempdir().unwrap();
+    let cfg = config(data.path());
+    let server = Server::start(cfg.clone());
+    // cart-timer sets its timer 30 minutes after the product: due in 1 s.
+    let added = now_ms() - 30 * 60_000 + 1000;
+    let events = [
+        json!({"type": "identify", "userId": "c-cart-1", "messageId": "m-cart-0",
+            "timestamp": ts(added - 1000), "traits": {"email": "cart@example.com"}}),
+        json!({"type": "track", "userId": "c-cart-1", "messageId": "m-cart-1",
+            "timestamp": ts(added), "event": "Product Added"}),
+    ];
+    let r = server.post("/v1/batch", Some(AUTH), &[], batch(&events));
+    assert_eq!(r.status, 200);
+    wait_processed(&server, 2.0);
+    server.stop().unwrap();
+    let before = decisions(data.path());
+    assert!(
+        before.iter().all(|d| d["campaign"] != "cart-abandon"),
+        "decided before the timer fell due: {before:?}"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    let server = Server::start(cfg);
+    eventually(Duration::from_secs(10), "the late timer", || {
+        (server.metric("nudge_timers_late_total") >= 1.0).then_some(())
+    });
+    assert_eq!(server.metric("nudge_timers_fired_total"), 1.0);
+    server.stop().unwrap();
+    let d: Vec<Value> = decisions(data.path())
+        .into_iter()
+        .filter(|d| d["campaign"] == "cart-abandon")
+        .collect();
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0]["trigger"], "m-cart-1");
+    assert_eq!(d[0]["ts"], ts(added + 30 * 60_000));
+}
