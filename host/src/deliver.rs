@@ -18,16 +18,17 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use lettre::message::header::ContentType;
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::Message;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{self, SmtpTls};
+use crate::config;
 use crate::event::format_ts;
 use crate::generation::Current;
+use crate::mail::{MailError, Mailer};
 use crate::metrics::Metrics;
 use crate::plugins::{Call, Fault, Instances, Outbound, Plugin, Recipient, Runtime, Treatment};
 use crate::rules::Campaign;
@@ -157,7 +158,7 @@ enum Attempt {
 
 /// The host's side of sending: SMTP, HTTP and the capability checks.
 struct Senders {
-    smtp: AsyncSmtpTransport<Tokio1Executor>,
+    smtp: Mailer,
     from: lettre::message::Mailbox,
     message_id_domain: String,
     http: reqwest::Client,
@@ -212,21 +213,6 @@ impl Deliverer {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        // lettre's connection pool starts a task of its own when built.
-        let _in_rt = rt.enter();
-        let smtp_err = |e: lettre::transport::smtp::Error| DeliverError::Smtp(e.to_string());
-        let tls = || TlsParameters::new(smtp.host.clone()).map_err(smtp_err);
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&smtp.host)
-            .port(smtp.port)
-            .timeout(Some(smtp.timeout.0));
-        builder = match smtp.tls {
-            SmtpTls::None => builder.tls(Tls::None),
-            SmtpTls::Starttls => builder.tls(Tls::Required(tls()?)),
-            SmtpTls::Tls => builder.tls(Tls::Wrapper(tls()?)),
-        };
-        if let (Some(u), Some(p)) = (&smtp.username, &smtp.password) {
-            builder = builder.credentials(Credentials::new(u.clone(), p.clone()));
-        }
         let from = smtp
             .from
             .parse()
@@ -238,12 +224,11 @@ impl Deliverer {
             .build()
             .map_err(|e| DeliverError::Http(e.to_string()))?;
         let senders = Senders {
-            smtp: builder.build(),
+            smtp: Mailer::new(smtp),
             from,
             message_id_domain: smtp.message_id_domain.clone(),
             http,
         };
-        drop(_in_rt);
         Ok(Deliverer {
             store,
             current,
@@ -268,8 +253,8 @@ impl Deliverer {
     /// Delivers until `input` closes, then returns (what is left stays in
     /// the outbox for the next start).
     pub fn run(mut self, input: Receiver<Input>) -> Result<(), DeliverError> {
-        // The SMTP pool spawns and drops tasks: keep the runtime entered
-        // until the deliverer, pool included, is gone.
+        // Pooled SMTP connections are tokio sockets: keep the runtime
+        // entered until they are dropped with the deliverer.
         let handle = self.rt.handle().clone();
         let _in_rt = handle.enter();
         let result = self.deliver_until_closed(input);
@@ -348,27 +333,50 @@ impl Deliverer {
             jobs.push((d, rendered));
         }
         let senders = &self.senders;
+        let store = &self.store;
         let results: Vec<(Delivery, Attempt)> = self.rt.block_on(async {
-            let sends = jobs.into_iter().map(|(d, rendered)| async move {
-                let attempt = match rendered {
-                    Err(a) => a,
-                    Ok((plugin, out)) => senders.send(&plugin, &d, out).await,
-                };
-                (d, attempt)
-            });
-            futures_util::future::join_all(sends).await
+            let mut sends: FuturesUnordered<_> = jobs
+                .into_iter()
+                .map(|(d, rendered)| async move {
+                    let attempt = match rendered {
+                        Err(a) => a,
+                        Ok((plugin, out)) => senders.send(&plugin, &d, out).await,
+                    };
+                    (d, attempt)
+                })
+                .collect();
+            let mut results = Vec::new();
+            while let Some(first) = sends.next().await {
+                // Marked delivered, on disk, as soon as the receiver has
+                // it: a crash re-sends only what was in flight. Whatever
+                // completed meanwhile shares the one fsync.
+                let mut ready = vec![first];
+                while let Some(Some(more)) = sends.next().now_or_never() {
+                    ready.push(more);
+                }
+                let marked = ready
+                    .iter()
+                    .filter_map(|(d, a)| match a {
+                        Attempt::Done(action) => Some((d, action.as_deref())),
+                        _ => None,
+                    })
+                    .try_for_each(|(d, action)| mark_done(store, d, action))
+                    .and_then(|()| store.sync());
+                for (d, attempt) in ready {
+                    let attempt = match (attempt, &marked) {
+                        (Attempt::Done(_), Err(e)) => {
+                            Attempt::Retry(format!("delivered, but not marked: {e}"))
+                        }
+                        (a, _) => a,
+                    };
+                    results.push((d, attempt));
+                }
+            }
+            results
         });
         for (mut d, attempt) in results {
             match attempt {
-                Attempt::Done(action) => {
-                    let json = action
-                        .as_ref()
-                        .map(|a| serde_json::to_vec(a).unwrap_or_default());
-                    let action_ref = action
-                        .as_deref()
-                        .zip(json.as_deref())
-                        .map(|(a, j)| (a.customer.as_str(), a.id.as_str(), j));
-                    self.store.outbox_done(&d.id, action_ref)?;
+                Attempt::Done(_) => {
                     self.metrics.delivery(&d.channel, "ok");
                     tracing::info!(id = %d.id, customer = %d.customer, campaign = %d.campaign, channel = %d.channel, "delivered");
                     self.pending.remove(&d.id);
@@ -399,9 +407,6 @@ impl Deliverer {
                 }
             }
         }
-        // Done marks durable before the next round, so a crash re-sends
-        // at most one round.
-        self.store.sync()?;
         Ok(())
     }
 
@@ -500,10 +505,14 @@ impl Senders {
             .header(ContentType::TEXT_PLAIN)
             .body(body)
             .map_err(|e| Attempt::Permanent(format!("message: {e}")))?;
-        match self.smtp.send(message).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_permanent() => Err(Attempt::Permanent(format!("smtp: {e}"))),
-            Err(e) => Err(Attempt::Retry(format!("smtp: {e}"))),
+        match self
+            .smtp
+            .send(message.envelope(), &message.formatted())
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(MailError::Permanent(e)) => Err(Attempt::Permanent(e)),
+            Err(MailError::Transient(e)) => Err(Attempt::Retry(e)),
         }
     }
 
@@ -560,6 +569,20 @@ impl Senders {
             Err(Attempt::Retry(format!("http {url}: {status}")))
         }
     }
+}
+
+/// Out of the outbox (and the action onto the agent queue); durable at the
+/// next sync.
+fn mark_done(
+    store: &Store,
+    d: &Delivery,
+    action: Option<&AgentAction>,
+) -> Result<(), crate::store::StoreError> {
+    let json = action.map(|a| serde_json::to_vec(a).unwrap_or_default());
+    let action_ref = action
+        .zip(json.as_deref())
+        .map(|(a, j)| (a.customer.as_str(), a.id.as_str(), j));
+    store.outbox_done(&d.id, action_ref)
 }
 
 fn agent_action(d: &Delivery, id: String, t: Treatment) -> AgentAction {

@@ -24,6 +24,7 @@
 //! - [`api`]: the HTTP routes (axum).
 //! - [`deliver`]: the outbox to the channels: SMTP, allowlisted HTTP, the
 //!   agent queue; retries and dead letters.
+//! - [`mail`]: the SMTP client (pooled, `TCP_NODELAY`).
 //! - [`manifest`]: what a plugin may ask the host to do.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`cli`]: the `nudge` command line.
@@ -37,6 +38,7 @@ pub mod event;
 pub mod generation;
 pub mod inbox;
 pub mod ingest;
+pub mod mail;
 pub mod manifest;
 pub mod metrics;
 pub mod plugins;
