@@ -123,6 +123,7 @@ async fn ingest(s: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body)
             "accepted": ack.accepted,
             "duplicates": ack.duplicates,
             "unattributed": parsed.unattributed,
+            "ignored": parsed.ignored,
         }))
         .into_response(),
         Err(e) => ingest_error(&s, e),

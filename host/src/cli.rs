@@ -102,6 +102,38 @@ enum Command {
         #[arg(long)]
         data: Option<PathBuf>,
     },
+    /// Load generator for the live server: acknowledged events per second,
+    /// acknowledgement and event-to-decision latency.
+    Bench {
+        /// A running server; default: start one here on a free port with a
+        /// fresh store (and `--config`, if given).
+        #[arg(long)]
+        url: Option<String>,
+        /// Write key for `--url` (default: the config's first).
+        #[arg(long, env = "NUDGE_WRITE_KEY")]
+        write_key: Option<String>,
+        /// Configuration of the server started here.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        /// Events per `/v1/batch` request.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Fixed rate in events per second; default: as fast as acknowledged.
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 20_000)]
+        customers: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Rules: validate campaigns and policies against the plugins.
     Rules {
         #[command(subcommand)]
@@ -142,20 +174,25 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn serve(
-    log: &str,
-    config: Option<PathBuf>,
-    listen: Option<std::net::SocketAddr>,
-    data: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let mut cfg = match &config {
+/// The config file, or the defaults; either way with environment overrides.
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(match path {
         Some(path) => Config::load(path)?,
         None => {
             let mut c = Config::default();
             c.apply_env(|k| std::env::var(k).ok());
             c
         }
-    };
+    })
+}
+
+fn serve(
+    log: &str,
+    config: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    data: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut cfg = load_config(config.as_deref())?;
     if let Some(l) = listen {
         cfg.server.listen = l;
     }
@@ -202,6 +239,42 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
             listen,
             data,
         } => serve(log, config, listen, data),
+        Command::Bench {
+            url,
+            write_key,
+            config,
+            events,
+            batch,
+            connections,
+            rate,
+            customers,
+            seed,
+            json,
+        } => {
+            let cfg = load_config(config.as_deref())?;
+            let opts = crate::bench::Options {
+                url,
+                write_key,
+                events,
+                batch,
+                connections,
+                rate,
+                customers,
+                seed,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let report = rt.block_on(crate::bench::run(opts, cfg))?;
+            if json {
+                println!("{}", crate::bench::to_json(&report));
+            } else {
+                println!("{}", report.line());
+            }
+            Ok(())
+        }
         Command::Replay {
             events,
             decisions,

@@ -13,7 +13,7 @@
 //! `Message-ID`, the HTTP `Idempotency-Key`), derived from the decision, so
 //! a retry after a crash is recognisable by the receiver.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,6 +174,8 @@ pub struct Deliverer {
     rt: tokio::runtime::Runtime,
     /// Pending deliveries by id.
     pending: HashMap<String, Delivery>,
+    /// (not before, id) of every pending delivery: the next due is first.
+    schedule: BTreeSet<(i64, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -238,16 +240,26 @@ impl Deliverer {
             metrics,
             rt,
             pending: HashMap::new(),
+            schedule: BTreeSet::new(),
         })
     }
 
     fn add(&mut self, bytes: &[u8]) {
         match serde_json::from_slice::<Delivery>(bytes) {
             Ok(d) => {
-                self.pending.insert(d.id.clone(), d);
+                self.schedule(d);
             }
             Err(e) => tracing::error!("unreadable outbox entry skipped: {e}"),
         }
+    }
+
+    /// Adds or replaces a pending delivery.
+    fn schedule(&mut self, d: Delivery) {
+        if let Some(old) = self.pending.get(&d.id) {
+            self.schedule.remove(&(old.next_at, old.id.clone()));
+        }
+        self.schedule.insert((d.next_at, d.id.clone()));
+        self.pending.insert(d.id.clone(), d);
     }
 
     /// Delivers until `input` closes, then returns (what is left stays in
@@ -276,7 +288,7 @@ impl Deliverer {
             self.metrics
                 .set_queue_depth("outbox", self.pending.len() as i64);
             let now = now_ms();
-            let next = self.pending.values().map(|d| d.next_at).min();
+            let next = self.schedule.first().map(|(t, _)| *t);
             let wait = match next {
                 Some(t) if t <= now => Duration::ZERO,
                 Some(t) => Duration::from_millis((t - now).min(1000) as u64),
@@ -303,17 +315,22 @@ impl Deliverer {
     /// One round: every due delivery (up to the concurrency), at once.
     fn round(&mut self) -> Result<(), DeliverError> {
         let now = now_ms();
-        let mut due: Vec<Delivery> = self
-            .pending
-            .values()
-            .filter(|d| d.next_at <= now)
-            .cloned()
-            .collect();
+        let mut due: Vec<Delivery> = Vec::new();
+        while due.len() < self.cfg.concurrency.max(1) {
+            match self.schedule.first() {
+                Some((t, _)) if *t <= now => {}
+                _ => break,
+            }
+            let Some((_, id)) = self.schedule.pop_first() else {
+                break;
+            };
+            if let Some(d) = self.pending.get(&id) {
+                due.push(d.clone());
+            }
+        }
         if due.is_empty() {
             return Ok(());
         }
-        due.sort_by_key(|d| (d.next_at, d.ts));
-        due.truncate(self.cfg.concurrency.max(1));
         let gen = self.current.load();
         // Render everything first (plugin calls are synchronous), then send
         // everything concurrently.
@@ -394,7 +411,7 @@ impl Deliverer {
                     d.last_error = Some(e);
                     self.metrics.delivery(&d.channel, "retry");
                     self.store.outbox_update(&d.id, &d.to_json())?;
-                    self.pending.insert(d.id.clone(), d);
+                    self.schedule(d);
                 }
                 Attempt::Retry(e) | Attempt::Permanent(e) => {
                     d.attempts += 1;

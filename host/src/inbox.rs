@@ -10,7 +10,7 @@
 //! Memory is bounded: past `max_inflight_events` accepted-but-undecided
 //! events, requests are refused with 503 and `Retry-After`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
@@ -51,6 +51,156 @@ pub struct Inbox {
     max_inflight: usize,
 }
 
+/// One group commit still in the inbox: per shard, the last seq of that
+/// shard in it, and the store keys holding it.
+struct Group {
+    last: Vec<Option<u64>>,
+    keys: Vec<u64>,
+}
+
+/// Groups of the inbox not yet deleted, by first seq.
+#[derive(Clone, Default)]
+pub struct Groups(Arc<Mutex<BTreeMap<u64, Group>>>);
+
+impl Groups {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Group>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, first: u64, last: Vec<Option<u64>>, keys: Vec<u64>) {
+        self.lock().insert(first, Group { last, keys });
+    }
+
+    /// Removes the groups every shard has decided, given the durable
+    /// watermarks (index: shard), and returns their store keys.
+    pub fn take_decided(&self, watermarks: &[Option<u64>]) -> Vec<u64> {
+        let mut groups = self.lock();
+        let done: Vec<u64> = groups
+            .iter()
+            .filter(|(_, Group { last, .. })| {
+                last.iter().enumerate().all(|(shard, l)| match l {
+                    None => true,
+                    Some(l) => watermarks.get(shard).copied().flatten().is_some_and(|w| w >= *l),
+                })
+            })
+            .map(|(first, _)| *first)
+            .collect();
+        done.iter()
+            .filter_map(|f| groups.remove(f))
+            .flat_map(|g| g.keys)
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What start-up found in the inbox.
+pub struct Recovered {
+    /// Acknowledged events not yet decided, in order.
+    pub work: Vec<Work>,
+    /// Above every sequence number used so far.
+    pub next_seq: u64,
+    pub groups: Groups,
+    /// Durable watermarks per shard (of the current shard count).
+    pub watermarks: Vec<Option<u64>>,
+}
+
+/// Reads the inbox at start-up for `shards` workers: the events acknowledged
+/// but not decided before the last stop, to be decided first.
+pub fn recover(store: &Store, shards: usize) -> Result<Recovered, crate::store::StoreError> {
+    let state = store.inbox()?;
+    let old_shards = state.shards.unwrap_or(shards);
+    let marks: HashMap<usize, u64> = state.watermarks.iter().copied().collect();
+    let last_seq = state
+        .groups
+        .iter()
+        .filter_map(|(_, g)| g.last().map(|(s, _)| *s))
+        .chain(marks.values().copied())
+        .max();
+    let mut next_seq = last_seq.map_or(0, |s| s + 1);
+    let mut undecided: Vec<(u64, Event, Vec<u8>)> = Vec::new();
+    let mut per_group: Vec<(u64, Vec<Option<u64>>)> = Vec::new();
+    for (first, group) in state.groups {
+        let mut last = vec![None; shards];
+        for (seq, raw) in group {
+            let event = match std::str::from_utf8(&raw)
+                .map_err(|e| e.to_string())
+                .and_then(|t| Event::parse(t).map_err(|e| e.to_string()))
+            {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(seq, "inbox event unreadable, skipped: {e}");
+                    continue;
+                }
+            };
+            let decided = marks
+                .get(&shard_of(&event.customer, old_shards))
+                .is_some_and(|w| seq <= *w);
+            if !decided {
+                last[shard_of(&event.customer, shards)] = Some(seq);
+                undecided.push((seq, event, raw));
+            }
+        }
+        per_group.push((first, last));
+    }
+    let groups = Groups::default();
+    let mut watermarks = vec![None; shards];
+    if state.shards == Some(shards) {
+        for (shard, w) in &marks {
+            if let Some(slot) = watermarks.get_mut(*shard) {
+                *slot = Some(*w);
+            }
+        }
+        for (first, last) in per_group {
+            if last.iter().all(Option::is_none) {
+                store.remove_inbox_group(first)?;
+            } else {
+                groups.add(first, last, vec![first]);
+            }
+        }
+    } else {
+        // First start, or another worker count than last time: the
+        // undecided events become one new group under the new sharding.
+        let mut renumbered = Vec::with_capacity(undecided.len());
+        let mut last = vec![None; shards];
+        for (_, event, raw) in undecided.drain(..) {
+            last[shard_of(&event.customer, shards)] = Some(next_seq);
+            renumbered.push((next_seq, event, raw));
+            next_seq += 1;
+        }
+        let entries: Vec<(u64, &str, &[u8])> = renumbered
+            .iter()
+            .map(|(s, e, r)| (*s, e.message_id.as_str(), r.as_slice()))
+            .collect();
+        store.reshard_inbox(&entries, shards)?;
+        if let Some((first, _, _)) = renumbered.first() {
+            let keys = entries.chunks(64).map(|c| c[0].0).collect();
+            groups.add(*first, last, keys);
+        }
+        undecided = renumbered;
+    }
+    let work = undecided
+        .into_iter()
+        .map(|(seq, event, _)| Work {
+            seq,
+            event,
+            received: None,
+        })
+        .collect();
+    Ok(Recovered {
+        work,
+        next_seq,
+        groups,
+        watermarks,
+    })
+}
+
 /// Requests queued for the committer, at most (each holds its events'
 /// in-flight reservation, which is the real bound).
 const QUEUED_REQUESTS: usize = 8192;
@@ -65,6 +215,7 @@ impl Inbox {
         store: Store,
         workers: Vec<Sender<Work>>,
         next_seq: u64,
+        groups: Groups,
         inflight: Arc<AtomicUsize>,
         max_inflight: usize,
         metrics: Arc<Metrics>,
@@ -74,7 +225,9 @@ impl Inbox {
             let inflight = inflight.clone();
             std::thread::Builder::new()
                 .name("nudge-inbox".into())
-                .spawn(move || commit_loop(rx, store, workers, next_seq, inflight, metrics))?
+                .spawn(move || {
+                    commit_loop(rx, store, workers, next_seq, groups, inflight, metrics)
+                })?
         };
         Ok((
             Inbox {
@@ -164,6 +317,7 @@ fn commit_loop(
     store: Store,
     workers: Vec<Sender<Work>>,
     mut seq: u64,
+    groups: Groups,
     inflight: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
 ) {
@@ -216,6 +370,7 @@ fn commit_loop(
                 .append_inbox(&entries, now_ms())
                 .map_err(|e| e.to_string()),
         };
+        let keys = written.as_ref().map(Vec::clone).unwrap_or_default();
         drop(entries);
         metrics.group_commit_events.observe(events as f64);
         if let Err(e) = written {
@@ -230,6 +385,11 @@ fn commit_loop(
             continue;
         }
         // Durable: answer everyone, then hand the events on in order.
+
+        // Duplicates are not processed: release their reservation before
+        // anyone hears back.
+        let duplicates = keep.iter().flatten().filter(|k| !**k).count();
+        inflight.fetch_sub(duplicates, Ordering::AcqRel);
         let mut next = first_seq;
         let mut dispatch = Vec::with_capacity(events);
         let mut duplicates_total = 0;
@@ -259,15 +419,21 @@ fn commit_loop(
         }
         metrics.events_accepted.inc_by(dispatch.len() as u64);
         metrics.events_duplicate.inc_by(duplicates_total as u64);
-        // Duplicates are not processed: release their reservation now.
-        inflight.fetch_sub(duplicates_total, Ordering::AcqRel);
+        // Per shard, the group's last event: once every shard's watermark
+        // has passed it, the group can go.
+        let mut last = vec![None; shards];
         for w in dispatch {
             let shard = shard_of(&w.event.customer, shards);
+            last[shard] = Some(w.seq);
             if workers[shard].send(w).is_err() {
                 // A worker stopped (it logged why); the event stays in the
-                // inbox and is decided at the next start.
+                // inbox (its shard's watermark is below it) and is decided
+                // at the next start.
                 inflight.fetch_sub(1, Ordering::AcqRel);
             }
+        }
+        if last.iter().any(Option::is_some) {
+            groups.add(first_seq, last, keys);
         }
     }
 }
@@ -310,6 +476,7 @@ mod tests {
             store.clone(),
             vec![tx],
             0,
+            Groups::default(),
             inflight,
             3,
             Arc::new(Metrics::new()),
@@ -327,7 +494,9 @@ mod tests {
             }
         );
         // On disk before the acknowledgement, in order.
-        let stored: Vec<u64> = store.inbox().unwrap().into_iter().map(|(s, _)| s).collect();
+        let state = store.inbox().unwrap();
+        assert_eq!(state.groups.len(), 1);
+        let stored: Vec<u64> = state.groups[0].1.iter().map(|(s, _)| *s).collect();
         assert_eq!(stored, vec![0, 1]);
         let busy = inbox
             .submit(events(&["c", "d"]), Instant::now())
@@ -354,5 +523,50 @@ mod tests {
             .unwrap_err();
         assert_eq!(closed.status(), 503);
         committer.join().unwrap();
+        // Undecided: start-up finds both, in order.
+        let r = recover(&store, 1).unwrap();
+        let again: Vec<String> = r.work.iter().map(|w| w.event.message_id.clone()).collect();
+        assert_eq!(again, ["a", "b"]);
+        assert!(r.next_seq >= 2);
+    }
+
+    #[test]
+    fn watermarks_decide_what_start_up_replays_and_which_groups_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.set_inbox_shards(2).unwrap();
+        let ids = ["a", "b", "c", "d", "e", "f"];
+        let evs = events(&ids);
+        let entries: Vec<(u64, &str, &[u8])> = evs
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i as u64, e.event.message_id.as_str(), e.raw.as_slice()))
+            .collect();
+        store.append_inbox(&entries, 0).unwrap();
+        let shard: Vec<usize> = evs.iter().map(|e| shard_of(&e.event.customer, 2)).collect();
+        assert!(shard.contains(&0) && shard.contains(&1), "both shards used");
+        // Shard 0 decided through all its events, shard 1 through none.
+        let last0 = (0..ids.len()).filter(|i| shard[*i] == 0).max().unwrap() as u64;
+        let mut c = crate::store::Changes::new();
+        c.inbox_watermark(0, last0);
+        store.commit(c);
+        store.flush().unwrap();
+        let r = recover(&store, 2).unwrap();
+        let want: Vec<&str> = (0..ids.len()).filter(|i| shard[*i] == 1).map(|i| ids[i]).collect();
+        let got: Vec<&str> = r.work.iter().map(|w| w.event.message_id.as_str()).collect();
+        assert_eq!(got, want);
+        assert_eq!(r.groups.len(), 1);
+        // The group goes once shard 1 passes its last event too.
+        let mut marks = r.watermarks.clone();
+        assert!(r.groups.take_decided(&marks).is_empty());
+        marks[1] = Some(ids.len() as u64 - 1);
+        assert_eq!(r.groups.take_decided(&marks), vec![0]);
+        // Another worker count: the undecided events are renumbered into
+        // one group above every number used before, and found again.
+        let r = recover(&store, 3).unwrap();
+        assert_eq!(r.work.len(), want.len());
+        assert!(r.work.iter().all(|w| w.seq >= ids.len() as u64));
+        let r = recover(&store, 3).unwrap();
+        assert_eq!(r.work.len(), want.len(), "resharding lost or doubled events");
     }
 }

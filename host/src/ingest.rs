@@ -76,7 +76,14 @@ pub struct Parsed {
     /// Events with only an `anonymousId`: acknowledged, but there is no
     /// customer to decide for.
     pub unattributed: usize,
+    /// Valid Segment calls Nudge does not act on (`page`, `screen`,
+    /// `group`, `alias`): acknowledged, so an SDK's batch is not refused
+    /// for them, and counted.
+    pub ignored: usize,
 }
+
+/// Segment call types that are valid but carry nothing to decide on.
+const IGNORED_TYPES: &[&str] = &["page", "screen", "group", "alias"];
 
 /// Checks `Authorization`: HTTP Basic with the write key as user name (how
 /// Segment's SDKs send it) or `Bearer <write key>`. No keys configured:
@@ -209,56 +216,85 @@ pub fn parse(
     now_ms: i64,
     ids: &MessageIds,
 ) -> Result<Parsed, IngestError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| IngestError::Malformed(format!("body is not valid JSON: {e}")))?;
     let mut out = Parsed::default();
+    let text = std::str::from_utf8(body)
+        .map_err(|e| IngestError::Malformed(format!("body is not UTF-8: {e}")))?;
     match endpoint {
         Endpoint::Batch => {
-            let Value::Object(mut top) = value else {
-                return Err(IngestError::Malformed(
-                    "body must be a JSON object with a `batch` array".into(),
-                ));
-            };
-            let items = match top.remove("batch") {
-                Some(Value::Array(a)) => a,
-                Some(_) => {
-                    return Err(IngestError::Malformed(
-                        "field `batch` must be an array".into(),
-                    ))
-                }
-                None => return Err(IngestError::Malformed("field `batch` is missing".into())),
-            };
+            // The events stay as the client wrote them (no re-encoding):
+            // each is checked against Segment's per-event limit as sent.
+            let items = batch_items(text)?;
             out.events.reserve(items.len());
-            for (i, item) in items.into_iter().enumerate() {
-                let Value::Object(m) = item else {
-                    return Err(IngestError::Malformed(format!(
-                        "batch[{i}]: must be an object"
+            for (i, raw) in items.into_iter().enumerate() {
+                let at = || format!("batch[{i}]");
+                let raw = raw.get();
+                if raw.len() > limits.max_event_bytes {
+                    return Err(IngestError::TooLarge(format!(
+                        "{}: event is {} bytes, over the {}-byte limit",
+                        at(),
+                        raw.len(),
+                        limits.max_event_bytes
                     )));
-                };
-                accept(
-                    &format!("batch[{i}]"),
-                    m,
-                    None,
-                    limits,
-                    now_ms,
-                    ids,
-                    &mut out,
-                )?;
+                }
+                // Fast path: a complete event, as SDKs send them.
+                match Event::parse(raw) {
+                    Ok(event) if event.message_id.chars().count() <= limits.max_message_id => {
+                        out.events.push(Incoming {
+                            event,
+                            raw: raw.as_bytes().to_vec(),
+                        })
+                    }
+                    // Defaults to fill in, an anonymous event, or an error
+                    // to name precisely.
+                    _ => {
+                        let m = match serde_json::from_str::<Value>(raw) {
+                            Ok(Value::Object(m)) => m,
+                            _ => {
+                                return Err(IngestError::Malformed(format!(
+                                    "{}: must be an object",
+                                    at()
+                                )))
+                            }
+                        };
+                        accept(&at(), m, None, limits, now_ms, ids, &mut out)?;
+                    }
+                }
             }
         }
         Endpoint::Track | Endpoint::Identify => {
+            let value: Value = serde_json::from_str(text)
+                .map_err(|e| IngestError::Malformed(format!("body is not valid JSON: {e}")))?;
             let Value::Object(m) = value else {
                 return Err(IngestError::Malformed("body must be a JSON object".into()));
             };
-            let kind = if endpoint == Endpoint::Track {
-                "track"
-            } else {
-                "identify"
-            };
+            let kind = if endpoint == Endpoint::Track { "track" } else { "identify" };
             accept("event", m, Some(kind), limits, now_ms, ids, &mut out)?;
         }
     }
     Ok(out)
+}
+
+/// The elements of a batch body's `batch` array, unparsed.
+fn batch_items(text: &str) -> Result<Vec<&serde_json::value::RawValue>, IngestError> {
+    use serde_json::value::RawValue;
+    #[derive(serde::Deserialize)]
+    struct Top<'a> {
+        #[serde(borrow, default)]
+        batch: Option<&'a RawValue>,
+    }
+    let not_json = |e: serde_json::Error| IngestError::Malformed(format!("body is not valid JSON: {e}"));
+    let top: Top = serde_json::from_str(text).map_err(|e| {
+        if e.is_data() {
+            IngestError::Malformed("body must be a JSON object with a `batch` array".into())
+        } else {
+            not_json(e)
+        }
+    })?;
+    let batch = top
+        .batch
+        .ok_or_else(|| IngestError::Malformed("field `batch` is missing".into()))?;
+    serde_json::from_str::<Vec<&RawValue>>(batch.get())
+        .map_err(|_| IngestError::Malformed("field `batch` must be an array".into()))
 }
 
 fn accept(
@@ -297,6 +333,12 @@ fn accept(
     }
     if matches!(m.get("timestamp"), None | Some(Value::Null)) {
         m.insert("timestamp".into(), Value::String(format_ts(now_ms)));
+    }
+    if let Some(Value::String(t)) = m.get("type") {
+        if IGNORED_TYPES.contains(&t.as_str()) {
+            out.ignored += 1;
+            return Ok(());
+        }
     }
     let anonymous_only = matches!(m.get("userId"), None | Some(Value::Null))
         && matches!(m.get("anonymousId"), Some(Value::String(s)) if !s.is_empty());
@@ -417,6 +459,17 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().starts_with("event.type:"), "{e}");
+    }
+
+    #[test]
+    fn other_segment_calls_are_acknowledged_not_refused() {
+        let ids = MessageIds::new();
+        let body = br#"{"batch":[{"type":"page","anonymousId":"a","name":"Home"},{"type":"track","userId":"c","event":"E","messageId":"1","timestamp":"2026-01-01T00:00:00Z"},{"type":"alias","previousId":"a","userId":"c"}]}"#;
+        let p = parse(Endpoint::Batch, body, &limits(), 0, &ids).unwrap();
+        assert_eq!((p.events.len(), p.ignored), (1, 2));
+        let bad = br#"{"batch":[{"type":"purchase","userId":"c"}]}"#;
+        let e = parse(Endpoint::Batch, bad, &limits(), 0, &ids).unwrap_err();
+        assert!(e.to_string().starts_with("batch[0]: field `type`"), "{e}");
     }
 
     #[test]

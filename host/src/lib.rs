@@ -27,9 +27,11 @@
 //! - [`mail`]: the SMTP client (pooled, `TCP_NODELAY`).
 //! - [`manifest`]: what a plugin may ask the host to do.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`bench`]: `nudge bench`, the live server's load generator.
 //! - [`cli`]: the `nudge` command line.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod decide;

@@ -85,7 +85,7 @@ impl Metrics {
         );
         registry.register(
             "events_unattributed",
-            "Events with only an anonymousId: acknowledged, no customer to decide for",
+            "Events acknowledged but not decided: only an anonymousId, or a page, screen, group or alias call",
             m.events_unattributed.clone(),
         );
         registry.register(

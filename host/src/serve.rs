@@ -12,9 +12,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Clock, Config};
 use crate::deliver::{self, Deliverer};
-use crate::event::Event;
 use crate::generation::Current;
-use crate::inbox::{Inbox, Work};
+use crate::inbox::{Groups, Inbox, Work};
 use crate::metrics::Metrics;
 use crate::plugins::{Limits, Runtime};
 use crate::replay::{self, PluginSource};
@@ -23,7 +22,7 @@ use crate::worker::Worker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Load(#[from] replay::ReplayError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -45,8 +44,14 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
     }
 }
 
-/// How often the workers' committed changes are written and flushed.
-const PERSIST_EVERY: Duration = Duration::from_millis(10);
+/// How often the workers' committed changes are written and flushed. Longer
+/// collapses more writes of the same keys; it also delays deliveries (which
+/// wait for their decision to be on disk) and widens what a crash makes the
+/// workers decide again (never what it loses: that is the inbox's job).
+const PERSIST_EVERY: Duration = Duration::from_millis(50);
+
+/// Most events a worker takes in one pass.
+const BATCH: usize = 256;
 
 /// How often remembered message ids are swept for expiry.
 const DEDUPE_SWEEP_EVERY: Duration = Duration::from_secs(3600);
@@ -134,35 +139,21 @@ pub async fn run(
     }
 
     // Events acknowledged before a crash and not decided: first in line.
-    let pending = store.inbox()?;
-    let next_seq = pending.last().map_or(0, |(s, _)| s + 1);
-    if !pending.is_empty() {
-        tracing::info!(
-            events = pending.len(),
-            "deciding events acknowledged before the last stop"
-        );
+    let recovered = crate::inbox::recover(&store, workers)?;
+    if !recovered.work.is_empty() {
+        tracing::info!(events = recovered.work.len(), "deciding events acknowledged before the last stop");
     }
-    for (seq, raw) in pending {
-        match std::str::from_utf8(&raw)
-            .map_err(|e| e.to_string())
-            .and_then(|t| Event::parse(t).map_err(|e| e.to_string()))
-        {
-            Ok(event) => {
-                inflight.fetch_add(1, Ordering::AcqRel);
-                let shard = shard_of(&event.customer, workers);
-                let _ = senders[shard].send(Work {
-                    seq,
-                    event,
-                    received: None,
-                });
-            }
-            Err(e) => tracing::error!(seq, "inbox entry unreadable, left in place: {e}"),
-        }
+    for w in recovered.work {
+        inflight.fetch_add(1, Ordering::AcqRel);
+        let shard = shard_of(&w.event.customer, workers);
+        let _ = senders[shard].send(w);
     }
+    let groups = recovered.groups;
     let (inbox, committer) = Inbox::start(
         store.clone(),
         senders,
-        next_seq,
+        recovered.next_seq,
+        groups.clone(),
         inflight.clone(),
         cfg.ingest.max_inflight_events,
         metrics.clone(),
@@ -215,9 +206,10 @@ pub async fn run(
     let persister = {
         let (store, stop, tx) = (store.clone(), stop_persist.clone(), deliver_tx.clone());
         let window = cfg.ingest.dedupe_window.0;
+        let (groups, marks) = (groups.clone(), recovered.watermarks);
         std::thread::Builder::new()
             .name("nudge-persist".into())
-            .spawn(move || persist_loop(store, stop, tx, window))
+            .spawn(move || persist_loop(store, stop, tx, window, groups, marks))
             .map_err(io("persist thread"))?
     };
 
@@ -310,26 +302,38 @@ fn work(
         };
         let gen = current.load();
         match rx.recv_timeout(wait) {
-            Ok(w) => {
-                let timers_at = match clock {
-                    Clock::Wall => now_ms(),
-                    Clock::Event => w.event.ts,
-                };
-                let result = worker
-                    .run_timers(&gen, timers_at, &mut out)
-                    .and_then(|_| worker.handle_event(&gen, &w.event, Some(w.seq), &mut out));
-                if let Err(e) = result {
-                    // Not committed: the event stays in the inbox and is
-                    // decided again at the next start.
-                    tracing::error!(message_id = %w.event.message_id, customer = %w.event.customer, "event not decided: {e}");
+            Ok(first) => {
+                // Whatever else is queued goes in the same pass: one
+                // generation load and one timer check per pass, not per
+                // event.
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter().take(BATCH - 1));
+                if clock == Clock::Wall {
+                    if let Err(e) = worker.run_timers(&gen, now_ms(), &mut out) {
+                        tracing::error!("timers not run: {e}");
+                    }
                 }
-                out.clear();
-                inflight.fetch_sub(1, Ordering::AcqRel);
-                metrics.events_processed.inc();
-                if let Some(r) = w.received {
-                    metrics
-                        .event_to_decision_seconds
-                        .observe(r.elapsed().as_secs_f64());
+                for w in batch {
+                    let mut result = Ok(());
+                    if clock == Clock::Event {
+                        result = worker.run_timers(&gen, w.event.ts, &mut out);
+                    }
+                    let result = result.and_then(|_| {
+                        worker.handle_event(&gen, &w.event, Some(w.seq), &mut out)
+                    });
+                    if let Err(e) = result {
+                        // Not committed: the event stays in the inbox and
+                        // is decided again at the next start.
+                        tracing::error!(message_id = %w.event.message_id, customer = %w.event.customer, "event not decided: {e}");
+                    }
+                    out.clear();
+                    inflight.fetch_sub(1, Ordering::AcqRel);
+                    metrics.events_processed.inc();
+                    if let Some(r) = w.received {
+                        metrics
+                            .event_to_decision_seconds
+                            .observe(r.elapsed().as_secs_f64());
+                    }
                 }
             }
             Err(RecvTimeoutError::Timeout) => {
@@ -350,6 +354,8 @@ fn persist_loop(
     stop: Arc<AtomicBool>,
     deliver: Sender<deliver::Input>,
     dedupe_window: Duration,
+    groups: Groups,
+    mut watermarks: Vec<Option<u64>>,
 ) {
     let mut last_sweep = Instant::now();
     loop {
@@ -371,10 +377,22 @@ fn persist_loop(
             continue;
         }
         match store.flush() {
-            Ok(outbox) if !outbox.is_empty() => {
-                let _ = deliver.send(deliver::Input::New(outbox));
+            Ok(persisted) => {
+                if !persisted.outbox.is_empty() {
+                    let _ = deliver.send(deliver::Input::New(persisted.outbox));
+                }
+                for (shard, seq) in persisted.watermarks {
+                    if let Some(w) = watermarks.get_mut(shard) {
+                        *w = Some(seq);
+                    }
+                }
+                // Inbox groups every shard has decided, durably, can go.
+                for first in groups.take_decided(&watermarks) {
+                    if let Err(e) = store.remove_inbox_group(first) {
+                        tracing::warn!("inbox group {first} not removed (start-up will): {e}");
+                    }
+                }
             }
-            Ok(_) => {}
             Err(e) => tracing::error!("persist failed (retrying): {e}"),
         }
         if stopping {

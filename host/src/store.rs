@@ -12,7 +12,9 @@
 //! | `T` due customer `\0` len plugin key | timer queue, ordered by (due, customer) |
 //! | `D` ts customer `\0` campaign | decision log, ordered as the output |
 //! | `V` ts customer `\0` campaign | when that decision converted (its goal event's time) |
-//! | `I` seq | inbox: an acknowledged event not yet decided (live server) |
+//! | `I` seq | inbox: one group commit of acknowledged events, from `seq` on |
+//! | `W` shard | inbox watermark: every event of the shard up to it is decided |
+//! | `Wn` | the shard count the watermarks were written with |
 //! | `M` messageId | when that message id was first accepted (de-duplication) |
 //! | `O` delivery id | outbox: a `sent` decision's delivery, until delivered |
 //! | `L` delivery id | dead letters: deliveries that failed for good |
@@ -33,11 +35,16 @@
 //!
 //! # Acknowledged events
 //!
-//! The live server writes each accepted event to the inbox (`I`), flushed
-//! to disk before the client gets its `200`. The commit of the event's
-//! decision removes its inbox entry in the same batch as the decision and
-//! its outbox entries, so after a crash an event is either decided with all
-//! its effects or still in the inbox, to be decided again on start-up.
+//! The live server writes each group commit of accepted events to the inbox
+//! as one key (`I`), flushed to disk before the clients get their `200`.
+//! Events get increasing sequence numbers, and each worker decides its
+//! shard's events in that order, so one number per shard says what is
+//! decided: the commit of an event's effects sets its shard's watermark
+//! (`W`) in the same batch as its decision and outbox entries. After a crash
+//! an event is decided with all its effects (at or under the watermark) or
+//! not at all (above it: decided again on start-up). A group is deleted
+//! once every shard's watermark has passed its events: one write per group,
+//! not per event, which is what lets acknowledgement keep up with ingest.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -194,6 +201,60 @@ fn inbox_key(seq: u64) -> [u8; 9] {
     let mut k = [b'I'; 9];
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
+}
+
+fn watermark_key(shard: usize) -> [u8; 3] {
+    let s = (shard.min(u16::MAX as usize) as u16).to_be_bytes();
+    [b'W', s[0], s[1]]
+}
+
+const SHARDS_KEY: &[u8] = b"Wn";
+
+/// Largest inbox value written (bytes).
+pub const INBOX_CHUNK: usize = 32 << 10;
+
+/// One group commit of the inbox: (seq, event JSON) in order.
+pub type InboxGroup = Vec<(u64, Vec<u8>)>;
+
+/// The inbox as found at start-up.
+#[derive(Debug, Default)]
+pub struct InboxState {
+    /// Groups by first sequence number.
+    pub groups: Vec<(u64, InboxGroup)>,
+    /// Shard → last decided sequence number.
+    pub watermarks: Vec<(usize, u64)>,
+    /// The shard count the watermarks belong to.
+    pub shards: Option<usize>,
+}
+
+/// What a persist wrote that others wait for.
+#[derive(Debug, Default)]
+pub struct Persisted {
+    /// Outbox entries, now in sled.
+    pub outbox: Vec<Vec<u8>>,
+    /// Inbox watermarks, now in sled: (shard, seq).
+    pub watermarks: Vec<(usize, u64)>,
+}
+
+fn encode_group(events: &[(u64, &str, &[u8])]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(events.iter().map(|e| e.2.len() + 12).sum());
+    for (seq, _, bytes) in events {
+        v.extend_from_slice(&seq.to_be_bytes());
+        v.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        v.extend_from_slice(bytes);
+    }
+    v
+}
+
+fn decode_group(mut v: &[u8]) -> Option<InboxGroup> {
+    let mut out = Vec::new();
+    while !v.is_empty() {
+        let seq = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+        let len = u32::from_be_bytes(v.get(8..12)?.try_into().ok()?) as usize;
+        out.push((seq, v.get(12..12 + len)?.to_vec()));
+        v = &v[12 + len..];
+    }
+    Some(out)
 }
 
 fn tagged(tag: u8, id: &str) -> Vec<u8> {
@@ -423,14 +484,14 @@ impl Store {
     }
 
     /// Writes everything committed so far to sled as one atomic batch, and
-    /// returns the outbox entries it wrote. Workers keep committing
-    /// meanwhile; reads see the changes throughout. Calls must not overlap
-    /// (one thread persists).
-    pub fn persist(&self) -> Result<Vec<Vec<u8>>> {
+    /// returns the outbox entries and inbox watermarks it wrote. Workers keep
+    /// committing meanwhile; reads see the changes throughout. Calls must not
+    /// overlap (one thread persists).
+    pub fn persist(&self) -> Result<Persisted> {
         let dirty = {
             let mut pending = self.lock();
             if pending.dirty.is_empty() {
-                return Ok(Vec::new());
+                return Ok(Persisted::default());
             }
             let dirty = Arc::new(std::mem::take(&mut pending.dirty));
             pending.persisting = Some(dirty.clone());
@@ -459,13 +520,19 @@ impl Store {
             }
             return Err(e.into());
         }
-        let mut outbox = Vec::new();
+        let mut persisted = Persisted::default();
         for (k, v) in dirty {
             match k.first() {
                 // Only customer keys are read back; the logs, inbox and
                 // outbox are written here and read by scans.
                 Some(b'c') if !pending.dirty.contains_key(&k) => pending.cache(k, v),
-                Some(b'O') => outbox.extend(v),
+                Some(b'O') => persisted.outbox.extend(v),
+                Some(b'W') if k.len() == 3 => {
+                    let shard = usize::from(u16::from_be_bytes([k[1], k[2]]));
+                    if let Some(seq) = v.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes) {
+                        persisted.watermarks.push((shard, seq));
+                    }
+                }
                 _ => {}
             }
         }
@@ -474,15 +541,15 @@ impl Store {
             micros = started.elapsed().as_micros() as u64,
             "persisted"
         );
-        Ok(outbox)
+        Ok(persisted)
     }
 
-    /// Persists, then waits until it is on disk. Returns the outbox entries
-    /// written, now durable.
-    pub fn flush(&self) -> Result<Vec<Vec<u8>>> {
-        let outbox = self.persist()?;
+    /// Persists, then waits until it is on disk. Returns what it wrote,
+    /// now durable.
+    pub fn flush(&self) -> Result<Persisted> {
+        let persisted = self.persist()?;
         self.db.flush()?;
-        Ok(outbox)
+        Ok(persisted)
     }
 
     /// Waits until everything written to sled is on disk.
@@ -491,14 +558,61 @@ impl Store {
         Ok(())
     }
 
-    /// Records accepted events in the inbox with their message ids, in one
-    /// batch, and waits until it is on disk: then they may be acknowledged.
-    pub fn append_inbox(&self, events: &[(u64, &str, &[u8])], received_ms: i64) -> Result<()> {
+    /// Records one group commit of accepted events in the inbox, with
+    /// their message ids, in one batch, and waits until it is on disk: then
+    /// they may be acknowledged. Events are stored in keys of at most
+    /// [`INBOX_CHUNK`] bytes (sled writes larger values as files of their
+    /// own), each keyed by its first sequence number; returns those numbers.
+    pub fn append_inbox(&self, events: &[(u64, &str, &[u8])], received_ms: i64) -> Result<Vec<u64>> {
         let mut batch = sled::Batch::default();
-        for (seq, message_id, bytes) in events {
-            batch.insert(inbox_key(*seq).as_slice(), *bytes);
+        let mut keys = Vec::new();
+        let mut start = 0;
+        while start < events.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < events.len() && (end == start || bytes + events[end].2.len() + 12 <= INBOX_CHUNK) {
+                bytes += events[end].2.len() + 12;
+                end += 1;
+            }
+            let first = events[start].0;
+            batch.insert(&inbox_key(first)[..], encode_group(&events[start..end]));
+            keys.push(first);
+            start = end;
+        }
+        for (_, message_id, _) in events {
             batch.insert(message_key(message_id), &time_bytes(received_ms)[..]);
         }
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(keys)
+    }
+
+    /// Deletes a group whose events are all decided. Durable at the next
+    /// flush; if lost, start-up finds it decided and deletes it again.
+    pub fn remove_inbox_group(&self, first: u64) -> Result<()> {
+        self.db.remove(inbox_key(first))?;
+        Ok(())
+    }
+
+    /// Records the shard count watermarks are written with.
+    pub fn set_inbox_shards(&self, shards: usize) -> Result<()> {
+        self.db.insert(SHARDS_KEY, &(shards as u64).to_be_bytes()[..])?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Replaces the whole inbox (groups and watermarks) with `events` under
+    /// a new shard count, atomically: for a restart with another number of
+    /// workers.
+    pub fn reshard_inbox(&self, events: &[(u64, &str, &[u8])], shards: usize) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for kv in self.db.scan_prefix(b"I").chain(self.db.scan_prefix(b"W")) {
+            batch.remove(kv?.0);
+        }
+        for chunk in events.chunks(64) {
+            batch.insert(&inbox_key(chunk[0].0)[..], encode_group(chunk));
+        }
+        batch.insert(SHARDS_KEY, &(shards as u64).to_be_bytes()[..]);
         self.db.apply_batch(batch)?;
         self.db.flush()?;
         Ok(())
@@ -524,24 +638,36 @@ impl Store {
         Ok(n)
     }
 
-    /// Every event still in the inbox, in acceptance order.
-    pub fn inbox(&self) -> Result<Vec<(u64, Vec<u8>)>> {
-        self.db
-            .scan_prefix(b"I")
-            .map(|kv| {
-                let (k, v) = kv?;
-                let seq = k
-                    .get(1..9)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes)
-                    .ok_or_else(|| StoreError::Corrupt {
-                        what: "inbox key",
-                        customer: String::new(),
-                        problem: format!("{k:?}"),
-                    })?;
-                Ok((seq, v.to_vec()))
-            })
-            .collect()
+    /// The inbox as it is on disk.
+    pub fn inbox(&self) -> Result<InboxState> {
+        let corrupt = |what: &'static str, k: &[u8]| StoreError::Corrupt {
+            what,
+            customer: String::new(),
+            problem: format!("{k:?}"),
+        };
+        let mut state = InboxState::default();
+        for kv in self.db.scan_prefix(b"I") {
+            let (k, v) = kv?;
+            let first = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| corrupt("inbox key", &k))?;
+            let group = decode_group(&v).ok_or_else(|| corrupt("inbox group", &k))?;
+            state.groups.push((first, group));
+        }
+        for kv in self.db.scan_prefix(b"W") {
+            let (k, v) = kv?;
+            let seq = || -> Option<u64> { Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)) };
+            match (&k[..], seq()) {
+                (SHARDS_KEY, Some(n)) => state.shards = Some(n as usize),
+                ([b'W', a, b], Some(seq)) => {
+                    state.watermarks.push((usize::from(u16::from_be_bytes([*a, *b])), seq))
+                }
+                _ => return Err(corrupt("inbox watermark", &k)),
+            }
+        }
+        Ok(state)
     }
 
     /// Every pending delivery in the outbox.
@@ -706,10 +832,10 @@ impl Changes {
         self.put(k, time_bytes(at).to_vec());
     }
 
-    /// The event `seq` of the inbox is decided: its entry goes with this
-    /// commit.
-    pub fn inbox_done(&mut self, seq: u64) {
-        self.del(inbox_key(seq).to_vec());
+    /// Every inbox event of `shard` up to `seq` is decided, this one's
+    /// effects included in this commit.
+    pub fn inbox_watermark(&mut self, shard: usize, seq: u64) {
+        self.put(watermark_key(shard).to_vec(), seq.to_be_bytes().to_vec());
     }
 
     /// A delivery to make once this commit is durable.

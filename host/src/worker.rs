@@ -391,8 +391,8 @@ impl Worker {
     }
 
     /// Processes `ev` without firing timers first (the caller runs them on
-    /// its clock). `inbox`: the event's inbox entry, removed in the same
-    /// commit as its effects.
+    /// its clock). `inbox`: the event's inbox sequence number, recorded as
+    /// decided in the same commit as its effects.
     pub fn handle_event(
         &mut self,
         gen: &Generation,
@@ -403,7 +403,7 @@ impl Worker {
         self.stats.events += 1;
         let mut changes = Changes::new();
         if let Some(seq) = inbox {
-            changes.inbox_done(seq);
+            changes.inbox_watermark(self.shard, seq);
         }
         let key = match ev.kind {
             Kind::Identify => {

@@ -1,0 +1,365 @@
+//! `nudge bench`: a load generator for the live server. Sends synthetic
+//! bank-retail events through `/v1/batch` over several connections, at full
+//! speed or at a fixed rate, and reports acknowledged events per second,
+//! acknowledgement latency (measured here, per request) and event-to-decision
+//! latency (from the server's own histogram, before and after the run).
+//!
+//! Without `--url` it starts a server in this process on a free loopback
+//! port with a fresh store, so one command measures the whole path.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::event::format_ts;
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// A running server; none: start one in this process.
+    pub url: Option<String>,
+    pub write_key: Option<String>,
+    pub events: usize,
+    pub batch: usize,
+    pub connections: usize,
+    /// Events per second across all connections; none: as fast as acked.
+    pub rate: Option<f64>,
+    pub customers: usize,
+    pub seed: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub events: usize,
+    pub batch: usize,
+    pub connections: usize,
+    pub target_rate: Option<f64>,
+    pub seconds: f64,
+    pub acked_events_per_sec: f64,
+    /// Until the last event was decided: the rate the server sustains.
+    pub decided_seconds: f64,
+    pub decided_events_per_sec: f64,
+    pub ack_p50_ms: f64,
+    pub ack_p99_ms: f64,
+    pub ack_max_ms: f64,
+    /// Upper bounds of the histogram buckets holding the quantiles.
+    pub decision_p50_ms: Option<f64>,
+    pub decision_p99_ms: Option<f64>,
+    /// Requests answered 503 (backpressure) and sent again.
+    pub busy_retries: usize,
+}
+
+impl Report {
+    pub fn line(&self) -> String {
+        let q = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("<= {v:.2}"));
+        format!(
+            "{} events in {:.2} s: {:.0} events/s acknowledged, {:.0} events/s decided; ack p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; event-to-decision p50 {} ms, p99 {} ms; {} busy retries",
+            self.events,
+            self.seconds,
+            self.acked_events_per_sec,
+            self.decided_events_per_sec,
+            self.ack_p50_ms,
+            self.ack_p99_ms,
+            self.ack_max_ms,
+            q(self.decision_p50_ms),
+            q(self.decision_p99_ms),
+            self.busy_retries
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("bench: {0}")]
+    Failed(String),
+    #[error(transparent)]
+    Serve(#[from] crate::serve::ServeError),
+}
+
+fn fail(e: impl std::fmt::Display) -> BenchError {
+    BenchError::Failed(e.to_string())
+}
+
+/// xorshift64*: deterministic events for a given seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The request bodies, built before the clock starts.
+fn bodies(o: &Options, run: &str) -> Vec<Vec<u8>> {
+    let mut rng = Rng(o.seed | 1);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default();
+    let mut events = Vec::with_capacity(o.events);
+    for i in 0..o.events {
+        let c = rng.below(o.customers as u64);
+        let customer = format!("bench-{c}");
+        let ts = format_ts(now + (i / 1000) as i64);
+        let id = format!("{run}-{i}");
+        let ev = match rng.below(20) {
+            0 => json!({"type": "identify", "userId": customer, "messageId": id, "timestamp": ts,
+                "traits": {"email": format!("{customer}@example.com"), "consent_email": rng.below(2) == 0,
+                    "consent_sms": rng.below(2) == 0, "phone": "+61400000000"}}),
+            1..=6 => json!({"type": "track", "userId": customer, "messageId": id, "timestamp": ts,
+                "event": "Deposit Made", "properties": {"amount": (rng.below(30_000) as f64) + 0.5}}),
+            7 => json!({"type": "track", "userId": customer, "messageId": id, "timestamp": ts,
+                "event": "Card Declined", "properties": {"reason": if rng.below(2) == 0 { "insufficient_funds" } else { "other" }}}),
+            8..=9 => json!({"type": "track", "userId": customer, "messageId": id, "timestamp": ts,
+                "event": "Product Added", "properties": {"sku": rng.below(500)}}),
+            _ => json!({"type": "track", "userId": customer, "messageId": id, "timestamp": ts,
+                "event": "Page Viewed", "properties": {"path": if rng.below(4) == 0 { "/mortgages/rates" } else { "/home" }}}),
+        };
+        events.push(ev);
+    }
+    events
+        .chunks(o.batch.max(1))
+        .map(|c| serde_json::to_vec(&json!({ "batch": c })).unwrap_or_default())
+        .collect()
+}
+
+/// Cumulative bucket counts of one histogram: (upper bound, count).
+fn buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    metrics
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&prefix)?;
+            let (le, rest) = rest.split_once("\"}")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, rest.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == name).then(|| v.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+/// The upper bound (in ms) of the bucket holding quantile `q` of the
+/// observations between two scrapes.
+fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+    let deltas: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, n)| {
+            let b = before.iter().find(|(l, _)| l == le).map_or(0.0, |(_, n)| *n);
+            (*le, n - b)
+        })
+        .collect();
+    let total = deltas.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    deltas
+        .iter()
+        .find(|(_, n)| *n >= q * total)
+        .map(|(le, _)| le * 1000.0)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs the load against `o.url`, or against a server started here with
+/// `server` as its configuration (data and listen are replaced).
+pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
+    let mut local = None;
+    let mut _data = None;
+    let url = match &o.url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("nudge-bench-")
+                .tempdir()
+                .map_err(fail)?;
+            server.server.data = dir.path().join("data");
+            _data = Some(dir);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(fail)?;
+            let addr = listener.local_addr().map_err(fail)?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let handle = tokio::spawn(crate::serve::run(server.clone(), listener, async {
+                let _ = stopped.await;
+            }));
+            local = Some((stop, handle));
+            format!("http://{addr}")
+        }
+    };
+    let key = o
+        .write_key
+        .clone()
+        .or_else(|| server.ingest.write_keys.first().cloned());
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(o.connections)
+        .build()
+        .map_err(fail)?;
+    // Ready?
+    let started = Instant::now();
+    loop {
+        if let Some((_, handle)) = local.take_if(|(_, h)| h.is_finished()) {
+            handle.await.map_err(fail)??;
+            return Err(fail("the server stopped before it was ready"));
+        }
+        match client.get(format!("{url}/healthz")).send().await {
+            Ok(r) if r.status().is_success() => break,
+            _ if started.elapsed() > Duration::from_secs(60) => {
+                return Err(fail(format!("{url}/healthz did not answer")))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let run_id = format!("bench-{:x}", o.seed ^ started.elapsed().as_nanos() as u64 ^ std::process::id() as u64);
+    let bodies = Arc::new(bodies(&o, &run_id));
+    let scrape = |client: reqwest::Client, url: String| async move {
+        client
+            .get(format!("{url}/metrics"))
+            .send()
+            .await
+            .map_err(fail)?
+            .text()
+            .await
+            .map_err(fail)
+    };
+    let before = scrape(client.clone(), url.clone()).await?;
+    let processed_before = counter(&before, "nudge_events_processed_total");
+
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let per_batch = o.batch.max(1) as f64;
+    let mut tasks = Vec::new();
+    for _ in 0..o.connections.max(1) {
+        let (client, url, key, bodies, next) =
+            (client.clone(), url.clone(), key.clone(), bodies.clone(), next.clone());
+        let rate = o.rate;
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut busy = 0usize;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else { break };
+                if let Some(r) = rate {
+                    // Batch i is due at i * batch / rate seconds.
+                    let due = t0 + Duration::from_secs_f64(i as f64 * per_batch / r);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                loop {
+                    let sent = Instant::now();
+                    let mut req = client.post(format!("{url}/v1/batch")).body(body.clone());
+                    if let Some(k) = &key {
+                        req = req.bearer_auth(k);
+                    }
+                    let resp = req.send().await.map_err(fail)?;
+                    let status = resp.status();
+                    let text = resp.text().await.unwrap_or_default();
+                    if status.as_u16() == 503 {
+                        busy += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    if !status.is_success() {
+                        return Err(fail(format!("batch {i}: {status}: {text}")));
+                    }
+                    lat.push(sent.elapsed().as_secs_f64() * 1000.0);
+                    break;
+                }
+            }
+            Ok::<_, BenchError>((lat, busy))
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut busy = 0;
+    for t in tasks {
+        let (l, b) = t.await.map_err(fail)??;
+        lat.extend(l);
+        busy += b;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    // Every event decided, then the decision latencies are complete.
+    let want = processed_before + o.events as f64;
+    let after = loop {
+        let m = scrape(client.clone(), url.clone()).await?;
+        if counter(&m, "nudge_events_processed_total") >= want {
+            break m;
+        }
+        if t0.elapsed() > Duration::from_secs(600) {
+            return Err(fail("events were acknowledged but not decided within 10 minutes"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let decided_seconds = t0.elapsed().as_secs_f64();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let name = "nudge_event_to_decision_seconds";
+    let (b, a) = (buckets(&before, name), buckets(&after, name));
+    let report = Report {
+        events: o.events,
+        batch: o.batch,
+        connections: o.connections,
+        target_rate: o.rate,
+        seconds,
+        acked_events_per_sec: o.events as f64 / seconds.max(1e-9),
+        decided_seconds,
+        decided_events_per_sec: o.events as f64 / decided_seconds.max(1e-9),
+        ack_p50_ms: percentile(&lat, 0.5),
+        ack_p99_ms: percentile(&lat, 0.99),
+        ack_max_ms: lat.last().copied().unwrap_or(0.0),
+        decision_p50_ms: quantile(&b, &a, 0.5),
+        decision_p99_ms: quantile(&b, &a, 0.99),
+        busy_retries: busy,
+    };
+    if let Some((stop, handle)) = local {
+        let _ = stop.send(());
+        handle.await.map_err(fail)??;
+    }
+    Ok(report)
+}
+
+/// The report as one JSON object.
+pub fn to_json(r: &Report) -> Value {
+    serde_json::to_value(r).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantile_from_bucket_deltas() {
+        let before = vec![(0.001, 10.0), (0.005, 10.0), (f64::INFINITY, 10.0)];
+        let after = vec![(0.001, 60.0), (0.005, 108.0), (f64::INFINITY, 110.0)];
+        // 100 new observations: 50 under 1 ms, 48 under 5 ms, 2 above.
+        assert_eq!(quantile(&before, &after, 0.5), Some(1.0));
+        assert_eq!(quantile(&before, &after, 0.98), Some(5.0));
+        assert_eq!(quantile(&before, &after, 0.99), Some(f64::INFINITY));
+        assert_eq!(quantile(&after, &after, 0.5), None);
+    }
+
+    #[test]
+    fn buckets_parse_the_exposition_format() {
+        let text = "nudge_event_to_decision_seconds_bucket{le=\"0.001\"} 3\nnudge_event_to_decision_seconds_bucket{le=\"+Inf\"} 4\n";
+        let b = buckets(text, "nudge_event_to_decision_seconds");
+        assert_eq!(b, vec![(0.001, 3.0), (f64::INFINITY, 4.0)]);
+    }
+}
