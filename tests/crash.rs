@@ -264,7 +264,16 @@ backoff_max = "200ms"
     }
 
     let store = Store::open(&data).unwrap();
-    assert!(store.inbox().unwrap().is_empty(), "events left undecided");
+    let undecided = nudge::inbox::recover(&store, 2).unwrap().work;
+    assert!(
+        undecided.is_empty(),
+        "{} events left undecided",
+        undecided.len()
+    );
+    assert!(
+        store.inbox().unwrap().groups.is_empty(),
+        "decided inbox groups left behind"
+    );
     assert!(
         store.outbox().unwrap().is_empty(),
         "deliveries left undelivered"

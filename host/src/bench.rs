@@ -140,7 +140,11 @@ fn buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
         .filter_map(|l| {
             let rest = l.strip_prefix(&prefix)?;
             let (le, rest) = rest.split_once("\"}")?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
             Some((le, rest.trim().parse().ok()?))
         })
         .collect()
@@ -162,7 +166,10 @@ fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> 
     let deltas: Vec<(f64, f64)> = after
         .iter()
         .map(|(le, n)| {
-            let b = before.iter().find(|(l, _)| l == le).map_or(0.0, |(_, n)| *n);
+            let b = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, n)| *n);
             (*le, n - b)
         })
         .collect();
@@ -198,7 +205,9 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
                 .map_err(fail)?;
             server.server.data = dir.path().join("data");
             _data = Some(dir);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(fail)?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(fail)?;
             let addr = listener.local_addr().map_err(fail)?;
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
             let handle = tokio::spawn(crate::serve::run(server.clone(), listener, async {
@@ -231,7 +240,10 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
-    let run_id = format!("bench-{:x}", o.seed ^ started.elapsed().as_nanos() as u64 ^ std::process::id() as u64);
+    let run_id = format!(
+        "bench-{:x}",
+        o.seed ^ started.elapsed().as_nanos() as u64 ^ std::process::id() as u64
+    );
     let bodies = Arc::new(bodies(&o, &run_id));
     let scrape = |client: reqwest::Client, url: String| async move {
         client
@@ -251,8 +263,13 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
     let per_batch = o.batch.max(1) as f64;
     let mut tasks = Vec::new();
     for _ in 0..o.connections.max(1) {
-        let (client, url, key, bodies, next) =
-            (client.clone(), url.clone(), key.clone(), bodies.clone(), next.clone());
+        let (client, url, key, bodies, next) = (
+            client.clone(),
+            url.clone(),
+            key.clone(),
+            bodies.clone(),
+            next.clone(),
+        );
         let rate = o.rate;
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -305,7 +322,9 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
             break m;
         }
         if t0.elapsed() > Duration::from_secs(600) {
-            return Err(fail("events were acknowledged but not decided within 10 minutes"));
+            return Err(fail(
+                "events were acknowledged but not decided within 10 minutes",
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };

@@ -80,7 +80,11 @@ impl Groups {
             .filter(|(_, Group { last, .. })| {
                 last.iter().enumerate().all(|(shard, l)| match l {
                     None => true,
-                    Some(l) => watermarks.get(shard).copied().flatten().is_some_and(|w| w >= *l),
+                    Some(l) => watermarks
+                        .get(shard)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|w| w >= *l),
                 })
             })
             .map(|(first, _)| *first)
@@ -370,22 +374,23 @@ fn commit_loop(
                 .append_inbox(&entries, now_ms())
                 .map_err(|e| e.to_string()),
         };
-        let keys = written.as_ref().map(Vec::clone).unwrap_or_default();
         drop(entries);
         metrics.group_commit_events.observe(events as f64);
-        if let Err(e) = written {
-            tracing::error!("inbox write failed, refusing {events} events: {e}");
-            inflight.fetch_sub(events, Ordering::AcqRel);
-            for s in group {
-                let _ = s
-                    .reply
-                    .send(Err(IngestError::Unavailable(format!("store: {e}"))));
+        let keys = match written {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::error!("inbox write failed, refusing {events} events: {e}");
+                inflight.fetch_sub(events, Ordering::AcqRel);
+                for s in group {
+                    let _ = s
+                        .reply
+                        .send(Err(IngestError::Unavailable(format!("store: {e}"))));
+                }
+                seq = first_seq;
+                continue;
             }
-            seq = first_seq;
-            continue;
-        }
+        };
         // Durable: answer everyone, then hand the events on in order.
-
         // Duplicates are not processed: release their reservation before
         // anyone hears back.
         let duplicates = keep.iter().flatten().filter(|k| !**k).count();
@@ -552,7 +557,10 @@ mod tests {
         store.commit(c);
         store.flush().unwrap();
         let r = recover(&store, 2).unwrap();
-        let want: Vec<&str> = (0..ids.len()).filter(|i| shard[*i] == 1).map(|i| ids[i]).collect();
+        let want: Vec<&str> = (0..ids.len())
+            .filter(|i| shard[*i] == 1)
+            .map(|i| ids[i])
+            .collect();
         let got: Vec<&str> = r.work.iter().map(|w| w.event.message_id.as_str()).collect();
         assert_eq!(got, want);
         assert_eq!(r.groups.len(), 1);
@@ -567,6 +575,10 @@ mod tests {
         assert_eq!(r.work.len(), want.len());
         assert!(r.work.iter().all(|w| w.seq >= ids.len() as u64));
         let r = recover(&store, 3).unwrap();
-        assert_eq!(r.work.len(), want.len(), "resharding lost or doubled events");
+        assert_eq!(
+            r.work.len(),
+            want.len(),
+            "resharding lost or doubled events"
+        );
     }
 }

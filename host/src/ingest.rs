@@ -267,7 +267,11 @@ pub fn parse(
             let Value::Object(m) = value else {
                 return Err(IngestError::Malformed("body must be a JSON object".into()));
             };
-            let kind = if endpoint == Endpoint::Track { "track" } else { "identify" };
+            let kind = if endpoint == Endpoint::Track {
+                "track"
+            } else {
+                "identify"
+            };
             accept("event", m, Some(kind), limits, now_ms, ids, &mut out)?;
         }
     }
@@ -282,7 +286,8 @@ fn batch_items(text: &str) -> Result<Vec<&serde_json::value::RawValue>, IngestEr
         #[serde(borrow, default)]
         batch: Option<&'a RawValue>,
     }
-    let not_json = |e: serde_json::Error| IngestError::Malformed(format!("body is not valid JSON: {e}"));
+    let not_json =
+        |e: serde_json::Error| IngestError::Malformed(format!("body is not valid JSON: {e}"));
     let top: Top = serde_json::from_str(text).map_err(|e| {
         if e.is_data() {
             IngestError::Malformed("body must be a JSON object with a `batch` array".into())

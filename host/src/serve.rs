@@ -141,7 +141,10 @@ pub async fn run(
     // Events acknowledged before a crash and not decided: first in line.
     let recovered = crate::inbox::recover(&store, workers)?;
     if !recovered.work.is_empty() {
-        tracing::info!(events = recovered.work.len(), "deciding events acknowledged before the last stop");
+        tracing::info!(
+            events = recovered.work.len(),
+            "deciding events acknowledged before the last stop"
+        );
     }
     for w in recovered.work {
         inflight.fetch_add(1, Ordering::AcqRel);
@@ -318,9 +321,8 @@ fn work(
                     if clock == Clock::Event {
                         result = worker.run_timers(&gen, w.event.ts, &mut out);
                     }
-                    let result = result.and_then(|_| {
-                        worker.handle_event(&gen, &w.event, Some(w.seq), &mut out)
-                    });
+                    let result = result
+                        .and_then(|_| worker.handle_event(&gen, &w.event, Some(w.seq), &mut out));
                     if let Err(e) = result {
                         // Not committed: the event stays in the inbox and
                         // is decided again at the next start.

@@ -563,14 +563,20 @@ impl Store {
     /// they may be acknowledged. Events are stored in keys of at most
     /// [`INBOX_CHUNK`] bytes (sled writes larger values as files of their
     /// own), each keyed by its first sequence number; returns those numbers.
-    pub fn append_inbox(&self, events: &[(u64, &str, &[u8])], received_ms: i64) -> Result<Vec<u64>> {
+    pub fn append_inbox(
+        &self,
+        events: &[(u64, &str, &[u8])],
+        received_ms: i64,
+    ) -> Result<Vec<u64>> {
         let mut batch = sled::Batch::default();
         let mut keys = Vec::new();
         let mut start = 0;
         while start < events.len() {
             let mut end = start;
             let mut bytes = 0;
-            while end < events.len() && (end == start || bytes + events[end].2.len() + 12 <= INBOX_CHUNK) {
+            while end < events.len()
+                && (end == start || bytes + events[end].2.len() + 12 <= INBOX_CHUNK)
+            {
                 bytes += events[end].2.len() + 12;
                 end += 1;
             }
@@ -596,7 +602,8 @@ impl Store {
 
     /// Records the shard count watermarks are written with.
     pub fn set_inbox_shards(&self, shards: usize) -> Result<()> {
-        self.db.insert(SHARDS_KEY, &(shards as u64).to_be_bytes()[..])?;
+        self.db
+            .insert(SHARDS_KEY, &(shards as u64).to_be_bytes()[..])?;
         self.db.flush()?;
         Ok(())
     }
@@ -661,9 +668,9 @@ impl Store {
             let seq = || -> Option<u64> { Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)) };
             match (&k[..], seq()) {
                 (SHARDS_KEY, Some(n)) => state.shards = Some(n as usize),
-                ([b'W', a, b], Some(seq)) => {
-                    state.watermarks.push((usize::from(u16::from_be_bytes([*a, *b])), seq))
-                }
+                ([b'W', a, b], Some(seq)) => state
+                    .watermarks
+                    .push((usize::from(u16::from_be_bytes([*a, *b])), seq)),
                 _ => return Err(corrupt("inbox watermark", &k)),
             }
         }
