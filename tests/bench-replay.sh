@@ -4,10 +4,9 @@
 set -euo pipefail
 runs=${1:-3}
 work=${BENCH_DIR:-target/bench}
-mkdir -p "$work/empty-plugins" "$work/policies-only"
+mkdir -p "$work"
 events=$work/events-20k-30d-s3.jsonl
 [ -s "$events" ] || python3 tests/fixtures/gen.py --customers 20000 --days 30 --seed 3 > "$events"
-cp rules/policies.toml "$work/policies-only/"
 cargo build --release --quiet
 nudge=target/release/nudge
 
@@ -22,7 +21,7 @@ run() { # label, extra args...
 for i in $(seq "$runs"); do
   run full
   run one-worker --workers 1
-  run floor --plugins "$work/empty-plugins" --rules "$work/policies-only"
+  run floor --plugins tests/fixtures/bench-floor/plugins --rules tests/fixtures/bench-floor/rules
 done | python3 -c '
 import sys, statistics
 runs = {}
