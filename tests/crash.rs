@@ -264,7 +264,7 @@ backoff_max = "200ms"
     }
 
     let store = Store::open(&data).unwrap();
-    let undecided = nudge::inbox::recover(&store, 2).unwrap().work;
+    let undecided = nudge::inbox::recover(&store).unwrap().work;
     assert!(
         undecided.is_empty(),
         "{} events left undecided",

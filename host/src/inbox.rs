@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 use crate::event::Event;
 use crate::ingest::{Incoming, IngestError};
 use crate::metrics::Metrics;
-use crate::store::{shard_of, Store};
+use crate::store::{vshard_of, Store};
 
 /// An accepted event on its way to a worker.
 pub struct Work {
@@ -51,10 +51,10 @@ pub struct Inbox {
     max_inflight: usize,
 }
 
-/// One group commit still in the inbox: per shard, the last seq of that
-/// shard in it, and the store keys holding it.
+/// One group commit still in the inbox: per virtual shard, the last seq of
+/// that shard in it, and the store keys holding it.
 struct Group {
-    last: Vec<Option<u64>>,
+    last: BTreeMap<usize, u64>,
     keys: Vec<u64>,
 }
 
@@ -67,25 +67,20 @@ impl Groups {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn add(&self, first: u64, last: Vec<Option<u64>>, keys: Vec<u64>) {
+    fn add(&self, first: u64, last: BTreeMap<usize, u64>, keys: Vec<u64>) {
         self.lock().insert(first, Group { last, keys });
     }
 
-    /// Removes the groups every shard has decided, given the durable
-    /// watermarks (index: shard), and returns their store keys.
-    pub fn take_decided(&self, watermarks: &[Option<u64>]) -> Vec<u64> {
+    /// Removes the groups whose events the durable watermarks (virtual
+    /// shard → seq) have all passed, and returns their store keys.
+    pub fn take_decided(&self, watermarks: &HashMap<usize, u64>) -> Vec<u64> {
         let mut groups = self.lock();
         let done: Vec<u64> = groups
             .iter()
-            .filter(|(_, Group { last, .. })| {
-                last.iter().enumerate().all(|(shard, l)| match l {
-                    None => true,
-                    Some(l) => watermarks
-                        .get(shard)
-                        .copied()
-                        .flatten()
-                        .is_some_and(|w| w >= *l),
-                })
+            .filter(|(_, g)| {
+                g.last
+                    .iter()
+                    .all(|(v, l)| watermarks.get(v).is_some_and(|w| w >= l))
             })
             .map(|(first, _)| *first)
             .collect();
@@ -111,15 +106,14 @@ pub struct Recovered {
     /// Above every sequence number used so far.
     pub next_seq: u64,
     pub groups: Groups,
-    /// Durable watermarks per shard (of the current shard count).
-    pub watermarks: Vec<Option<u64>>,
+    /// Durable watermarks, virtual shard → seq.
+    pub watermarks: HashMap<usize, u64>,
 }
 
-/// Reads the inbox at start-up for `shards` workers: the events acknowledged
-/// but not decided before the last stop, to be decided first.
-pub fn recover(store: &Store, shards: usize) -> Result<Recovered, crate::store::StoreError> {
+/// Reads the inbox at start-up: the events acknowledged but not decided
+/// before the last stop, to be decided first, in order.
+pub fn recover(store: &Store) -> Result<Recovered, crate::store::StoreError> {
     let state = store.inbox()?;
-    let old_shards = state.shards.unwrap_or(shards);
     let marks: HashMap<usize, u64> = state.watermarks.iter().copied().collect();
     let last_seq = state
         .groups
@@ -127,11 +121,10 @@ pub fn recover(store: &Store, shards: usize) -> Result<Recovered, crate::store::
         .filter_map(|(_, g)| g.last().map(|(s, _)| *s))
         .chain(marks.values().copied())
         .max();
-    let mut next_seq = last_seq.map_or(0, |s| s + 1);
-    let mut undecided: Vec<(u64, Event, Vec<u8>)> = Vec::new();
-    let mut per_group: Vec<(u64, Vec<Option<u64>>)> = Vec::new();
+    let groups = Groups::default();
+    let mut work = Vec::new();
     for (first, group) in state.groups {
-        let mut last = vec![None; shards];
+        let mut last = BTreeMap::new();
         for (seq, raw) in group {
             let event = match std::str::from_utf8(&raw)
                 .map_err(|e| e.to_string())
@@ -143,65 +136,28 @@ pub fn recover(store: &Store, shards: usize) -> Result<Recovered, crate::store::
                     continue;
                 }
             };
-            let decided = marks
-                .get(&shard_of(&event.customer, old_shards))
-                .is_some_and(|w| seq <= *w);
-            if !decided {
-                last[shard_of(&event.customer, shards)] = Some(seq);
-                undecided.push((seq, event, raw));
+            let v = vshard_of(&event.customer);
+            if marks.get(&v).is_some_and(|w| seq <= *w) {
+                continue;
             }
+            last.insert(v, seq);
+            work.push(Work {
+                seq,
+                event,
+                received: None,
+            });
         }
-        per_group.push((first, last));
+        if last.is_empty() {
+            store.remove_inbox_group(first)?;
+        } else {
+            groups.add(first, last, vec![first]);
+        }
     }
-    let groups = Groups::default();
-    let mut watermarks = vec![None; shards];
-    if state.shards == Some(shards) {
-        for (shard, w) in &marks {
-            if let Some(slot) = watermarks.get_mut(*shard) {
-                *slot = Some(*w);
-            }
-        }
-        for (first, last) in per_group {
-            if last.iter().all(Option::is_none) {
-                store.remove_inbox_group(first)?;
-            } else {
-                groups.add(first, last, vec![first]);
-            }
-        }
-    } else {
-        // First start, or another worker count than last time: the
-        // undecided events become one new group under the new sharding.
-        let mut renumbered = Vec::with_capacity(undecided.len());
-        let mut last = vec![None; shards];
-        for (_, event, raw) in undecided.drain(..) {
-            last[shard_of(&event.customer, shards)] = Some(next_seq);
-            renumbered.push((next_seq, event, raw));
-            next_seq += 1;
-        }
-        let entries: Vec<(u64, &str, &[u8])> = renumbered
-            .iter()
-            .map(|(s, e, r)| (*s, e.message_id.as_str(), r.as_slice()))
-            .collect();
-        store.reshard_inbox(&entries, shards)?;
-        if let Some((first, _, _)) = renumbered.first() {
-            let keys = entries.chunks(64).map(|c| c[0].0).collect();
-            groups.add(*first, last, keys);
-        }
-        undecided = renumbered;
-    }
-    let work = undecided
-        .into_iter()
-        .map(|(seq, event, _)| Work {
-            seq,
-            event,
-            received: None,
-        })
-        .collect();
     Ok(Recovered {
         work,
-        next_seq,
+        next_seq: last_seq.map_or(0, |s| s + 1),
         groups,
-        watermarks,
+        watermarks: marks,
     })
 }
 
@@ -424,12 +380,13 @@ fn commit_loop(
         }
         metrics.events_accepted.inc_by(dispatch.len() as u64);
         metrics.events_duplicate.inc_by(duplicates_total as u64);
-        // Per shard, the group's last event: once every shard's watermark
-        // has passed it, the group can go.
-        let mut last = vec![None; shards];
+        // Per virtual shard, the group's last event: once every such
+        // watermark has passed it, the group can go.
+        let mut last = BTreeMap::new();
         for w in dispatch {
-            let shard = shard_of(&w.event.customer, shards);
-            last[shard] = Some(w.seq);
+            let v = vshard_of(&w.event.customer);
+            last.insert(v, w.seq);
+            let shard = v % shards;
             if workers[shard].send(w).is_err() {
                 // A worker stopped (it logged why); the event stays in the
                 // inbox (its shard's watermark is below it) and is decided
@@ -437,7 +394,7 @@ fn commit_loop(
                 inflight.fetch_sub(1, Ordering::AcqRel);
             }
         }
-        if last.iter().any(Option::is_some) {
+        if !last.is_empty() {
             groups.add(first_seq, last, keys);
         }
     }
@@ -529,7 +486,7 @@ mod tests {
         assert_eq!(closed.status(), 503);
         committer.join().unwrap();
         // Undecided: start-up finds both, in order.
-        let r = recover(&store, 1).unwrap();
+        let r = recover(&store).unwrap();
         let again: Vec<String> = r.work.iter().map(|w| w.event.message_id.clone()).collect();
         assert_eq!(again, ["a", "b"]);
         assert!(r.next_seq >= 2);
@@ -539,7 +496,6 @@ mod tests {
     fn watermarks_decide_what_start_up_replays_and_which_groups_go() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.set_inbox_shards(2).unwrap();
         let ids = ["a", "b", "c", "d", "e", "f"];
         let evs = events(&ids);
         let entries: Vec<(u64, &str, &[u8])> = evs
@@ -548,37 +504,36 @@ mod tests {
             .map(|(i, e)| (i as u64, e.event.message_id.as_str(), e.raw.as_slice()))
             .collect();
         store.append_inbox(&entries, 0).unwrap();
-        let shard: Vec<usize> = evs.iter().map(|e| shard_of(&e.event.customer, 2)).collect();
-        assert!(shard.contains(&0) && shard.contains(&1), "both shards used");
-        // Shard 0 decided through all its events, shard 1 through none.
-        let last0 = (0..ids.len()).filter(|i| shard[*i] == 0).max().unwrap() as u64;
+        let v: Vec<usize> = evs.iter().map(|e| vshard_of(&e.event.customer)).collect();
+        // The first event's virtual shard decided through all its events,
+        // the others through none.
+        let done = v[0];
+        let last = (0..ids.len()).filter(|i| v[*i] == done).max().unwrap() as u64;
         let mut c = crate::store::Changes::new();
-        c.inbox_watermark(0, last0);
+        c.inbox_watermark(done, last);
         store.commit(c);
         store.flush().unwrap();
-        let r = recover(&store, 2).unwrap();
+        let r = recover(&store).unwrap();
         let want: Vec<&str> = (0..ids.len())
-            .filter(|i| shard[*i] == 1)
+            .filter(|i| v[*i] != done)
             .map(|i| ids[i])
             .collect();
+        assert!(!want.is_empty());
         let got: Vec<&str> = r.work.iter().map(|w| w.event.message_id.as_str()).collect();
         assert_eq!(got, want);
+        assert_eq!(r.next_seq, ids.len() as u64);
         assert_eq!(r.groups.len(), 1);
-        // The group goes once shard 1 passes its last event too.
+        // The group goes once every other virtual shard passes its events.
         let mut marks = r.watermarks.clone();
         assert!(r.groups.take_decided(&marks).is_empty());
-        marks[1] = Some(ids.len() as u64 - 1);
+        for (i, vs) in v.iter().enumerate() {
+            let w = marks.entry(*vs).or_insert(0);
+            *w = (*w).max(i as u64);
+        }
         assert_eq!(r.groups.take_decided(&marks), vec![0]);
-        // Another worker count: the undecided events are renumbered into
-        // one group above every number used before, and found again.
-        let r = recover(&store, 3).unwrap();
-        assert_eq!(r.work.len(), want.len());
-        assert!(r.work.iter().all(|w| w.seq >= ids.len() as u64));
-        let r = recover(&store, 3).unwrap();
-        assert_eq!(
-            r.work.len(),
-            want.len(),
-            "resharding lost or doubled events"
-        );
+        // Watermarks do not depend on the worker count: the same events
+        // are found again, whatever the next start runs with.
+        let again = recover(&store).unwrap();
+        assert_eq!(again.work.len(), want.len());
     }
 }

@@ -139,7 +139,7 @@ pub async fn run(
     }
 
     // Events acknowledged before a crash and not decided: first in line.
-    let recovered = crate::inbox::recover(&store, workers)?;
+    let recovered = crate::inbox::recover(&store)?;
     if !recovered.work.is_empty() {
         tracing::info!(
             events = recovered.work.len(),
@@ -357,7 +357,7 @@ fn persist_loop(
     deliver: Sender<deliver::Input>,
     dedupe_window: Duration,
     groups: Groups,
-    mut watermarks: Vec<Option<u64>>,
+    mut watermarks: std::collections::HashMap<usize, u64>,
 ) {
     let mut last_sweep = Instant::now();
     loop {
@@ -383,11 +383,7 @@ fn persist_loop(
                 if !persisted.outbox.is_empty() {
                     let _ = deliver.send(deliver::Input::New(persisted.outbox));
                 }
-                for (shard, seq) in persisted.watermarks {
-                    if let Some(w) = watermarks.get_mut(shard) {
-                        *w = Some(seq);
-                    }
-                }
+                watermarks.extend(persisted.watermarks);
                 // Inbox groups every shard has decided, durably, can go.
                 for first in groups.take_decided(&watermarks) {
                     if let Err(e) = store.remove_inbox_group(first) {

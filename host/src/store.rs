@@ -12,10 +12,7 @@
 //! | `T` due customer `\0` len plugin key | timer queue, ordered by (due, customer) |
 //! | `D` ts customer `\0` campaign | decision log, ordered as the output |
 //! | `V` ts customer `\0` campaign | when that decision converted (its goal event's time) |
-//! | `I` seq | inbox: one group commit of acknowledged events, from `seq` on |
-//! | `W` shard | inbox watermark: every event of the shard up to it is decided |
-//! | `Wn` | the shard count the watermarks were written with |
-//! | `M` messageId | when that message id was first accepted (de-duplication) |
+//! | `W` vshard | inbox watermark: every event of the virtual shard up to it is decided |
 //! | `O` delivery id | outbox: a `sent` decision's delivery, until delivered |
 //! | `L` delivery id | dead letters: deliveries that failed for good |
 //! | `A` customer `\0` action id | the contact centre's action queue |
@@ -35,16 +32,26 @@
 //!
 //! # Acknowledged events
 //!
-//! The live server writes each group commit of accepted events to the inbox
-//! as one key (`I`), flushed to disk before the clients get their `200`.
-//! Events get increasing sequence numbers, and each worker decides its
-//! shard's events in that order, so one number per shard says what is
-//! decided: the commit of an event's effects sets its shard's watermark
-//! (`W`) in the same batch as its decision and outbox entries. After a crash
-//! an event is decided with all its effects (at or under the watermark) or
-//! not at all (above it: decided again on start-up). A group is deleted
-//! once every shard's watermark has passed its events: one write per group,
-//! not per event, which is what lets acknowledgement keep up with ingest.
+//! The live server keeps its inbox in a second sled instance (`inbox/` in
+//! the store folder), so that acknowledging a request flushes only the
+//! inbox, not the workers' state:
+//!
+//! | key | value |
+//! |---|---|
+//! | `I` seq | one group commit of acknowledged events (≤ 32 KB), from `seq` on |
+//! | `M` messageId | when that message id was first accepted (de-duplication) |
+//!
+//! Each group is flushed to disk before the clients get their `200`. Events
+//! get increasing sequence numbers; customers map onto [`VSHARDS`] virtual
+//! shards, each decided in sequence order by one worker, so one number per
+//! virtual shard says what is decided: the commit of an event's effects sets
+//! its virtual shard's watermark (`W`, in the main store) in the same batch
+//! as its decision and outbox entries. After a crash an event is decided
+//! with all its effects (at or under the watermark) or not at all (above:
+//! decided again on start-up). A group is deleted once the watermarks, on
+//! disk, have passed all its events: one write per group, not per event.
+//! Virtual shards do not depend on the worker count, so a restart with
+//! another count reads the same watermarks.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -130,6 +137,8 @@ impl Pending {
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
+    /// The live server's inbox and message ids (see the module docs).
+    inbox: sled::Db,
     pending: Arc<Mutex<Pending>>,
 }
 
@@ -203,12 +212,10 @@ fn inbox_key(seq: u64) -> [u8; 9] {
     k
 }
 
-fn watermark_key(shard: usize) -> [u8; 3] {
-    let s = (shard.min(u16::MAX as usize) as u16).to_be_bytes();
+fn watermark_key(vshard: usize) -> [u8; 3] {
+    let s = (vshard.min(u16::MAX as usize) as u16).to_be_bytes();
     [b'W', s[0], s[1]]
 }
-
-const SHARDS_KEY: &[u8] = b"Wn";
 
 /// Largest inbox value written (bytes).
 pub const INBOX_CHUNK: usize = 32 << 10;
@@ -221,10 +228,8 @@ pub type InboxGroup = Vec<(u64, Vec<u8>)>;
 pub struct InboxState {
     /// Groups by first sequence number.
     pub groups: Vec<(u64, InboxGroup)>,
-    /// Shard → last decided sequence number.
+    /// Virtual shard → last decided sequence number.
     pub watermarks: Vec<(usize, u64)>,
-    /// The shard count the watermarks belong to.
-    pub shards: Option<usize>,
 }
 
 /// What a persist wrote that others wait for.
@@ -232,7 +237,7 @@ pub struct InboxState {
 pub struct Persisted {
     /// Outbox entries, now in sled.
     pub outbox: Vec<Vec<u8>>,
-    /// Inbox watermarks, now in sled: (shard, seq).
+    /// Inbox watermarks, now in sled: (virtual shard, seq).
     pub watermarks: Vec<(usize, u64)>,
 }
 
@@ -275,10 +280,20 @@ fn action_key(customer: &str, id: &str) -> Vec<u8> {
     k
 }
 
-/// The worker shard that owns `customer`: FNV-1a 64 of the id, modulo
-/// `shards`. Every key of a customer is written by that shard's worker only.
+/// Virtual shards of customers: watermarks are kept per virtual shard, and
+/// a worker owns whole virtual shards ([`shard_of`]).
+pub const VSHARDS: usize = 1024;
+
+/// The virtual shard of `customer`: FNV-1a 64 of the id, modulo [`VSHARDS`].
+pub fn vshard_of(customer: &str) -> usize {
+    (crate::decide::fnv1a64(&[customer.as_bytes()]) % VSHARDS as u64) as usize
+}
+
+/// The worker shard that owns `customer`: its virtual shard modulo
+/// `shards`. Every key of a customer is written by that shard's worker
+/// only, and each virtual shard belongs to one worker.
 pub fn shard_of(customer: &str, shards: usize) -> usize {
-    (crate::decide::fnv1a64(&[customer.as_bytes()]) % shards.max(1) as u64) as usize
+    vshard_of(customer) % shards.max(1)
 }
 
 fn queue_shard(k: &[u8], shards: usize) -> usize {
@@ -311,6 +326,27 @@ fn parse_queue_key(k: &[u8], trigger: &[u8]) -> Option<DueTimer> {
     })
 }
 
+fn open_db(config: sled::Config) -> Result<sled::Db> {
+    let config = config.flush_every_ms(Some(1000));
+    // sled releases its file lock when its last background thread ends,
+    // shortly after the previous handle in this process dropped: wait a
+    // little for it rather than fail a restart.
+    let mut tries = 0;
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::Other
+                    && e.to_string().contains("could not acquire lock")
+                    && tries < 100 =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the store in `dir`, with one timer queue.
     pub fn open(dir: &Path) -> Result<Store> {
@@ -321,29 +357,14 @@ impl Store {
     /// ([`shard_of`]), one per worker.
     pub fn open_sharded(dir: &Path, shards: usize) -> Result<Store> {
         let shards = shards.max(1);
-        let config = sled::Config::new()
-            .path(dir)
-            .cache_capacity(512 << 20)
-            // Durability comes from `persist` + `flush`; the background
-            // flush only bounds how much a crash can lose between them.
-            .flush_every_ms(Some(1000));
-        // sled releases its file lock when its last background thread
-        // ends, shortly after the previous handle in this process dropped:
-        // wait a little for it rather than fail a restart.
-        let mut tries = 0;
-        let db = loop {
-            match config.open() {
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::Other
-                        && e.to_string().contains("could not acquire lock")
-                        && tries < 100 =>
-                {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                other => break other?,
-            }
-        };
+        // Durability comes from `persist` + `flush`; the background flush
+        // only bounds how much a crash can lose between them.
+        let db = open_db(sled::Config::new().path(dir).cache_capacity(512 << 20))?;
+        let inbox = open_db(
+            sled::Config::new()
+                .path(dir.join("inbox"))
+                .cache_capacity(64 << 20),
+        )?;
         let mut timers = vec![BTreeMap::new(); shards];
         for kv in db.scan_prefix(b"T") {
             let (k, v) = kv?;
@@ -352,6 +373,7 @@ impl Store {
         }
         Ok(Store {
             db,
+            inbox,
             pending: Arc::new(Mutex::new(Pending {
                 timers,
                 ..Pending::default()
@@ -528,9 +550,9 @@ impl Store {
                 Some(b'c') if !pending.dirty.contains_key(&k) => pending.cache(k, v),
                 Some(b'O') => persisted.outbox.extend(v),
                 Some(b'W') if k.len() == 3 => {
-                    let shard = usize::from(u16::from_be_bytes([k[1], k[2]]));
+                    let vshard = usize::from(u16::from_be_bytes([k[1], k[2]]));
                     if let Some(seq) = v.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes) {
-                        persisted.watermarks.push((shard, seq));
+                        persisted.watermarks.push((vshard, seq));
                     }
                 }
                 _ => {}
@@ -588,60 +610,35 @@ impl Store {
         for (_, message_id, _) in events {
             batch.insert(message_key(message_id), &time_bytes(received_ms)[..]);
         }
-        self.db.apply_batch(batch)?;
-        self.db.flush()?;
+        self.inbox.apply_batch(batch)?;
+        self.inbox.flush()?;
         Ok(keys)
     }
 
     /// Deletes a group whose events are all decided. Durable at the next
     /// flush; if lost, start-up finds it decided and deletes it again.
     pub fn remove_inbox_group(&self, first: u64) -> Result<()> {
-        self.db.remove(inbox_key(first))?;
-        Ok(())
-    }
-
-    /// Records the shard count watermarks are written with.
-    pub fn set_inbox_shards(&self, shards: usize) -> Result<()> {
-        self.db
-            .insert(SHARDS_KEY, &(shards as u64).to_be_bytes()[..])?;
-        self.db.flush()?;
-        Ok(())
-    }
-
-    /// Replaces the whole inbox (groups and watermarks) with `events` under
-    /// a new shard count, atomically: for a restart with another number of
-    /// workers.
-    pub fn reshard_inbox(&self, events: &[(u64, &str, &[u8])], shards: usize) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for kv in self.db.scan_prefix(b"I").chain(self.db.scan_prefix(b"W")) {
-            batch.remove(kv?.0);
-        }
-        for chunk in events.chunks(64) {
-            batch.insert(&inbox_key(chunk[0].0)[..], encode_group(chunk));
-        }
-        batch.insert(SHARDS_KEY, &(shards as u64).to_be_bytes()[..]);
-        self.db.apply_batch(batch)?;
-        self.db.flush()?;
+        self.inbox.remove(inbox_key(first))?;
         Ok(())
     }
 
     /// Whether `message_id` was accepted before (and not yet forgotten).
     pub fn seen_message(&self, message_id: &str) -> Result<bool> {
-        Ok(self.db.contains_key(message_key(message_id))?)
+        Ok(self.inbox.contains_key(message_key(message_id))?)
     }
 
     /// Forgets message ids accepted before `before_ms`; returns how many.
     pub fn forget_messages(&self, before_ms: i64) -> Result<usize> {
         let mut batch = sled::Batch::default();
         let mut n = 0;
-        for kv in self.db.scan_prefix(b"M") {
+        for kv in self.inbox.scan_prefix(b"M") {
             let (k, v) = kv?;
             if time_from(&v).is_some_and(|t| t < before_ms) {
                 batch.remove(k);
                 n += 1;
             }
         }
-        self.db.apply_batch(batch)?;
+        self.inbox.apply_batch(batch)?;
         Ok(n)
     }
 
@@ -653,7 +650,7 @@ impl Store {
             problem: format!("{k:?}"),
         };
         let mut state = InboxState::default();
-        for kv in self.db.scan_prefix(b"I") {
+        for kv in self.inbox.scan_prefix(b"I") {
             let (k, v) = kv?;
             let first = k
                 .get(1..9)
@@ -667,7 +664,6 @@ impl Store {
             let (k, v) = kv?;
             let seq = || -> Option<u64> { Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)) };
             match (&k[..], seq()) {
-                (SHARDS_KEY, Some(n)) => state.shards = Some(n as usize),
                 ([b'W', a, b], Some(seq)) => state
                     .watermarks
                     .push((usize::from(u16::from_be_bytes([*a, *b])), seq)),
@@ -839,10 +835,10 @@ impl Changes {
         self.put(k, time_bytes(at).to_vec());
     }
 
-    /// Every inbox event of `shard` up to `seq` is decided, this one's
-    /// effects included in this commit.
-    pub fn inbox_watermark(&mut self, shard: usize, seq: u64) {
-        self.put(watermark_key(shard).to_vec(), seq.to_be_bytes().to_vec());
+    /// Every inbox event of virtual shard `vshard` up to `seq` is decided,
+    /// this one's effects included in this commit.
+    pub fn inbox_watermark(&mut self, vshard: usize, seq: u64) {
+        self.put(watermark_key(vshard).to_vec(), seq.to_be_bytes().to_vec());
     }
 
     /// A delivery to make once this commit is durable.

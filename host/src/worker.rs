@@ -403,7 +403,7 @@ impl Worker {
         self.stats.events += 1;
         let mut changes = Changes::new();
         if let Some(seq) = inbox {
-            changes.inbox_watermark(self.shard, seq);
+            changes.inbox_watermark(crate::store::vshard_of(&ev.customer), seq);
         }
         let key = match ev.kind {
             Kind::Identify => {
