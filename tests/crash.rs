@@ -2,7 +2,8 @@
 //! SIGKILL at random moments while a client streams events at it and the
 //! deliverer is sending email to a real SMTP server. Afterwards:
 //!
-//! - every acknowledged event is reflected in the store;
+//! - every acknowledged event is reflected in the store, though each restart
+//!   runs another number of workers;
 //! - every `sent` decision reached the SMTP server, once per idempotency key
 //!   (`Message-ID`); none arrived that was not decided.
 //!
@@ -180,7 +181,7 @@ backoff_max = "200ms"
     let killer = {
         let (child, progress, config) = (child.clone(), progress.clone(), config.clone());
         std::thread::spawn(move || {
-            for (after, ms) in targets {
+            for (n, (after, ms)) in targets.into_iter().enumerate() {
                 while progress.load(Ordering::Acquire) < after {
                     std::thread::sleep(Duration::from_millis(1));
                 }
@@ -188,6 +189,22 @@ backoff_max = "200ms"
                 let mut c = child.lock().unwrap();
                 c.kill().expect("SIGKILL");
                 c.wait().unwrap();
+                // Come back with another worker count each time: the
+                // inbox's watermarks must not depend on it.
+                let text = std::fs::read_to_string(&config).unwrap();
+                let workers = 1 + (n + 2) % 3;
+                let text = text
+                    .lines()
+                    .map(|l| {
+                        if l.starts_with("workers = ") {
+                            format!("workers = {workers}")
+                        } else {
+                            l.to_owned()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                std::fs::write(&config, text).unwrap();
                 *c = start(&config, port);
             }
         })
