@@ -179,7 +179,7 @@ impl Default for Server {
     fn default() -> Self {
         Server {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            data: "nudge-data".into(),
+            data: "nudge-serve-data".into(),
             rules: "rules".into(),
             plugins: None,
             cache: ".nudge-cache".into(),
