@@ -86,13 +86,6 @@ impl Drop for Guard {
     }
 }
 
-fn metric(body: &str, name: &str) -> Option<f64> {
-    body.lines().find_map(|l| {
-        let (k, v) = l.split_once(' ')?;
-        (k == name).then(|| v.parse().ok())?
-    })
-}
-
 #[test]
 fn sigkill_loses_no_acknowledged_event_and_sends_each_email_once() {
     let seed = std::time::SystemTime::now()
@@ -261,8 +254,9 @@ backoff_max = "200ms"
         let body = rt
             .block_on(async { client.get(&metrics_url).send().await?.text().await })
             .unwrap_or_default();
-        let inflight = metric(&body, "nudge_queue_depth{queue=\"inflight_events\"}");
-        let outbox = metric(&body, "nudge_queue_depth{queue=\"outbox\"}");
+        let inflight =
+            nudge::bench::metric_value(&body, "nudge_queue_depth{queue=\"inflight_events\"}");
+        let outbox = nudge::bench::metric_value(&body, "nudge_queue_depth{queue=\"outbox\"}");
         if inflight == Some(0.0) && outbox == Some(0.0) {
             break;
         }

@@ -296,14 +296,7 @@ impl Server {
 
     /// The value of one un-labelled metric.
     pub fn metric(&self, name: &str) -> f64 {
-        self.get("/metrics", None)
-            .body
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                (k == name).then(|| v.parse().ok())?
-            })
-            .unwrap_or(0.0)
+        nudge::bench::metric_value(&self.get("/metrics", None).body, name).unwrap_or(0.0)
     }
 
     /// Graceful shutdown; returns what `run` returned.

@@ -15,9 +15,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::deliver::{self, AgentAction, Delivery};
-use crate::event::format_ts;
+use crate::event::{format_ts, now_ms};
 use crate::ingest::{self, Endpoint, IngestError};
-use crate::serve::{now_ms, Shared};
+use crate::serve::Shared;
 
 type AppState = Arc<Shared>;
 

@@ -101,10 +101,7 @@ impl Rng {
 /// The request bodies, built before the clock starts.
 fn bodies(o: &Options, run: &str) -> Vec<Vec<u8>> {
     let mut rng = Rng(o.seed | 1);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default();
+    let now = crate::event::now_ms();
     let mut events = Vec::with_capacity(o.events);
     for i in 0..o.events {
         let c = rng.below(o.customers as u64);
@@ -150,14 +147,17 @@ fn buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The value of the sample named exactly `name` (labels included, e.g.
+/// `nudge_queue_depth{queue="outbox"}`) in Prometheus text, if present.
+pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == name).then(|| v.parse().ok())?
+    })
+}
+
 fn counter(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            (k == name).then(|| v.parse().ok())?
-        })
-        .unwrap_or(0.0)
+    metric_value(metrics, name).unwrap_or(0.0)
 }
 
 /// The upper bound (in ms) of the bucket holding quantile `q` of the

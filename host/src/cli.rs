@@ -174,6 +174,16 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The async runtime of `serve` and `bench`: two threads for HTTP; the
+/// workers, inbox and persister run on threads of their own.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 /// The config file, or the defaults; either way with environment overrides.
 fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
     Ok(match path {
@@ -209,12 +219,7 @@ fn serve(
     if cfg.ingest.write_keys.is_empty() {
         tracing::warn!("no write keys configured: ingest accepts every request");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    rt.block_on(async {
+    runtime()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(cfg.server.listen)
             .await
             .with_context(|| format!("listening on {}", cfg.server.listen))?;
@@ -262,12 +267,7 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
                 customers,
                 seed,
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            let report = rt.block_on(crate::bench::run(opts, cfg))?;
+            let report = runtime()?.block_on(crate::bench::run(opts, cfg))?;
             if json {
                 println!("{}", crate::bench::to_json(&report));
             } else {

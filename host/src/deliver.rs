@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config;
-use crate::event::format_ts;
+use crate::event::{format_ts, now_ms};
 use crate::generation::Current;
 use crate::mail::{MailError, Mailer};
 use crate::metrics::Metrics;
@@ -194,13 +194,6 @@ pub enum DeliverError {
 pub enum Input {
     /// Outbox entries now durable.
     New(Vec<Vec<u8>>),
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 impl Deliverer {

@@ -163,6 +163,14 @@ pub fn parse_ts(s: &str) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
+/// The wall clock, in ms since the epoch (0 if the clock is before it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
 /// Formats epoch ms as `2026-03-01T08:15:02.123Z`.
 pub fn format_ts(ms: i64) -> String {
     let secs = ms.div_euclid(1000);

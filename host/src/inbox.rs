@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::event::Event;
+use crate::event::{now_ms, Event};
 use crate::ingest::{Incoming, IngestError};
 use crate::metrics::Metrics;
 use crate::store::{vshard_of, Store};
@@ -263,13 +263,6 @@ impl Inbox {
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
 }
 
 fn commit_loop(

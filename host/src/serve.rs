@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Clock, Config};
 use crate::deliver::{self, Deliverer};
+use crate::event::now_ms;
 use crate::generation::Current;
 use crate::inbox::{Groups, Inbox, Work};
 use crate::metrics::Metrics;
@@ -59,13 +60,6 @@ const DEDUPE_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 /// Longest a worker sleeps with nothing to do (wall clock: then it checks
 /// timers).
 const IDLE: Duration = Duration::from_millis(200);
-
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
 
 /// Everything the HTTP handlers reach.
 pub struct Shared {
