@@ -6,7 +6,13 @@ include!("../host/build_guests.rs");
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let faults = build_guests(
-        &["fault-trap", "fault-spin", "fault-membomb"],
+        &[
+            "fault-trap",
+            "fault-spin",
+            "fault-membomb",
+            "test-echo-v1",
+            "test-echo-v2",
+        ],
         &["tests/plugins"],
     );
     let dir = out.join("test-plugins");

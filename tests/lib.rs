@@ -294,7 +294,16 @@ impl Server {
         self.send(req)
     }
 
-    /// The value of one un-labelled metric.
+    pub fn delete(&self, path: &str, auth: Option<&str>) -> Reply {
+        let mut req = self.client.delete(self.url(path));
+        if let Some(a) = auth {
+            req = req.header("Authorization", a);
+        }
+        self.send(req)
+    }
+
+    /// The value of one metric, labels included in `name` as exposed
+    /// (`nudge_decisions_total{outcome="sent"}`); 0 when absent.
     pub fn metric(&self, name: &str) -> f64 {
         nudge::bench::metric_value(&self.get("/metrics", None).body, name).unwrap_or(0.0)
     }

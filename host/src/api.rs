@@ -36,11 +36,12 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/dead-letters/{id}/retry", post(retry_dead_letter))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .merge(crate::admin::routes())
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(state)
 }
 
-fn error(status: StatusCode, message: String) -> Response {
+pub(crate) fn error(status: StatusCode, message: String) -> Response {
     (
         status,
         Json(json!({ "error": message, "status": status.as_u16() })),
@@ -131,7 +132,7 @@ async fn ingest(s: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body)
 }
 
 /// Operator and contact-centre endpoints take `Bearer <api token>`.
-fn check_api(s: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
+pub(crate) fn check_api(s: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
     if s.cfg.api.tokens.is_empty() {
         return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Config, LogFormat};
 use crate::plugins::{Limits, Runtime};
+use crate::reload::load_once;
+use crate::remote::Remote;
 use crate::replay::{self, PluginSource};
 
 #[derive(Parser)]
@@ -139,15 +141,106 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Plugin authoring: scaffold, build, and test a plugin against events.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+    /// A running server's generations, paused campaigns and quarantined
+    /// plugins.
+    Status {
+        /// List every generation, not the latest ten.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Make the generation that was active before the current one active
+    /// again (or `--to N`).
+    Rollback {
+        #[arg(long)]
+        to: Option<u64>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Ask a running server to read its plugins and rules folders now.
+    Reload {
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Pause, resume or list a running server's campaigns (without editing
+    /// their files).
+    Campaign {
+        #[command(subcommand)]
+        command: CampaignCommand,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Release a quarantined plugin without publishing a new version.
+    Release {
+        plugin: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 #[derive(Subcommand)]
 enum RulesCommand {
-    /// Check a rules folder as the server would load it.
+    /// Check a rules folder as the server would load it: every campaign and
+    /// the policies, against the plugins. Exit status 1 on any error.
     Check {
+        /// The rules folder (default: `--rules`, i.e. `rules`).
+        dir: Option<PathBuf>,
         #[command(flatten)]
         sources: Sources,
     },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Create a plugin crate using the SDK, with a test.
+    New {
+        #[arg(long, value_enum)]
+        kind: crate::authoring::Kind,
+        name: String,
+        /// Where to create the crate folder.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The nudge-sdk crate (default: an `sdk/` folder above `--dir`).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Build a plugin crate for wasm32-wasip2; with `--out`, publish it
+    /// there (a server's plugins folder) as NAME.wasm and NAME.toml.
+    Build {
+        /// The crate folder.
+        #[arg(default_value = ".")]
+        path: PathBuf,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run one trigger plugin against a file of events (JSON Lines) and print
+    /// its firings, without a server or campaigns.
+    Test {
+        /// A plugin name (from `--plugins`, or the built-in examples) or a
+        /// path to a `.wasm`.
+        name: String,
+        #[arg(long)]
+        events: PathBuf,
+        /// Also fire timers due up to this time (RFC 3339) after the last
+        /// event.
+        #[arg(long)]
+        until: Option<String>,
+        #[command(flatten)]
+        sources: Sources,
+    },
+}
+
+#[derive(Subcommand)]
+enum CampaignCommand {
+    Pause { id: String },
+    Resume { id: String },
+    List,
 }
 
 fn init_logs(filter: &str, format: LogFormat) {
@@ -312,17 +405,23 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rules {
-            command: RulesCommand::Check { sources },
+            command: RulesCommand::Check { dir, sources },
         } => {
             let runtime = Runtime::new(sources.limits(), Some(sources.cache.clone()))?;
-            let gen = replay::load_generation(
-                &runtime,
-                1,
-                &sources.plugin_source(),
-                &sources.rules,
-                &Default::default(),
-            )
-            .with_context(|| format!("checking {}", sources.rules.display()))?;
+            let rules = dir.unwrap_or_else(|| sources.rules.clone());
+            let src = crate::reload::Sources {
+                plugins: sources.plugin_source(),
+                rules: rules.clone(),
+                grants: Default::default(),
+            };
+            let gen = load_once(&runtime, 1, &src).map_err(|errors| {
+                anyhow::anyhow!(
+                    "{} does not validate ({} errors):\n  {}",
+                    rules.display(),
+                    errors.len(),
+                    errors.join("\n  ")
+                )
+            })?;
             println!(
                 "ok: {} campaigns, {} plugins, {} contact policies",
                 gen.rules.campaigns.len(),
@@ -348,6 +447,67 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::Plugin { command } => match command {
+            PluginCommand::New {
+                kind,
+                name,
+                dir,
+                sdk,
+            } => {
+                let root = crate::authoring::new_plugin(kind, &name, &dir, sdk.as_deref())?;
+                println!("created {}", root.display());
+                println!("  test:    cd {} && cargo test", root.display());
+                println!(
+                    "  build:   nudge plugin build {} --out PLUGINS_FOLDER",
+                    root.display()
+                );
+                Ok(())
+            }
+            PluginCommand::Build { path, out } => {
+                let built = crate::authoring::build_plugin(&path, out.as_deref())?;
+                println!("{}", built.display());
+                Ok(())
+            }
+            PluginCommand::Test {
+                name,
+                events,
+                until,
+                sources,
+            } => {
+                let until = match until {
+                    Some(u) => Some(
+                        crate::event::parse_ts(&u)
+                            .with_context(|| format!("--until {u:?}: not an RFC 3339 time"))?,
+                    ),
+                    None => None,
+                };
+                let run = crate::authoring::test_plugin(
+                    &name,
+                    &sources.plugin_source(),
+                    &events,
+                    until,
+                    sources.limits(),
+                    Some(sources.cache.clone()),
+                )?;
+                crate::authoring::print_test(&run)
+            }
+        },
+        Command::Status { all, remote } => runtime()?.block_on(crate::remote::status(&remote, all)),
+        Command::Rollback { to, remote } => {
+            runtime()?.block_on(crate::remote::rollback(&remote, to))
+        }
+        Command::Reload { remote } => runtime()?.block_on(crate::remote::reload(&remote)),
+        Command::Campaign { command, remote } => {
+            let (action, id) = match &command {
+                CampaignCommand::Pause { id } => ("pause", Some(id.as_str())),
+                CampaignCommand::Resume { id } => ("resume", Some(id.as_str())),
+                CampaignCommand::List => ("list", None),
+            };
+            runtime()?.block_on(crate::remote::campaign(&remote, action, id))
+        }
+        Command::Release { plugin, remote } => {
+            runtime()?.block_on(crate::remote::release(&remote, &plugin))
         }
     }
 }

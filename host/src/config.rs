@@ -68,6 +68,8 @@ pub struct Config {
     pub limits: PluginLimits,
     pub smtp: Smtp,
     pub delivery: Delivery,
+    pub reload: Reload,
+    pub quarantine: Quarantine,
     /// Per-plugin grants and settings that override the plugin's manifest.
     pub plugins: BTreeMap<String, PluginGrant>,
 }
@@ -162,6 +164,54 @@ pub struct Delivery {
     /// Deliveries in flight at once.
     pub concurrency: usize,
     pub http_timeout: Dur,
+}
+
+/// Hot reload of the plugins and rules folders.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Reload {
+    /// Watch the folders and reload on change. Off: reload only on
+    /// `POST /v1/generations/reload`.
+    pub watch: bool,
+    /// How long the folders must be quiet before a change is built.
+    pub debounce: Dur,
+    /// Reload check however quiet the watcher is ("0s": never), for file
+    /// systems without reliable change notices.
+    pub rescan: Dur,
+    /// Good generations kept in memory besides the active one (instant
+    /// rollback); older ones are rebuilt from the store's archive.
+    pub keep: usize,
+}
+
+/// When a plugin that keeps faulting is quarantined with its campaigns.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Quarantine {
+    /// Faults (traps, deadlines, memory, errors returned) of one plugin
+    /// version within `window`; 0: never quarantine.
+    pub faults: usize,
+    pub window: Dur,
+}
+
+impl Default for Reload {
+    fn default() -> Self {
+        Reload {
+            watch: true,
+            debounce: Dur(Duration::from_millis(250)),
+            rescan: Dur(Duration::from_secs(60)),
+            keep: 10,
+        }
+    }
+}
+
+impl Default for Quarantine {
+    fn default() -> Self {
+        let p = crate::controls::QuarantinePolicy::default();
+        Quarantine {
+            faults: p.faults,
+            window: Dur(p.window),
+        }
+    }
 }
 
 /// What the operator grants one plugin, over its manifest.
@@ -308,6 +358,8 @@ mod tests {
             "[limits]",
             "[smtp]",
             "[delivery]",
+            "[reload]",
+            "[quarantine]",
         ] {
             assert!(text.contains(section), "nudge.toml lacks {section}");
         }

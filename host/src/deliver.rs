@@ -472,7 +472,7 @@ impl Senders {
                     body,
                 } => self.http(plugin, &key, method, url, headers, body).await,
                 Outbound::AgentQueue(t) => {
-                    if !plugin.manifest.capabilities.agent_queue {
+                    if !plugin.manifest().capabilities.agent_queue {
                         Err(Attempt::Permanent(format!(
                             "plugin {} is not granted agent_queue",
                             plugin.name
@@ -498,7 +498,7 @@ impl Senders {
         subject: String,
         body: String,
     ) -> Result<(), Attempt> {
-        if !plugin.manifest.capabilities.email {
+        if !plugin.manifest().capabilities.email {
             return Err(Attempt::Permanent(format!(
                 "plugin {} is not granted email",
                 plugin.name
@@ -544,14 +544,14 @@ impl Senders {
         }
         let host = parsed.host_str().unwrap_or_default();
         let port = parsed.port_or_known_default().unwrap_or(0);
-        if !plugin.manifest.allows_http(host, port) {
+        if !plugin.manifest().allows_http(host, port) {
             return Err(Attempt::Permanent(format!(
                 "plugin {} may not send HTTP to {host}:{port} (allowed: {})",
                 plugin.name,
-                if plugin.manifest.capabilities.http.is_empty() {
+                if plugin.manifest().capabilities.http.is_empty() {
                     "none".to_owned()
                 } else {
-                    plugin.manifest.capabilities.http.join(", ")
+                    plugin.manifest().capabilities.http.join(", ")
                 }
             )));
         }

@@ -228,7 +228,8 @@ impl Current {
         self.0.load_full()
     }
 
-    pub fn swap(&self, g: Generation) -> Arc<Generation> {
-        self.0.swap(Arc::new(g))
+    /// Makes `g` the generation of every event that starts from now on.
+    pub fn store(&self, g: Arc<Generation>) {
+        self.0.store(g);
     }
 }

@@ -13,6 +13,10 @@
 //!   compile cache, per-worker instances. Only `plugins` imports wasmtime.
 //! - [`rules`]: campaign and policy files, Rhai expressions.
 //! - [`generation`]: one validated set of plugins and rules, swapped atomically.
+//! - [`reload`]: watching the folders, building, keeping and activating
+//!   generations (hot reload, rollback).
+//! - [`controls`]: paused campaigns and quarantined plugins, over the
+//!   generation in force.
 //! - [`decide`]: the pure decision pipeline. No I/O.
 //! - [`worker`]: one event's way through the house.
 //! - [`report`]: goals, control vs treated, uplift.
@@ -22,18 +26,24 @@
 //! - [`inbox`]: durable acknowledgement by group commit, de-duplication.
 //! - [`serve`]: the live server's threads, start-up recovery and shutdown.
 //! - [`api`]: the HTTP routes (axum).
+//! - [`admin`]: the operator routes over generations, campaigns, quarantine.
 //! - [`deliver`]: the outbox to the channels: SMTP, allowlisted HTTP, the
 //!   agent queue; retries and dead letters.
 //! - [`mail`]: the SMTP client (pooled, `TCP_NODELAY`).
 //! - [`manifest`]: what a plugin may ask the host to do.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`bench`]: `nudge bench`, the live server's load generator.
+//! - [`authoring`]: `nudge plugin new|build|test`, for plugin authors.
+//! - [`remote`]: operator commands against a running server.
 //! - [`cli`]: the `nudge` command line.
 
+pub mod admin;
 pub mod api;
+pub mod authoring;
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod controls;
 pub mod decide;
 pub mod deliver;
 pub mod event;
@@ -44,6 +54,8 @@ pub mod mail;
 pub mod manifest;
 pub mod metrics;
 pub mod plugins;
+pub mod reload;
+pub mod remote;
 pub mod replay;
 pub mod report;
 pub mod rules;

@@ -42,6 +42,14 @@ pub struct Metrics {
     pub event_to_decision_seconds: Histogram,
     pub group_commit_events: Histogram,
     queue_depth: Family<Labels, Gauge<i64, AtomicI64>>,
+    /// The number of the active generation.
+    pub generation_active: Gauge<i64, AtomicI64>,
+    reloads: Family<Labels, Counter>,
+    reload_seconds: Histogram,
+    campaigns_paused: Gauge<i64, AtomicI64>,
+    plugins_quarantined: Family<Labels, Gauge<i64, AtomicI64>>,
+    /// Plugins last reported quarantined, so a release sets theirs to 0.
+    quarantined_names: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -71,6 +79,14 @@ impl Metrics {
                 1.0, 10.0, 100.0, 500.0, 1000.0, 5000.0, 20000.0, 100000.0,
             ]),
             queue_depth: Family::default(),
+            generation_active: Gauge::default(),
+            reloads: Family::default(),
+            reload_seconds: Histogram::new([
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            campaigns_paused: Gauge::default(),
+            plugins_quarantined: Family::default(),
+            quarantined_names: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -144,6 +160,31 @@ impl Metrics {
             "Items waiting, by queue (inflight events, outbox, dead letters)",
             m.queue_depth.clone(),
         );
+        registry.register(
+            "generation_active",
+            "Number of the generation (plugins and rules) in force",
+            m.generation_active.clone(),
+        );
+        registry.register(
+            "reloads",
+            "Reload attempts, by result (activated, rejected, unchanged)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "reload_seconds",
+            "Time to read, build and validate a generation",
+            m.reload_seconds.clone(),
+        );
+        registry.register(
+            "campaigns_paused",
+            "Campaigns paused by an operator",
+            m.campaigns_paused.clone(),
+        );
+        registry.register(
+            "plugin_quarantined",
+            "1 while a plugin version is quarantined for repeated faults",
+            m.plugins_quarantined.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -187,6 +228,33 @@ impl Metrics {
         self.queue_depth
             .get_or_create(&label("queue", queue))
             .set(depth);
+    }
+
+    pub fn reload(&self, result: &str, took: Duration) {
+        self.reloads.get_or_create(&label("result", result)).inc();
+        if result != "unchanged" {
+            self.reload_seconds.observe(took.as_secs_f64());
+        }
+    }
+
+    pub fn set_controls<'a>(&self, paused: usize, quarantined: impl Iterator<Item = &'a str>) {
+        self.campaigns_paused.set(paused as i64);
+        let now: std::collections::BTreeSet<String> = quarantined.map(str::to_owned).collect();
+        let mut last = self
+            .quarantined_names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for gone in last.difference(&now) {
+            self.plugins_quarantined
+                .get_or_create(&label("plugin", gone))
+                .set(0);
+        }
+        for name in &now {
+            self.plugins_quarantined
+                .get_or_create(&label("plugin", name))
+                .set(1);
+        }
+        *last = now;
     }
 
     /// The exposition text.

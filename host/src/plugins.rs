@@ -152,8 +152,13 @@ pub struct Plugin {
     pub hash: String,
     /// Where it was loaded from (a file, or `embedded:NAME`).
     pub source: String,
-    /// What the plugin may ask the host to do, as granted.
-    pub manifest: Manifest,
+    /// What the plugin may ask the host to do, as granted. Set with
+    /// [`Plugin::set_manifest`]: its config is part of the instance key.
+    manifest: Manifest,
+    /// Instances are cached by this: the component's hash and the config
+    /// it is instantiated with (its environment), so a changed manifest
+    /// `[config]` for the same component gets fresh instances.
+    key: String,
     pre: Pre,
 }
 
@@ -169,6 +174,26 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Plugin {
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Replaces the manifest (and with it the instance key).
+    pub fn set_manifest(&mut self, manifest: Manifest) {
+        let mut config = String::new();
+        for (k, v) in &manifest.config {
+            config.push_str(&format!("{}={}\n", k.len(), k));
+            config.push_str(&format!("{}={}\n", v.len(), v));
+        }
+        self.key = format!("{}-{}", self.hash, &hex_sha256(config.as_bytes())[..16]);
+        self.manifest = manifest;
+    }
+
+    /// What worker instances of this plugin are cached by.
+    pub fn instance_key(&self) -> &str {
+        &self.key
+    }
+
     pub fn trigger_info(&self) -> Option<&TriggerInfo> {
         match &self.kind {
             PluginKind::Trigger(t) => Some(t),
@@ -560,6 +585,7 @@ impl Runtime {
                         firings: info.firings,
                     }),
                     contract: "0.1.0",
+                    key: hash.clone(),
                     hash,
                     source: source.to_owned(),
                     manifest: Manifest::default(),
@@ -583,6 +609,7 @@ impl Runtime {
                     version,
                     kind: PluginKind::Response,
                     contract: "0.1.0",
+                    key: hash.clone(),
                     hash,
                     source: source.to_owned(),
                     manifest: Manifest::default(),
@@ -606,6 +633,7 @@ impl Runtime {
                     version,
                     kind: PluginKind::Channel,
                     contract: "0.1.0",
+                    key: hash.clone(),
                     hash,
                     source: source.to_owned(),
                     manifest: Manifest::default(),
@@ -643,10 +671,12 @@ impl Runtime {
                     message: format!("cannot read: {e}"),
                 })?;
                 let mut plugin = self.load(&f.display().to_string(), &bytes)?;
-                plugin.manifest = Manifest::beside(f).map_err(|message| PluginError::Invalid {
-                    source_name: f.display().to_string(),
-                    message: format!("manifest: {message}"),
-                })?;
+                plugin.set_manifest(Manifest::beside(f).map_err(|message| {
+                    PluginError::Invalid {
+                        source_name: f.display().to_string(),
+                        message: format!("manifest: {message}"),
+                    }
+                })?);
                 Ok(plugin)
             })
             .collect()
@@ -794,7 +824,7 @@ struct Instance {
     live: Live,
 }
 
-/// One worker's live instances, keyed by plugin hash. Not shared: each
+/// One worker's live instances, keyed by [`Plugin::instance_key`]. Not shared: each
 /// worker calls its own, so calls never wait on each other.
 pub struct Instances {
     runtime: Arc<Runtime>,
@@ -815,8 +845,15 @@ impl Instances {
         }
     }
 
+    /// Drops the instances of plugins no longer in `keep` (after a
+    /// generation change), so old versions do not hold memory.
+    pub fn retain<'a>(&mut self, keep: impl Iterator<Item = &'a Plugin>) {
+        let keep: std::collections::HashSet<&str> = keep.map(|p| p.key.as_str()).collect();
+        self.live.retain(|k, _| keep.contains(k.as_str()));
+    }
+
     fn instance(&mut self, plugin: &Plugin) -> Result<&mut Instance, Fault> {
-        if !self.live.contains_key(&plugin.hash) {
+        if !self.live.contains_key(&plugin.key) {
             let mut store = self
                 .runtime
                 .new_store(Call::default(), Some(&plugin.manifest));
@@ -828,10 +865,10 @@ impl Instances {
             }
             .map_err(|e| Fault::Instantiate(format!("{e:#}")))?;
             self.live
-                .insert(plugin.hash.clone(), Instance { store, live });
+                .insert(plugin.key.clone(), Instance { store, live });
         }
         self.live
-            .get_mut(&plugin.hash)
+            .get_mut(&plugin.key)
             .ok_or_else(|| Fault::Instantiate("instance vanished".into()))
     }
 
@@ -855,7 +892,7 @@ impl Instances {
     ) -> Result<(T, Effects), Fault> {
         match result {
             Ok(Ok(v)) => {
-                let inst = self.live.get_mut(&plugin.hash);
+                let inst = self.live.get_mut(&plugin.key);
                 let call = inst
                     .map(|i| std::mem::take(&mut i.store.data_mut().call))
                     .unwrap_or_default();
@@ -868,7 +905,7 @@ impl Instances {
                 ))
             }
             Ok(Err(msg)) => {
-                if let Some(i) = self.live.get_mut(&plugin.hash) {
+                if let Some(i) = self.live.get_mut(&plugin.key) {
                     i.store.data_mut().call = Call::default();
                 }
                 Err(Fault::Returned(msg))
@@ -876,7 +913,7 @@ impl Instances {
             Err(e) => {
                 // A trapped store is poisoned: drop it, the next call gets a
                 // fresh instance.
-                self.live.remove(&plugin.hash);
+                self.live.remove(&plugin.key);
                 Err(classify(e, &self.runtime.limits))
             }
         }

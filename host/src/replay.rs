@@ -11,13 +11,10 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::PluginGrant;
 use crate::event::{format_ts, Event, EventError};
-use crate::generation::Generation;
-use crate::manifest::Manifest;
 use crate::plugins::{Limits, PluginError, Runtime};
+use crate::reload::{load_once, Sources};
 use crate::report::{self, Row};
-use crate::rules::{RuleSet, RulesError};
 use crate::store::{shard_of, Store, StoreError};
 use crate::worker::{Conversion, Decision, Stats, Worker, WorkerError};
 
@@ -34,8 +31,10 @@ pub enum ReplayError {
         line: usize,
         message: String,
     },
-    #[error(transparent)]
-    Rules(#[from] RulesError),
+    /// The plugins and rules do not validate together (each error names
+    /// its file, line, field or plugin).
+    #[error("the plugins and rules do not validate:\n  {}", .0.join("\n  "))]
+    Generation(Vec<String>),
     #[error(transparent)]
     Plugin(#[from] PluginError),
     #[error(transparent)]
@@ -58,43 +57,6 @@ pub enum PluginSource {
     Embedded,
     /// Every `*.wasm` in a folder.
     Dir(PathBuf),
-}
-
-/// Loads plugins and rules and checks them against each other. `grants`
-/// (the operator's, by plugin name) override what manifests ask for.
-pub fn load_generation(
-    runtime: &Runtime,
-    number: u64,
-    plugins: &PluginSource,
-    rules: &Path,
-    grants: &BTreeMap<String, PluginGrant>,
-) -> Result<Generation, ReplayError> {
-    let mut loaded = match plugins {
-        PluginSource::Embedded => crate::embedded::EMBEDDED
-            .iter()
-            .map(|(name, bytes, manifest)| {
-                let source = format!("embedded:{name}");
-                let mut p = runtime.load(&source, bytes)?;
-                p.manifest = Manifest::parse(&format!("{source}/nudge-plugin.toml"), manifest)
-                    .map_err(|message| PluginError::Invalid {
-                        source_name: source.clone(),
-                        message,
-                    })?;
-                Ok(p)
-            })
-            .collect::<Result<Vec<_>, PluginError>>()?,
-        PluginSource::Dir(d) => runtime.load_dir(d)?,
-    };
-    for p in &mut loaded {
-        p.manifest = std::mem::take(&mut p.manifest).granted(grants.get(&p.name));
-    }
-    for name in grants.keys() {
-        if !loaded.iter().any(|p| &p.name == name) {
-            tracing::warn!(plugin = %name, "config grants capabilities to a plugin that is not loaded");
-        }
-    }
-    let rules = RuleSet::load(rules)?;
-    Ok(Generation::build(number, loaded, rules)?)
 }
 
 #[derive(Clone, Debug)]
@@ -211,13 +173,12 @@ fn read_lines(path: PathBuf, tx: mpsc::SyncSender<Result<Vec<Parsed>, ReplayErro
 /// fired first, so the outputs are those of one worker, whatever the count.
 pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     let runtime = Arc::new(Runtime::new(opts.limits.clone(), opts.cache.clone())?);
-    let gen = Arc::new(load_generation(
-        &runtime,
-        1,
-        &opts.plugins,
-        &opts.rules,
-        &BTreeMap::new(),
-    )?);
+    let sources = Sources {
+        plugins: opts.plugins.clone(),
+        rules: opts.rules.clone(),
+        grants: BTreeMap::new(),
+    };
+    let gen = Arc::new(load_once(&runtime, 1, &sources).map_err(ReplayError::Generation)?);
     let temp;
     let data_dir = match &opts.data {
         Some(d) => d.clone(),

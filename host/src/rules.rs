@@ -387,35 +387,53 @@ impl EvalScope {
 impl RuleSet {
     /// Loads and validates every campaign and the policies in `dir`.
     pub fn load(dir: &Path) -> Result<RuleSet, RulesError> {
+        let files = rule_files(dir)?
+            .into_iter()
+            .map(|f| {
+                let text = std::fs::read(&f).map_err(|e| format!("cannot read: {e}"));
+                (f, text)
+            })
+            .collect();
+        RuleSet::from_files(dir, files)
+    }
+
+    /// Validates campaigns and policies already read: `files` are the
+    /// `*.toml` of `dir` with their contents (or why they could not be
+    /// read). The hot reloader reads each file once, hashes those bytes and
+    /// parses the same bytes, so a generation's hashes are what it runs.
+    pub fn from_files(
+        dir: &Path,
+        files: Vec<(PathBuf, Result<Vec<u8>, String>)>,
+    ) -> Result<RuleSet, RulesError> {
         let engine = new_engine();
         let mut errors = Vec::new();
         let mut campaigns = Vec::new();
-        let entries = match std::fs::read_dir(dir) {
-            Ok(r) => r,
-            Err(e) => {
-                return Err(RulesError(vec![RuleError {
-                    file: dir.to_owned(),
+        let policies_path = dir.join(POLICIES_FILE);
+        let text = |file: &Path, bytes: &Result<Vec<u8>, String>| match bytes {
+            Ok(b) => String::from_utf8(b.clone()).map_err(|e| {
+                vec![RuleError {
+                    file: file.to_owned(),
                     line: None,
                     field: None,
-                    message: format!("cannot read the rules folder: {e}"),
-                }]))
-            }
+                    message: format!("not UTF-8: {e}"),
+                }]
+            }),
+            Err(message) => Err(vec![RuleError {
+                file: file.to_owned(),
+                line: None,
+                field: None,
+                message: message.clone(),
+            }]),
         };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect();
-        files.sort();
         let mut policies = Policies::default();
-        let policies_path = dir.join(POLICIES_FILE);
-        if policies_path.exists() {
-            match read(&policies_path).and_then(|t| parse_policies(&policies_path, &t)) {
+        if let Some((_, bytes)) = files.iter().find(|(f, _)| *f == policies_path) {
+            match text(&policies_path, bytes).and_then(|t| parse_policies(&policies_path, &t)) {
                 Ok(p) => policies = p,
                 Err(e) => errors.extend(e),
             }
         }
-        for file in files.iter().filter(|f| **f != policies_path) {
-            match read(file).and_then(|t| parse_campaign(&engine, file, &t, &policies)) {
+        for (file, bytes) in files.iter().filter(|(f, _)| *f != policies_path) {
+            match text(file, bytes).and_then(|t| parse_campaign(&engine, file, &t, &policies)) {
                 Ok(c) => campaigns.push(c),
                 Err(e) => errors.extend(e),
             }
@@ -474,15 +492,22 @@ impl RuleSet {
     }
 }
 
-fn read(file: &Path) -> Result<String, Vec<RuleError>> {
-    std::fs::read_to_string(file).map_err(|e| {
-        vec![RuleError {
-            file: file.to_owned(),
+/// The `*.toml` files of a rules folder, sorted.
+pub fn rule_files(dir: &Path) -> Result<Vec<PathBuf>, RulesError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        RulesError(vec![RuleError {
+            file: dir.to_owned(),
             line: None,
             field: None,
-            message: format!("cannot read: {e}"),
-        }]
-    })
+            message: format!("cannot read the rules folder: {e}"),
+        }])
+    })?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 fn toml_error(file: &Path, text: &str, e: toml::de::Error) -> Vec<RuleError> {

@@ -11,20 +11,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{Clock, Config};
+use crate::controls::{Controls, QuarantinePolicy};
 use crate::deliver::{self, Deliverer};
 use crate::event::now_ms;
 use crate::generation::Current;
 use crate::inbox::{Groups, Inbox, Work};
 use crate::metrics::Metrics;
 use crate::plugins::{Limits, Runtime};
-use crate::replay::{self, PluginSource};
+use crate::reload::{Reloader, Sources};
+use crate::replay::PluginSource;
 use crate::store::{shard_of, Store};
 use crate::worker::Worker;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
-    Load(#[from] replay::ReplayError),
+    Reload(#[from] crate::reload::ReloadError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -68,6 +70,7 @@ pub struct Shared {
     pub inbox: Inbox,
     pub metrics: Arc<Metrics>,
     pub current: Arc<Current>,
+    pub reloader: Arc<Reloader>,
     pub ids: crate::ingest::MessageIds,
     pub deliver: std::sync::Mutex<Option<Sender<deliver::Input>>>,
 }
@@ -97,15 +100,38 @@ pub async fn run(
         Some(d) => PluginSource::Dir(d.clone()),
         None => PluginSource::Embedded,
     };
-    let gen = replay::load_generation(&runtime, 1, &source, &cfg.server.rules, &cfg.plugins)?;
-    tracing::info!(
-        plugins = gen.plugins.len(),
-        campaigns = gen.rules.campaigns.len(),
-        "generation 1 loaded"
-    );
-    let current = Arc::new(Current::new(gen));
     let store = Store::open_sharded(&cfg.server.data, workers)?;
     let metrics = Arc::new(Metrics::new());
+    let controls = Arc::new(Controls::new(
+        QuarantinePolicy {
+            faults: cfg.quarantine.faults,
+            window: cfg.quarantine.window.0,
+        },
+        Some(store.clone()),
+        Some(metrics.clone()),
+    )?);
+    let reloader = Reloader::start(
+        runtime.clone(),
+        Sources {
+            plugins: source,
+            rules: cfg.server.rules.clone(),
+            grants: cfg.plugins.clone(),
+        },
+        controls.clone(),
+        Some(store.clone()),
+        Some(metrics.clone()),
+        cfg.reload.keep,
+    )?;
+    let current = reloader.current();
+    {
+        let gen = current.load();
+        tracing::info!(
+            generation = gen.number,
+            plugins = gen.plugins.len(),
+            campaigns = gen.rules.campaigns.len(),
+            "generation loaded"
+        );
+    }
     let inflight = Arc::new(AtomicUsize::new(0));
 
     // Workers.
@@ -121,6 +147,7 @@ pub async fn run(
         worker.live = true;
         worker.mark_late = cfg.server.clock == Clock::Wall;
         worker.metrics = Some(metrics.clone());
+        worker.controls = Some(controls.clone());
         let (current, inflight, metrics) = (current.clone(), inflight.clone(), metrics.clone());
         let clock = cfg.server.clock;
         worker_threads.push(
@@ -210,12 +237,25 @@ pub async fn run(
             .map_err(io("persist thread"))?
     };
 
+    // Hot reload.
+    let stop_watch = Arc::new(AtomicBool::new(false));
+    let watch_thread = if cfg.reload.watch {
+        Some(reloader.watch(
+            cfg.reload.debounce.0,
+            cfg.reload.rescan.0,
+            stop_watch.clone(),
+        )?)
+    } else {
+        None
+    };
+
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         store: store.clone(),
         inbox,
         metrics: metrics.clone(),
         current: current.clone(),
+        reloader: reloader.clone(),
         ids: crate::ingest::MessageIds::new(),
         deliver: std::sync::Mutex::new(Some(deliver_tx)),
     });
@@ -227,8 +267,12 @@ pub async fn run(
         .await
         .map_err(io("http server"));
 
-    // Drain, in order.
+    // Drain, in order. No generation changes from here on.
     tracing::info!("shutting down: draining accepted events");
+    stop_watch.store(true, Ordering::Release);
+    if let Some(t) = watch_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     shared.inbox.close();
     let _ = tokio::task::spawn_blocking(move || {
         let _ = committer.join();
@@ -297,8 +341,12 @@ fn work(
             }
             _ => IDLE,
         };
+        let received = rx.recv_timeout(wait);
+        // Loaded after the wait: an event that arrives after a swap is
+        // decided by the new generation.
         let gen = current.load();
-        match rx.recv_timeout(wait) {
+        worker.begin(&gen);
+        match received {
             Ok(first) => {
                 // Whatever else is queued goes in the same pass: one
                 // generation load and one timer check per pass, not per

@@ -742,6 +742,35 @@ impl Store {
         Ok(())
     }
 
+    /// Operator metadata: generation records, paused campaigns, quarantined
+    /// plugins, and the published files of each generation (by content
+    /// hash, for rollback after a restart). Rare writes, each durable
+    /// before it returns.
+    pub fn put_meta(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.db.insert(tagged(b'G', key), value)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(tagged(b'G', key))?.map(|v| v.to_vec()))
+    }
+
+    pub fn has_meta(&self, key: &str) -> Result<bool> {
+        Ok(self.db.contains_key(tagged(b'G', key))?)
+    }
+
+    /// Every metadata entry under `prefix`, in key order.
+    pub fn meta_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.db
+            .scan_prefix(tagged(b'G', prefix))
+            .map(|kv| {
+                let (k, v) = kv?;
+                Ok((String::from_utf8_lossy(&k[1..]).into_owned(), v.to_vec()))
+            })
+            .collect()
+    }
+
     fn scan_values(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>> {
         self.db
             .scan_prefix(prefix)

@@ -11,13 +11,15 @@ use std::sync::Arc;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::controls::{Controls, View};
 use crate::decide::{self, Candidate, Outcome};
 use crate::deliver::Delivery;
 use crate::event::{format_ts, Event, Kind};
 use crate::generation::{Generation, IDENTIFY};
 use crate::metrics::Metrics;
 use crate::plugins::{
-    Action, Call, CallInput, Effects, Fault, Firing, Instances, Recipient, Runtime, Treatment,
+    Action, Call, CallInput, Effects, Fault, Firing, Instances, Plugin, Recipient, Runtime,
+    Treatment,
 };
 use crate::rules::{EvalScope, Facts};
 use crate::store::{Changes, DueTimer, History, Store, StoreError, Timer};
@@ -91,6 +93,18 @@ pub struct FaultRecord {
     pub fault: Fault,
 }
 
+/// One firing of a trigger plugin, as `nudge plugin test` prints it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FiringRecord {
+    pub ts: String,
+    pub customer: String,
+    pub plugin: String,
+    pub firing: String,
+    pub data: Map<String, Value>,
+    /// `messageId` of the event, or `timer:KEY` for a timer.
+    pub cause: String,
+}
+
 /// Counters of what the worker did.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
@@ -162,6 +176,15 @@ pub struct Worker {
     pub metrics: Option<Arc<Metrics>>,
     /// How late the timer being handled fired (live only).
     late_ms: Option<i64>,
+    /// Paused campaigns and quarantined plugins; faults are reported here.
+    pub controls: Option<Arc<Controls>>,
+    /// The controls as of this batch.
+    view: Arc<View>,
+    /// The generation of the last batch: when it changes, instances of
+    /// plugins it no longer has are dropped.
+    gen_number: u64,
+    /// When set, every firing is recorded here (`nudge plugin test`).
+    pub firings: Option<Vec<FiringRecord>>,
 }
 
 /// One firing's worth of qualified campaigns.
@@ -188,7 +211,24 @@ impl Worker {
             mark_late: false,
             metrics: None,
             late_ms: None,
+            controls: None,
+            view: Arc::new(View::default()),
+            gen_number: 0,
+            firings: None,
         })
+    }
+
+    /// Called before each batch of events: takes the operator controls as
+    /// they are now, and after a generation change drops instances of
+    /// plugins no longer in it.
+    pub fn begin(&mut self, gen: &Generation) {
+        if let Some(c) = &self.controls {
+            self.view = c.view();
+        }
+        if gen.number != self.gen_number {
+            self.gen_number = gen.number;
+            self.instances.retain(gen.plugins.iter());
+        }
     }
 
     /// The earliest pending timer of this shard (a lower bound).
@@ -230,8 +270,13 @@ impl Worker {
         Ok(())
     }
 
-    fn fault(&mut self, gen_plugin: (&str, &str), event: &str, customer: &str, fault: Fault) {
-        let (plugin, version) = gen_plugin;
+    fn fault(&mut self, p: &Plugin, event: &str, customer: &str, fault: Fault) {
+        let (plugin, version) = (p.name.as_str(), p.version.as_str());
+        if let Some(c) = &self.controls {
+            if c.fault(p, &format!("{} on {event}: {fault}", fault.kind())) {
+                self.view = c.view();
+            }
+        }
         tracing::warn!(
             plugin,
             version,
@@ -255,6 +300,26 @@ impl Worker {
                 customer: customer.to_owned(),
                 fault,
             });
+        }
+    }
+
+    fn record_firings(
+        &mut self,
+        plugin: &str,
+        customer: &str,
+        ts: i64,
+        cause: &str,
+        firings: &[Firing],
+    ) {
+        if let Some(log) = &mut self.firings {
+            log.extend(firings.iter().map(|f| FiringRecord {
+                ts: format_ts(ts),
+                customer: customer.to_owned(),
+                plugin: plugin.to_owned(),
+                firing: f.name.clone(),
+                data: f.data.clone(),
+                cause: cause.to_owned(),
+            }));
         }
     }
 
@@ -343,6 +408,11 @@ impl Worker {
             self.store.commit(changes);
             return Ok(());
         };
+        if self.view.plugin_quarantined(plugin) {
+            tracing::warn!(plugin = %t.plugin, customer = %t.customer, key = %t.key, "timer of a quarantined plugin: dropped");
+            self.store.commit(changes);
+            return Ok(());
+        }
         let traits = self.traits(&t.customer)?;
         let input = CallInput::new(None, &t.customer, &traits);
         let call = Call::new(&plugin.name, &t.customer, t.due, Some(self.store.clone()));
@@ -355,6 +425,8 @@ impl Worker {
         match result {
             Ok((firings, fx)) => {
                 self.apply(&mut changes, &t.customer, &plugin.name, &t.trigger, fx)?;
+                let cause = format!("timer:{}", t.key);
+                self.record_firings(&plugin.name, &t.customer, t.due, &cause, &firings);
                 for f in firings {
                     let campaigns = gen.campaigns_for_firing(pi, &f.name);
                     self.qualify(
@@ -369,10 +441,7 @@ impl Worker {
                     );
                 }
             }
-            Err(fault) => {
-                let (name, version) = (plugin.name.clone(), plugin.version.clone());
-                self.fault((&name, &version), &t.trigger, &t.customer, fault);
-            }
+            Err(fault) => self.fault(plugin, &t.trigger, &t.customer, fault),
         }
         self.decide(
             gen,
@@ -450,6 +519,9 @@ impl Worker {
             let input = CallInput::new(Some(ev), &ev.customer, &traits);
             for &pi in subs {
                 let plugin = &gen.plugins[pi];
+                if self.view.plugin_quarantined(plugin) {
+                    continue;
+                }
                 let call = Call::new(&plugin.name, &ev.customer, ev.ts, Some(self.store.clone()));
                 let started = std::time::Instant::now();
                 let result = self.instances.on_event(plugin, call, &input);
@@ -459,6 +531,13 @@ impl Worker {
                 match result {
                     Ok((firings, fx)) => {
                         self.apply(&mut changes, &ev.customer, &plugin.name, &ev.message_id, fx)?;
+                        self.record_firings(
+                            &plugin.name,
+                            &ev.customer,
+                            ev.ts,
+                            &ev.message_id,
+                            &firings,
+                        );
                         for f in firings {
                             let campaigns = gen.campaigns_for_firing(pi, &f.name);
                             self.qualify(
@@ -473,12 +552,7 @@ impl Worker {
                             );
                         }
                     }
-                    Err(fault) => self.fault(
-                        (&plugin.name, &plugin.version),
-                        &ev.message_id,
-                        &ev.customer,
-                        fault,
-                    ),
+                    Err(fault) => self.fault(plugin, &ev.message_id, &ev.customer, fault),
                 }
             }
         }
@@ -543,6 +617,9 @@ impl Worker {
                 continue;
             }
             let c = gen.campaign(ci);
+            if self.view.blocked(gen, c).is_some() {
+                continue;
+            }
             let result = gen.rules.qualifies(c, &mut scope).and_then(|ok| match ok {
                 true => gen.rules.priority(c, &mut scope).map(Some),
                 false => Ok(None),
@@ -678,8 +755,7 @@ impl Worker {
                 match result {
                     Ok(t) => t,
                     Err(fault) => {
-                        let (name, version) = (rp.name.clone(), rp.version.clone());
-                        self.fault((&name, &version), trigger, customer, fault);
+                        self.fault(rp, trigger, customer, fault);
                         fallback()
                     }
                 }

@@ -1,0 +1,223 @@
+//! The operator API over generations and controls (bearer API token):
+//!
+//! - `GET /v1/generations`: every generation, newest first, with the
+//!   active one's number, paused campaigns and quarantined plugins.
+//! - `POST /v1/generations/reload`: read the folders now.
+//! - `POST /v1/generations/{n}/activate`, `POST /v1/generations/rollback`.
+//! - `GET /v1/campaigns`; `POST /v1/campaigns/{id}/pause` and `/resume`.
+//! - `DELETE /v1/plugins/{name}/quarantine`: release by hand.
+//!
+//! `X-Nudge-User` names who asked, for the generation and pause records.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::api::{check_api, error};
+use crate::controls::ControlError;
+use crate::reload::{Outcome, ReloadError};
+use crate::rules::TriggerRef;
+use crate::serve::Shared;
+
+type AppState = Arc<Shared>;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/generations", get(generations))
+        .route("/v1/generations/reload", post(reload))
+        .route("/v1/generations/rollback", post(rollback))
+        .route("/v1/generations/{n}/activate", post(activate))
+        .route("/v1/campaigns", get(campaigns))
+        .route("/v1/campaigns/{id}/pause", post(pause))
+        .route("/v1/campaigns/{id}/resume", post(resume))
+        .route("/v1/plugins/{name}/quarantine", delete(release))
+}
+
+fn who(headers: &HeaderMap) -> String {
+    headers
+        .get("x-nudge-user")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(100).collect::<String>())
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "api".into())
+}
+
+fn reload_error(e: ReloadError) -> Response {
+    let status = match &e {
+        ReloadError::Unknown(_) => StatusCode::NOT_FOUND,
+        ReloadError::Rejected { .. }
+        | ReloadError::Unavailable(_)
+        | ReloadError::NothingToRollBack => StatusCode::CONFLICT,
+        ReloadError::Watch { .. } | ReloadError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+fn control_error(e: ControlError) -> Response {
+    let status = match &e {
+        ControlError::NoCampaign(_) | ControlError::NotQuarantined(_) => StatusCode::NOT_FOUND,
+        ControlError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+/// Runs blocking reloader work (file reads, compilation) off the async
+/// threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("task: {e}")))
+}
+
+async fn generations(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_api(&s, &headers) {
+        return *r;
+    }
+    let view = s.reloader.controls().view();
+    Json(json!({
+        "active": s.reloader.active(),
+        "paused": view.paused,
+        "quarantined": view.quarantined,
+        "generations": s.reloader.list(),
+    }))
+    .into_response()
+}
+
+async fn reload(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_api(&s, &headers) {
+        return *r;
+    }
+    let cause = format!("reload requested by {}", who(&headers));
+    let r = s.reloader.clone();
+    let outcome = match blocking(move || r.reload(&cause)).await {
+        Ok(o) => o,
+        Err(resp) => return resp,
+    };
+    let (status, result, number) = match outcome {
+        Outcome::Activated(n) => (StatusCode::OK, "activated", Some(n)),
+        Outcome::Unchanged => (StatusCode::OK, "unchanged", None),
+        Outcome::Rejected(n) => (StatusCode::UNPROCESSABLE_ENTITY, "rejected", Some(n)),
+    };
+    let record = number.and_then(|n| s.reloader.list().into_iter().find(|r| r.number == n));
+    (
+        status,
+        Json(json!({
+            "result": result,
+            "active": s.reloader.active(),
+            "generation": record,
+        })),
+    )
+        .into_response()
+}
+
+async fn activate(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(n): Path<String>,
+) -> Response {
+    if let Err(r) = check_api(&s, &headers) {
+        return *r;
+    }
+    let Ok(n) = n.parse::<u64>() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("generation {n:?}: not a number"),
+        );
+    };
+    let by = format!("activated by {}", who(&headers));
+    let r = s.reloader.clone();
+    match blocking(move || r.activate(n, &by)).await {
+        Ok(Ok(record)) => Json(record).into_response(),
+        Ok(Err(e)) => reload_error(e),
+        Err(resp) => resp,
+    }
+}
+
+async fn rollback(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_api(&s, &headers) {
+        return *r;
+    }
+    let by = format!("rollback by {}", who(&headers));
+    let r = s.reloader.clone();
+    match blocking(move || r.rollback(&by)).await {
+        Ok(Ok(record)) => Json(record).into_response(),
+        Ok(Err(e)) => reload_error(e),
+        Err(resp) => resp,
+    }
+}
+
+async fn campaigns(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_api(&s, &headers) {
+        return *r;
+    }
+    let gen = s.current.load();
+    let view = s.reloader.controls().view();
+    let list: Vec<_> = gen
+        .rules
+        .campaigns
+        .iter()
+        .map(|c| {
+            let trigger = match &c.trigger {
+                TriggerRef::Plugin { plugin, firing } => format!("{plugin}/{firing}"),
+                TriggerRef::Event { name } => format!("event {name}"),
+            };
+            json!({
+                "id": c.id,
+                "owner": c.owner,
+                "channel": c.channel,
+                "trigger": trigger,
+                "response": c.response,
+                "file": c.file.display().to_string(),
+                "sha256": c.hash,
+                "blocked": view.blocked(&gen, c),
+                "paused": view.paused.get(&c.id),
+            })
+        })
+        .collect();
+    Json(json!({ "generation": gen.number, "campaigns": list })).into_response()
+}
+
+async fn pause(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = check_api(&s, &headers) {
+        return *r;
+    }
+    let gen = s.current.load();
+    match s.reloader.controls().pause(&gen, &id, &who(&headers)) {
+        Ok(view) => Json(json!({ "campaign": id, "paused": view.paused.get(&id) })).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn resume(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if let Err(r) = check_api(&s, &headers) {
+        return *r;
+    }
+    let gen = s.current.load();
+    match s.reloader.controls().resume(&gen, &id) {
+        Ok(_) => Json(json!({ "campaign": id, "paused": null })).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn release(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Err(r) = check_api(&s, &headers) {
+        return *r;
+    }
+    match s.reloader.controls().release(&name) {
+        Ok(view) => {
+            Json(json!({ "released": name, "quarantined": view.quarantined })).into_response()
+        }
+        Err(e) => control_error(e),
+    }
+}

@@ -1,0 +1,411 @@
+//! Operator controls that sit over the generation in force without
+//! editing its files: paused campaigns, and plugins quarantined for
+//! faulting repeatedly.
+//!
+//! Workers read a [`View`] (one atomic load per batch of events); changes
+//! build a new view and swap it in. Both survive a restart: they are kept
+//! in the store's metadata.
+//!
+//! A quarantine names a plugin *version* (its component hash): it holds
+//! while generations with that component are active and clears when a
+//! generation with another version of the plugin is activated (a fix was
+//! published), or when an operator releases it.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{format_ts, now_ms};
+use crate::generation::Generation;
+use crate::metrics::Metrics;
+use crate::plugins::Plugin;
+use crate::rules::{Campaign, TriggerRef};
+use crate::store::{Store, StoreError};
+
+const PAUSED_KEY: &str = "controls/paused";
+const QUARANTINE_KEY: &str = "controls/quarantine";
+
+/// When a plugin is quarantined: `faults` faults (traps, deadlines,
+/// memory, errors returned) of one version within `window`. `faults = 0`
+/// never quarantines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuarantinePolicy {
+    pub faults: usize,
+    pub window: Duration,
+}
+
+impl Default for QuarantinePolicy {
+    fn default() -> Self {
+        QuarantinePolicy {
+            faults: 20,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Paused {
+    pub since: String,
+    /// Who asked (from the API request), for the audit trail.
+    pub by: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// The component hash of the quarantined version.
+    pub hash: String,
+    pub version: String,
+    pub since: String,
+    /// Faults within the window when it tripped.
+    pub faults: usize,
+    /// The last fault, as the worker reported it.
+    pub last_fault: String,
+}
+
+/// What workers consult: a snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct View {
+    /// Campaign id → when and by whom it was paused.
+    pub paused: BTreeMap<String, Paused>,
+    /// Plugin name → the quarantined version.
+    pub quarantined: BTreeMap<String, Quarantine>,
+}
+
+impl View {
+    pub fn is_empty(&self) -> bool {
+        self.paused.is_empty() && self.quarantined.is_empty()
+    }
+
+    /// Whether this version of `plugin` is quarantined.
+    pub fn plugin_quarantined(&self, plugin: &Plugin) -> bool {
+        self.quarantined
+            .get(&plugin.name)
+            .is_some_and(|q| q.hash == plugin.hash)
+    }
+
+    /// Why campaign `c` must not be decided now, if it must not: paused,
+    /// or its trigger or response plugin is quarantined.
+    pub fn blocked(&self, gen: &Generation, c: &Campaign) -> Option<&'static str> {
+        if self.is_empty() {
+            return None;
+        }
+        if self.paused.contains_key(&c.id) {
+            return Some("paused");
+        }
+        let trigger = match &c.trigger {
+            TriggerRef::Plugin { plugin, .. } => Some(plugin.as_str()),
+            TriggerRef::Event { .. } => None,
+        };
+        for name in trigger.into_iter().chain(c.response.as_deref()) {
+            if gen.plugin(name).is_some_and(|p| self.plugin_quarantined(p)) {
+                return Some("quarantined");
+            }
+        }
+        None
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no campaign {0:?} in the active generation")]
+    NoCampaign(String),
+    #[error("plugin {0:?} is not quarantined")]
+    NotQuarantined(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Recent faults of one plugin version.
+struct Recent {
+    hash: String,
+    at: VecDeque<Instant>,
+}
+
+pub struct Controls {
+    view: ArcSwap<View>,
+    /// Serialises changes (workers only read `view`).
+    recent: Mutex<HashMap<String, Recent>>,
+    policy: QuarantinePolicy,
+    store: Option<Store>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+fn decode<T: for<'de> Deserialize<'de> + Default>(bytes: Option<Vec<u8>>, what: &str) -> T {
+    match bytes.map(|b| serde_json::from_slice(&b)) {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            tracing::error!("stored {what} unreadable, starting without: {e}");
+            T::default()
+        }
+        None => T::default(),
+    }
+}
+
+impl Controls {
+    /// Controls restored from `store` (if any).
+    pub fn new(
+        policy: QuarantinePolicy,
+        store: Option<Store>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Controls, StoreError> {
+        let mut view = View::default();
+        if let Some(s) = &store {
+            view.paused = decode(s.meta(PAUSED_KEY)?, "paused campaigns");
+            view.quarantined = decode(s.meta(QUARANTINE_KEY)?, "quarantine");
+        }
+        let c = Controls {
+            view: ArcSwap::from_pointee(view),
+            recent: Mutex::new(HashMap::new()),
+            policy,
+            store,
+            metrics,
+        };
+        c.publish_metrics();
+        Ok(c)
+    }
+
+    pub fn view(&self) -> Arc<View> {
+        self.view.load_full()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Recent>> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores and swaps in `view` (called with the lock held).
+    fn set(&self, view: View) -> Result<(), StoreError> {
+        if let Some(s) = &self.store {
+            let old = self.view.load();
+            if old.paused != view.paused {
+                s.put_meta(
+                    PAUSED_KEY,
+                    &serde_json::to_vec(&view.paused).unwrap_or_default(),
+                )?;
+            }
+            if old.quarantined != view.quarantined {
+                s.put_meta(
+                    QUARANTINE_KEY,
+                    &serde_json::to_vec(&view.quarantined).unwrap_or_default(),
+                )?;
+            }
+        }
+        self.view.store(Arc::new(view));
+        self.publish_metrics();
+        Ok(())
+    }
+
+    fn publish_metrics(&self) {
+        if let Some(m) = &self.metrics {
+            let v = self.view.load();
+            m.set_controls(v.paused.len(), v.quarantined.keys().map(String::as_str));
+        }
+    }
+
+    /// Pauses campaign `id` of the active generation. Pausing twice is not
+    /// an error; the first pause's record stays.
+    pub fn pause(&self, gen: &Generation, id: &str, by: &str) -> Result<View, ControlError> {
+        if !gen.rules.campaigns.iter().any(|c| c.id == id) {
+            return Err(ControlError::NoCampaign(id.to_owned()));
+        }
+        let _guard = self.lock();
+        let mut view = (*self.view.load_full()).clone();
+        if !view.paused.contains_key(id) {
+            view.paused.insert(
+                id.to_owned(),
+                Paused {
+                    since: format_ts(now_ms()),
+                    by: by.to_owned(),
+                },
+            );
+            tracing::info!(campaign = id, by, "campaign paused");
+            self.set(view.clone())?;
+        }
+        Ok(view)
+    }
+
+    /// Resumes campaign `id` (also one no longer in the generation, so a
+    /// stale pause can be cleared).
+    pub fn resume(&self, gen: &Generation, id: &str) -> Result<View, ControlError> {
+        let _guard = self.lock();
+        let mut view = (*self.view.load_full()).clone();
+        if view.paused.remove(id).is_none() && !gen.rules.campaigns.iter().any(|c| c.id == id) {
+            return Err(ControlError::NoCampaign(id.to_owned()));
+        }
+        tracing::info!(campaign = id, "campaign resumed");
+        self.set(view.clone())?;
+        Ok(view)
+    }
+
+    /// Releases a quarantined plugin by hand.
+    pub fn release(&self, plugin: &str) -> Result<View, ControlError> {
+        let mut recent = self.lock();
+        let mut view = (*self.view.load_full()).clone();
+        if view.quarantined.remove(plugin).is_none() {
+            return Err(ControlError::NotQuarantined(plugin.to_owned()));
+        }
+        recent.remove(plugin);
+        tracing::warn!(plugin, "plugin released from quarantine by an operator");
+        self.set(view.clone())?;
+        Ok(view)
+    }
+
+    /// Counts one fault of `plugin`; quarantines the version when the
+    /// policy's count is reached within its window. Returns whether this
+    /// fault tripped it.
+    pub fn fault(&self, plugin: &Plugin, what: &str) -> bool {
+        if self.policy.faults == 0 {
+            return false;
+        }
+        let mut recent = self.lock();
+        let now = Instant::now();
+        let r = recent.entry(plugin.name.clone()).or_insert_with(|| Recent {
+            hash: plugin.hash.clone(),
+            at: VecDeque::new(),
+        });
+        if r.hash != plugin.hash {
+            // Another version: its faults count afresh.
+            r.hash = plugin.hash.clone();
+            r.at.clear();
+        }
+        r.at.push_back(now);
+        while r
+            .at
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.policy.window)
+        {
+            r.at.pop_front();
+        }
+        let faults = r.at.len();
+        if faults < self.policy.faults || self.view.load().plugin_quarantined(plugin) {
+            return false;
+        }
+        r.at.clear();
+        let mut view = (*self.view.load_full()).clone();
+        view.quarantined.insert(
+            plugin.name.clone(),
+            Quarantine {
+                hash: plugin.hash.clone(),
+                version: plugin.version.clone(),
+                since: format_ts(now_ms()),
+                faults,
+                last_fault: what.to_owned(),
+            },
+        );
+        tracing::error!(
+            plugin = %plugin.name,
+            version = %plugin.version,
+            faults,
+            window_s = self.policy.window.as_secs_f64(),
+            "plugin quarantined with its campaigns until another version is published"
+        );
+        if let Err(e) = self.set(view) {
+            tracing::error!("quarantine not stored (it holds until restart): {e}");
+        }
+        true
+    }
+
+    /// A generation was activated: quarantines of plugins it carries in
+    /// another version clear (the fix was published). A plugin absent from
+    /// it keeps its quarantine, for a rollback to a generation that has it.
+    pub fn on_generation(&self, gen: &Generation) {
+        let mut recent = self.lock();
+        let view = self.view.load_full();
+        let cleared: Vec<&String> = view
+            .quarantined
+            .iter()
+            .filter(|(name, q)| gen.plugin(name).is_some_and(|p| p.hash != q.hash))
+            .map(|(name, _)| name)
+            .collect();
+        if cleared.is_empty() {
+            return;
+        }
+        let mut next = (*view).clone();
+        for name in cleared {
+            let version = gen.plugin(name).map(|p| p.version.as_str()).unwrap_or("");
+            tracing::info!(plugin = %name, version, generation = gen.number, "quarantine cleared: another version is active");
+            next.quarantined.remove(name);
+            recent.remove(name);
+        }
+        if let Err(e) = self.set(next) {
+            tracing::error!("quarantine release not stored: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plugins::{Limits, Runtime};
+
+    fn plugin(rt: &Runtime, name: &str) -> Plugin {
+        let (_, bytes, _) = crate::embedded::EMBEDDED
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .expect("embedded plugin");
+        rt.load(name, bytes).expect("loads")
+    }
+
+    #[test]
+    fn trips_at_n_faults_in_window_and_survives_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = Runtime::new(Limits::default(), None).unwrap();
+        let p = plugin(&rt, "first-identify");
+        let policy = QuarantinePolicy {
+            faults: 3,
+            window: Duration::from_secs(60),
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let c = Controls::new(policy, Some(store), None).unwrap();
+            assert!(!c.fault(&p, "trap"));
+            assert!(!c.fault(&p, "trap"));
+            assert!(!c.view().plugin_quarantined(&p));
+            assert!(c.fault(&p, "trap"), "the third fault trips it");
+            assert!(c.view().plugin_quarantined(&p));
+            assert!(!c.fault(&p, "trap"), "already quarantined");
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let c = Controls::new(policy, Some(store), None).unwrap();
+        assert!(c.view().plugin_quarantined(&p), "kept across a restart");
+        c.release(&p.name).unwrap();
+        assert!(!c.view().plugin_quarantined(&p));
+        assert!(matches!(
+            c.release(&p.name),
+            Err(ControlError::NotQuarantined(_))
+        ));
+    }
+
+    #[test]
+    fn faults_outside_the_window_do_not_count() {
+        let rt = Runtime::new(Limits::default(), None).unwrap();
+        let p = plugin(&rt, "first-identify");
+        let c = Controls::new(
+            QuarantinePolicy {
+                faults: 2,
+                window: Duration::from_millis(30),
+            },
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(!c.fault(&p, "x"));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!c.fault(&p, "x"), "the first fault fell out of the window");
+        assert!(c.fault(&p, "x"));
+        let never = Controls::new(
+            QuarantinePolicy {
+                faults: 0,
+                window: Duration::from_secs(1),
+            },
+            None,
+            None,
+        )
+        .unwrap();
+        for _ in 0..10 {
+            assert!(!never.fault(&p, "x"));
+        }
+    }
+}
