@@ -394,29 +394,31 @@ pub fn test_plugin(
 ) -> anyhow::Result<TestRun> {
     let runtime = Arc::new(Runtime::new(limits, cache)?);
     let empty = tempfile::tempdir().context("temporary folder")?;
-    let (source, name) = if plugin.ends_with(".wasm") {
-        let path = PathBuf::from(plugin);
-        let dir = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| ".".into());
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {plugin}"))?;
-        let name = runtime.load(plugin, &bytes)?.name;
-        (PluginSource::Dir(dir), name)
+    let p = if plugin.ends_with(".wasm") {
+        // Just this file (its folder may hold others, even other versions
+        // of it), with the manifest beside it.
+        let path = Path::new(plugin);
+        let bytes = std::fs::read(path).with_context(|| format!("reading {plugin}"))?;
+        let mut p = runtime.load(plugin, &bytes)?;
+        p.set_manifest(
+            crate::manifest::Manifest::beside(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+        );
+        p
     } else {
-        (plugins.clone(), plugin.to_owned())
+        let sources = Sources {
+            plugins: plugins.clone(),
+            rules: empty.path().to_owned(),
+            grants: Default::default(),
+        };
+        let all = load_once(&runtime, 1, &sources)
+            .map_err(|e| anyhow::anyhow!("loading plugins:\n  {}", e.join("\n  ")))?;
+        let Some(p) = all.plugin(plugin).cloned() else {
+            let names: Vec<&str> = all.plugins.iter().map(|p| p.name.as_str()).collect();
+            bail!("no plugin named {plugin:?} (loaded: {})", names.join(", "));
+        };
+        p
     };
-    let sources = Sources {
-        plugins: source,
-        rules: empty.path().to_owned(),
-        grants: Default::default(),
-    };
-    let all = load_once(&runtime, 1, &sources)
-        .map_err(|e| anyhow::anyhow!("loading plugins:\n  {}", e.join("\n  ")))?;
-    let Some(p) = all.plugin(&name).cloned() else {
-        let names: Vec<&str> = all.plugins.iter().map(|p| p.name.as_str()).collect();
-        bail!("no plugin named {name:?} (loaded: {})", names.join(", "));
-    };
+    let name = p.name.clone();
     if p.trigger_info().is_none() {
         bail!("{name} is not a trigger plugin: only triggers see events");
     }
