@@ -136,6 +136,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What hot reload costs: file written to generation active (changed
+    /// rule, changed plugin cached or not), and throughput with reloads
+    /// against without, in one run.
+    BenchReload {
+        /// Rules to copy in and edit.
+        #[arg(long, default_value = "rules")]
+        rules: PathBuf,
+        /// Measured reloads per kind of change.
+        #[arg(long, default_value_t = 30)]
+        iterations: usize,
+        /// The watcher's debounce, in milliseconds (the server's default: 250).
+        #[arg(long, default_value_t = 250)]
+        debounce_ms: u64,
+        /// Events per throughput round (0: skip the throughput comparison).
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        /// Rounds of each, alternating (no reloads, reloads).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// How often a file changes during the reload rounds, in ms.
+        #[arg(long, default_value_t = 500)]
+        reload_every_ms: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Rules: validate campaigns and policies against the plugins.
     Rules {
         #[command(subcommand)]
@@ -365,6 +390,31 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
                 println!("{}", crate::bench::to_json(&report));
             } else {
                 println!("{}", report.line());
+            }
+            Ok(())
+        }
+        Command::BenchReload {
+            rules,
+            iterations,
+            debounce_ms,
+            events,
+            rounds,
+            reload_every_ms,
+            json,
+        } => {
+            let o = crate::bench_reload::Options {
+                rules,
+                iterations,
+                debounce: Duration::from_millis(debounce_ms),
+                events,
+                rounds,
+                reload_every: Duration::from_millis(reload_every_ms),
+            };
+            let report = runtime()?.block_on(crate::bench_reload::run(o))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.text());
             }
             Ok(())
         }

@@ -33,6 +33,7 @@
 //! - [`manifest`]: what a plugin may ask the host to do.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`bench`]: `nudge bench`, the live server's load generator.
+//! - [`bench_reload`]: `nudge bench-reload`, what hot reload costs.
 //! - [`authoring`]: `nudge plugin new|build|test`, for plugin authors.
 //! - [`remote`]: operator commands against a running server.
 //! - [`cli`]: the `nudge` command line.
@@ -41,6 +42,7 @@ pub mod admin;
 pub mod api;
 pub mod authoring;
 pub mod bench;
+pub mod bench_reload;
 pub mod cli;
 pub mod config;
 pub mod controls;
