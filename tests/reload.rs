@@ -197,7 +197,7 @@ fn a_new_plugin_version_is_used_for_the_next_event() {
 fn a_file_written_in_pieces_is_built_once_complete() {
     let f = Folders::new();
     let mut cfg = f.config();
-    cfg.reload.debounce = nudge::config::Dur(Duration::from_millis(300));
+    cfg.reload.debounce = nudge::config::Dur(Duration::from_millis(1000));
     let server = Server::start(cfg);
     // Written in place, in two pieces with a pause shorter than the
     // debounce: the half-written component is never loaded.
@@ -214,7 +214,7 @@ fn a_file_written_in_pieces_is_built_once_complete() {
     let g = next_generation(&server, 1);
     assert_eq!(g["status"], "active", "{g}");
     assert_eq!(g["plugins"][0]["version"], "2.0.0");
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(latest(&server), 2, "one build, not one per write");
     server.stop().unwrap();
 }

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -76,16 +76,30 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("task: {e}")))
 }
 
-async fn generations(State(s): State<AppState>, headers: HeaderMap) -> Response {
+#[derive(serde::Deserialize)]
+struct ListQuery {
+    /// Newest first, at most this many (default 50).
+    limit: Option<usize>,
+}
+
+async fn generations(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
     if let Err(r) = check_api(&s, &headers) {
         return *r;
     }
     let view = s.reloader.controls().view();
+    let all = s.reloader.list();
+    let total = all.len();
+    let list: Vec<_> = all.into_iter().take(q.limit.unwrap_or(50)).collect();
     Json(json!({
         "active": s.reloader.active(),
         "paused": view.paused,
         "quarantined": view.quarantined,
-        "generations": s.reloader.list(),
+        "total": total,
+        "generations": list,
     }))
     .into_response()
 }

@@ -181,7 +181,10 @@ pub async fn run(o: Options) -> Result<Report, BenchError> {
     }
     let mut campaign = None;
     for f in crate::rules::rule_files(&o.rules).map_err(fail)? {
-        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let text = std::fs::read_to_string(&f).map_err(fail)?;
         if campaign.is_none() && name != crate::rules::POLICIES_FILE {
             campaign = Some((name.clone(), text.clone()));
@@ -229,7 +232,7 @@ pub async fn run(o: Options) -> Result<Report, BenchError> {
         let text = format!("{campaign_text}\n# bench edit {i}\n");
         publish(&rules, &campaign_file, text.as_bytes())
     };
-    let rule_ms = measure(&client, &url, &mut current, o.iterations, |i| edit(i)).await?;
+    let rule_ms = measure(&client, &url, &mut current, o.iterations, edit).await?;
 
     let variant = |tag: &str| with_custom_section(&plugin_bytes, "nudge-bench", tag.as_bytes());
     let (a, b) = (variant("a"), variant("b"));
@@ -257,7 +260,11 @@ pub async fn run(o: Options) -> Result<Report, BenchError> {
             let stop_changes = Arc::new(AtomicBool::new(false));
             let changer = reloads.then(|| {
                 let (stop, rules, plugins) = (stop_changes.clone(), rules.clone(), plugins.clone());
-                let (file, text, name) = (campaign_file.clone(), campaign_text.clone(), plugin_name.clone());
+                let (file, text, name) = (
+                    campaign_file.clone(),
+                    campaign_text.clone(),
+                    plugin_name.clone(),
+                );
                 let (a, b) = (a.clone(), b.clone());
                 let every = o.reload_every;
                 let count = Arc::new(AtomicUsize::new(0));
@@ -266,8 +273,12 @@ pub async fn run(o: Options) -> Result<Report, BenchError> {
                     while !stop.load(Ordering::Acquire) {
                         let i = n.fetch_add(1, Ordering::AcqRel);
                         // A rule edit and a plugin version, in turn.
-                        let result = if i % 2 == 0 {
-                            publish(&rules, &file, format!("{text}\n# load edit {i}\n").as_bytes())
+                        let result = if i.is_multiple_of(2) {
+                            publish(
+                                &rules,
+                                &file,
+                                format!("{text}\n# load edit {i}\n").as_bytes(),
+                            )
                         } else {
                             publish(&plugins, &name, if i % 4 == 1 { &a } else { &b })
                         };
@@ -288,7 +299,10 @@ pub async fn run(o: Options) -> Result<Report, BenchError> {
                 connections: 4,
                 rate: None,
                 customers: 20_000,
-                seed: r as u64 + 1,
+                // Fresh customers and a different stream every round, so
+                // rounds do equal work.
+                first_customer: r * 20_000,
+                seed: 2 * r as u64 + 1,
             };
             let report = bench::run(load, cfg.clone()).await;
             stop_changes.store(true, Ordering::Release);
@@ -378,7 +392,10 @@ mod tests {
         let a = rt.load("a", bytes).unwrap();
         let long = "x".repeat(300); // a multi-byte LEB128 length
         let b = rt
-            .load("b", &with_custom_section(bytes, "nudge-bench", long.as_bytes()))
+            .load(
+                "b",
+                &with_custom_section(bytes, "nudge-bench", long.as_bytes()),
+            )
             .unwrap();
         assert_eq!(a.name, b.name);
         assert_ne!(a.hash, b.hash);

@@ -383,6 +383,7 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
                 connections,
                 rate,
                 customers,
+                first_customer: 0,
                 seed,
             };
             let report = runtime()?.block_on(crate::bench::run(opts, cfg))?;

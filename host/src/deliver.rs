@@ -168,6 +168,9 @@ pub struct Deliverer {
     store: Store,
     current: Arc<Current>,
     instances: Instances,
+    /// The generation the instances belong to: a change drops instances
+    /// of channel plugins it no longer has.
+    gen_number: u64,
     senders: Senders,
     cfg: config::Delivery,
     metrics: Arc<Metrics>,
@@ -228,6 +231,7 @@ impl Deliverer {
             store,
             current,
             instances: Instances::new(runtime),
+            gen_number: 0,
             senders,
             cfg,
             metrics,
@@ -325,6 +329,10 @@ impl Deliverer {
             return Ok(());
         }
         let gen = self.current.load();
+        if gen.number != self.gen_number {
+            self.gen_number = gen.number;
+            self.instances.retain(gen.plugins.iter());
+        }
         // Render everything first (plugin calls are synchronous), then send
         // everything concurrently.
         let mut jobs = Vec::with_capacity(due.len());

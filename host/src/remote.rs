@@ -98,17 +98,18 @@ fn generation_line(g: &Value) -> String {
     line
 }
 
-pub fn status_text(v: &Value, limit: usize) -> String {
+pub fn status_text(v: &Value) -> String {
     let mut out = format!("active generation: {}\n", v["active"]);
     let gens = v["generations"].as_array().cloned().unwrap_or_default();
     out.push_str("    #  status    created                   build  cause\n");
-    for g in gens.iter().take(limit) {
+    for g in &gens {
         out.push_str(&generation_line(g));
     }
-    if gens.len() > limit {
+    let total = v["total"].as_u64().unwrap_or(0) as usize;
+    if total > gens.len() {
         out.push_str(&format!(
             "  … {} older (--all lists them)\n",
-            gens.len() - limit
+            total - gens.len()
         ));
     }
     match v["paused"].as_object() {
@@ -141,8 +142,13 @@ pub fn status_text(v: &Value, limit: usize) -> String {
 }
 
 pub async fn status(remote: &Remote, all: bool) -> anyhow::Result<()> {
-    let v = remote.call(reqwest::Method::GET, "/v1/generations").await?;
-    remote.print(&v, |v| status_text(v, if all { usize::MAX } else { 10 }));
+    let path = if all {
+        "/v1/generations?limit=1000000"
+    } else {
+        "/v1/generations?limit=10"
+    };
+    let v = remote.call(reqwest::Method::GET, path).await?;
+    remote.print(&v, status_text);
     Ok(())
 }
 
