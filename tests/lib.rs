@@ -329,6 +329,15 @@ impl Drop for Server {
     }
 }
 
+/// The decision log as the store in `data` kept it (the server stopped).
+pub fn decisions(data: &Path) -> Vec<serde_json::Value> {
+    let store = nudge::store::Store::open(data).expect("store");
+    store
+        .decisions()
+        .map(|d| serde_json::from_slice(&d.expect("decision")).expect("decision JSON"))
+        .collect()
+}
+
 /// A copy of the example rules in a temporary folder, to edit.
 pub fn rules_copy() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("rules dir");

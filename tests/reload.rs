@@ -9,7 +9,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nudge::store::Store;
 use nudge_integration_tests::*;
 use serde_json::{json, Value};
 
@@ -145,14 +144,6 @@ fn latest(server: &Server) -> u64 {
     generations(server)["generations"][0]["number"]
         .as_u64()
         .unwrap()
-}
-
-fn decisions(data: &Path) -> Vec<Value> {
-    let store = Store::open(data).unwrap();
-    store
-        .decisions()
-        .map(|d| serde_json::from_slice(&d.unwrap()).unwrap())
-        .collect()
 }
 
 #[test]

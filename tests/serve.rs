@@ -32,15 +32,6 @@ fn config(data: &Path) -> nudge::config::Config {
     cfg
 }
 
-/// The decision log as the store kept it.
-fn decisions(data: &Path) -> Vec<Value> {
-    let store = Store::open(data).unwrap();
-    store
-        .decisions()
-        .map(|d| serde_json::from_slice(&d.unwrap()).unwrap())
-        .collect()
-}
-
 fn batch(events: &[Value]) -> Vec<u8> {
     serde_json::to_vec(&json!({ "batch": events })).unwrap()
 }

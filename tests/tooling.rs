@@ -28,6 +28,22 @@ fn firings(out: &Output) -> Vec<Value> {
         .collect()
 }
 
+/// `nudge plugin build CRATE --out PLUGINS`, in the workspace's guest target
+/// folder with the guest build's settings, so the SDK's dependencies are
+/// not compiled again.
+fn build(crate_dir: &Path, plugins: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_nudge-under-test"))
+        .args(["plugin", "build"])
+        .arg(crate_dir)
+        .arg("--out")
+        .arg(plugins)
+        .env("CARGO_TARGET_DIR", root().join("target/wasm-guests"))
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "true")
+        .output()
+        .expect("running nudge plugin build")
+}
+
 fn write_events(dir: &Path, lines: &[&str]) -> std::path::PathBuf {
     let p = dir.join("events.jsonl");
     std::fs::write(&p, lines.join("\n")).unwrap();
@@ -76,14 +92,7 @@ fn a_new_trigger_plugin_builds_tests_and_runs_against_events() {
     // workspace's guest target folder is shared, so the SDK's dependencies
     // are not compiled again.
     let plugins = dir.path().join("plugins");
-    let build = Command::new(env!("CARGO_BIN_EXE_nudge-under-test"))
-        .args(["plugin", "build", crate_dir.to_str().unwrap(), "--out"])
-        .arg(&plugins)
-        .env("CARGO_TARGET_DIR", root().join("target/wasm-guests"))
-        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-        .env("CARGO_PROFILE_RELEASE_STRIP", "true")
-        .output()
-        .unwrap();
+    let build = build(&crate_dir, &plugins);
     assert!(build.status.success(), "{}", text(&build.stderr));
     let wasm = plugins.join("big-order.wasm");
     assert!(wasm.is_file());
@@ -183,14 +192,7 @@ fn every_scaffold_builds_loads_and_passes_its_own_test() {
             text(&test.stdout)
         );
         let plugins = dir.path().join("plugins");
-        let build = Command::new(env!("CARGO_BIN_EXE_nudge-under-test"))
-            .args(["plugin", "build", crate_dir.to_str().unwrap(), "--out"])
-            .arg(&plugins)
-            .env("CARGO_TARGET_DIR", root().join("target/wasm-guests"))
-            .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-            .env("CARGO_PROFILE_RELEASE_STRIP", "true")
-            .output()
-            .unwrap();
+        let build = build(&crate_dir, &plugins);
         assert!(build.status.success(), "{}", text(&build.stderr));
     }
     // The three load together as a plugins folder, each as its kind.

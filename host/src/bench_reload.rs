@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::bench::{self, BenchError};
+use crate::bench::{self, percentile, BenchError};
 use crate::config::{Config, Dur};
 
 #[derive(Clone, Debug)]
@@ -94,13 +94,6 @@ fn publish(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), BenchError> {
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, bytes).map_err(fail)?;
     std::fs::rename(&tmp, dir.join(name)).map_err(fail)
-}
-
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[(((sorted.len() - 1) as f64) * q).round() as usize]
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {

@@ -391,7 +391,8 @@ impl Drop for Runtime {
     }
 }
 
-fn hex_sha256(bytes: &[u8]) -> String {
+/// Hex SHA-256: how components and published files are named.
+pub fn hex_sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     format!("{:x}", sha2::Sha256::digest(bytes))
 }

@@ -31,7 +31,7 @@ use crate::event::{format_ts, now_ms};
 use crate::generation::{Current, Generation};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
-use crate::plugins::{Plugin, PluginKind, Runtime};
+use crate::plugins::{hex_sha256, Plugin, PluginKind, Runtime};
 use crate::replay::PluginSource;
 use crate::rules::{rule_files, RuleSet};
 use crate::store::{Store, StoreError};
@@ -154,11 +154,6 @@ struct Snapshot {
     /// Errors reading the folders themselves.
     errors: Vec<String>,
     fingerprint: String,
-}
-
-fn hex_sha256(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    format!("{:x}", sha2::Sha256::digest(bytes))
 }
 
 /// `uid` → user name, from `/etc/passwd` (the plain reading; no NSS).
