@@ -322,6 +322,50 @@ fn rollback_and_activation_from_memory_and_after_a_restart() {
 }
 
 #[test]
+fn old_generations_and_files_only_they_used_are_pruned() {
+    let f = Folders::new();
+    let mut cfg = f.config();
+    cfg.reload.keep = 1;
+    cfg.reload.history = 3;
+    let server = Server::start(cfg);
+    let v1 = generations(&server)["generations"][0]["plugins"][0]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    f.publish_plugin("test-echo-v2");
+    let mut last = next_generation(&server, 1)["number"].as_u64().unwrap();
+    for edit in 0..3 {
+        f.publish_rule(
+            "echo.toml",
+            &CAMPAIGN.replace("Every pong", &format!("edit {edit}")),
+        );
+        last = next_generation(&server, last)["number"].as_u64().unwrap();
+    }
+    let g = generations(&server);
+    let numbers: Vec<u64> = g["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [5, 4, 3]);
+    assert_eq!(g["total"], 3);
+    assert_eq!(
+        server
+            .post("/v1/generations/1/activate", Some(API), &[], vec![])
+            .status,
+        404
+    );
+    server.stop().unwrap();
+    // Archived: policies.toml, three echo.toml edits, echo 2.0.0. Not the
+    // files only generations 1 and 2 had (echo 1.0.0, the first echo.toml).
+    let store = nudge::store::Store::open(&f.data).unwrap();
+    let blobs = store.meta_keys("blob/").unwrap();
+    assert_eq!(blobs.len(), 5, "{blobs:?}");
+    assert!(!blobs.iter().any(|b| b.ends_with(&v1)));
+}
+
+#[test]
 fn a_campaign_pauses_and_resumes_without_editing_its_file() {
     let f = Folders::new();
     let server = Server::start(f.config());

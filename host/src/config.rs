@@ -181,6 +181,9 @@ pub struct Reload {
     /// Good generations kept in memory besides the active one (instant
     /// rollback); older ones are rebuilt from the store's archive.
     pub keep: usize,
+    /// Generation records kept (with the archived files only they use);
+    /// older ones are deleted.
+    pub history: usize,
 }
 
 /// When a plugin that keeps faulting is quarantined with its campaigns.
@@ -200,6 +203,7 @@ impl Default for Reload {
             debounce: Dur(Duration::from_millis(250)),
             rescan: Dur(Duration::from_secs(60)),
             keep: 10,
+            history: 1000,
         }
     }
 }

@@ -181,6 +181,11 @@ impl Generation {
         self.by_name.get(name).map(|&i| &self.plugins[i])
     }
 
+    /// The index of plugin `name` (for [`Generation::campaigns_for_firing`]).
+    pub fn plugin_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
     /// Indices of trigger plugins subscribed to `key` (event name or
     /// [`IDENTIFY`]).
     pub fn subscribers(&self, key: &str) -> &[usize] {

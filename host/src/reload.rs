@@ -422,6 +422,8 @@ pub struct Reloader {
     metrics: Option<Arc<Metrics>>,
     /// Good generations kept in memory besides the active one.
     keep: usize,
+    /// Records kept; see [`Reloader::prune`].
+    history: usize,
     state: Mutex<State>,
 }
 
@@ -437,6 +439,7 @@ impl Reloader {
         store: Option<Store>,
         metrics: Option<Arc<Metrics>>,
         keep: usize,
+        history: usize,
     ) -> Result<Arc<Reloader>, ReloadError> {
         let mut records = BTreeMap::new();
         if let Some(s) = &store {
@@ -470,10 +473,9 @@ impl Reloader {
             Ok(g) => (g, None),
             Err(errors) => {
                 let fallback = match (&store, last_active) {
-                    (Some(s), Some(n)) => {
-                        let snap = Snapshot::archived(s, &records[&n])?;
-                        build(&runtime, &sources, &snap, n, &mut loaded).ok()
-                    }
+                    (Some(s), Some(n)) => Snapshot::archived(s, &records[&n])
+                        .ok()
+                        .and_then(|snap| build(&runtime, &sources, &snap, n, &mut loaded).ok()),
                     _ => None,
                 };
                 match fallback {
@@ -506,6 +508,7 @@ impl Reloader {
             store,
             metrics,
             keep: keep.max(1),
+            history: history.max(1),
             state: Mutex::new(State {
                 records,
                 kept: BTreeMap::new(),
@@ -527,6 +530,7 @@ impl Reloader {
                 st.records.insert(next, r);
             }
             reloader.activated(&mut st, gen, "start");
+            reloader.prune(&mut st);
         }
         Ok(reloader)
     }
@@ -620,6 +624,50 @@ impl Reloader {
         tracing::info!(generation = number, by, "generation active");
     }
 
+    /// Deletes the oldest records past `history` (never the active or a
+    /// kept one), then the archived files no remaining good record uses.
+    fn prune(&self, st: &mut State) {
+        let excess = st.records.len().saturating_sub(self.history);
+        if excess == 0 {
+            return;
+        }
+        let victims: Vec<u64> = st
+            .records
+            .keys()
+            .copied()
+            .filter(|n| *n != st.active && !st.kept.contains_key(n))
+            .take(excess)
+            .collect();
+        for n in &victims {
+            st.records.remove(n);
+        }
+        let Some(store) = &self.store else { return };
+        let result = (|| -> Result<usize, StoreError> {
+            for n in &victims {
+                store.remove_meta(&format!("{RECORD_PREFIX}{n:020}"))?;
+            }
+            let used: BTreeSet<&str> = st
+                .records
+                .values()
+                .filter(|r| r.status != Status::Rejected)
+                .flat_map(|r| r.files.iter().map(|f| f.sha256.as_str()))
+                .collect();
+            let mut removed = 0;
+            for key in store.meta_keys(BLOB_PREFIX)? {
+                if !used.contains(&key[BLOB_PREFIX.len()..]) {
+                    store.remove_meta(&key)?;
+                    removed += 1;
+                }
+            }
+            store.sync()?;
+            Ok(removed)
+        })();
+        match result {
+            Ok(files) => tracing::info!(records = victims.len(), files, "old generations pruned"),
+            Err(e) => tracing::warn!("pruning old generations: {e}"),
+        }
+    }
+
     /// Reads the folders and, if anything changed since the last build,
     /// builds, validates and activates a new generation.
     pub fn reload(&self, cause: &str) -> Outcome {
@@ -643,6 +691,7 @@ impl Reloader {
                 self.archive(&snap);
                 st.records.insert(number, r);
                 self.activated(&mut st, Arc::new(gen), cause);
+                self.prune(&mut st);
                 if let Some(m) = &self.metrics {
                     m.reload("activated", started.elapsed());
                 }
@@ -659,6 +708,7 @@ impl Reloader {
                 let r = record(number, cause, &snap, None, errors, build_ms);
                 self.save(&r);
                 st.records.insert(number, r);
+                self.prune(&mut st);
                 if let Some(m) = &self.metrics {
                     m.reload("rejected", started.elapsed());
                 }

@@ -121,6 +121,7 @@ pub async fn run(
         Some(store.clone()),
         Some(metrics.clone()),
         cfg.reload.keep,
+        cfg.reload.history,
     )?;
     let current = reloader.current();
     {

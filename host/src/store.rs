@@ -760,6 +760,20 @@ impl Store {
         Ok(self.db.contains_key(tagged(b'G', key))?)
     }
 
+    pub fn remove_meta(&self, key: &str) -> Result<()> {
+        self.db.remove(tagged(b'G', key))?;
+        Ok(())
+    }
+
+    /// The keys of the metadata entries under `prefix` (values not read).
+    pub fn meta_keys(&self, prefix: &str) -> Result<Vec<String>> {
+        self.db
+            .scan_prefix(tagged(b'G', prefix))
+            .keys()
+            .map(|k| Ok(String::from_utf8_lossy(&k?[1..]).into_owned()))
+            .collect()
+    }
+
     /// Every metadata entry under `prefix`, in key order.
     pub fn meta_scan(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         self.db

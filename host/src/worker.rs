@@ -398,12 +398,7 @@ impl Worker {
             trigger: t.trigger.clone(),
         };
         changes.timer(&t.customer, &t.plugin, &t.key, Some(&fired), None);
-        let Some((pi, plugin)) = gen
-            .plugins
-            .iter()
-            .enumerate()
-            .find(|(_, p)| p.name == t.plugin)
-        else {
+        let Some((pi, plugin)) = gen.plugin_index(&t.plugin).map(|i| (i, &gen.plugins[i])) else {
             tracing::warn!(plugin = %t.plugin, customer = %t.customer, "timer of a plugin no longer loaded: dropped");
             self.store.commit(changes);
             return Ok(());
