@@ -12,6 +12,7 @@ fn main() {
             "fault-membomb",
             "test-echo-v1",
             "test-echo-v2",
+            "fault-channel",
         ],
         &["tests/plugins"],
     );

@@ -442,6 +442,49 @@ fn quarantine_trips_on_repeated_faults_and_clears_on_a_new_version() {
     server.stop().unwrap();
 }
 
+#[test]
+fn a_faulting_channel_plugin_is_quarantined_and_its_deliveries_wait() {
+    let f = Folders::new();
+    let bytes = std::fs::read(test_plugin("fault-channel")).unwrap();
+    Folders::publish(&f.plugins, "fault-channel.wasm", &bytes);
+    f.publish_rule(
+        "policies.toml",
+        "[channels.log]\nplugin = \"fault-channel\"\n",
+    );
+    let mut cfg = f.config();
+    cfg.quarantine.faults = 2;
+    let server = Server::start(cfg);
+    let faults =
+        |s: &Server| s.metric("nudge_plugin_faults_total{plugin=\"fault-channel\",kind=\"trap\"}");
+    send(&server, "even-2", 2, false);
+    assert_eq!(sent(&server), 1.0);
+    // The delivery traps, is retried (100 ms backoff in tests), traps again.
+    eventually(Duration::from_secs(20), "the channel quarantined", || {
+        generations(&server)["quarantined"]["fault-channel"]
+            .is_object()
+            .then_some(())
+    });
+    assert_eq!(faults(&server), 2.0);
+    // Its campaigns are not decided; its delivery waits without using
+    // attempts, and is not dead-lettered.
+    send(&server, "even-4", 4, false);
+    assert_eq!(sent(&server), 1.0);
+    eventually(Duration::from_secs(20), "the delivery held", || {
+        (server.metric("nudge_deliveries_total{channel=\"log\",result=\"held\"}") >= 1.0)
+            .then_some(())
+    });
+    assert_eq!(faults(&server), 2.0, "not called while quarantined");
+    let dead = server.get("/v1/dead-letters", Some(API)).json();
+    assert_eq!(dead["dead_letters"].as_array().unwrap().len(), 0);
+    // Released by hand: the held delivery is tried again (and traps again).
+    let r = server.delete("/v1/plugins/fault-channel/quarantine", Some(API));
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually(Duration::from_secs(30), "the delivery tried again", || {
+        (faults(&server) >= 3.0).then_some(())
+    });
+    server.stop().unwrap();
+}
+
 /// Events stream in while generations are swapped many times (plugin
 /// versions, rule edits, and rejected publishes); every event sent is
 /// decided exactly once.

@@ -87,7 +87,7 @@ impl View {
     }
 
     /// Why campaign `c` must not be decided now, if it must not: paused,
-    /// or its trigger or response plugin is quarantined.
+    /// or its trigger, response or channel plugin is quarantined.
     pub fn blocked(&self, gen: &Generation, c: &Campaign) -> Option<&'static str> {
         if self.is_empty() {
             return None;
@@ -103,6 +103,12 @@ impl View {
             if gen.plugin(name).is_some_and(|p| self.plugin_quarantined(p)) {
                 return Some("quarantined");
             }
+        }
+        if gen
+            .channel_plugin(&c.channel)
+            .is_some_and(|p| self.plugin_quarantined(p))
+        {
+            return Some("quarantined");
         }
         None
     }

@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config;
+use crate::controls::Controls;
 use crate::event::{format_ts, now_ms};
 use crate::generation::Current;
 use crate::mail::{MailError, Mailer};
@@ -164,6 +165,10 @@ struct Senders {
     http: reqwest::Client,
 }
 
+/// How long a delivery of a quarantined channel plugin waits before it is
+/// looked at again.
+const HOLD_MS: i64 = 5_000;
+
 pub struct Deliverer {
     store: Store,
     current: Arc<Current>,
@@ -171,6 +176,9 @@ pub struct Deliverer {
     /// The generation the instances belong to: a change drops instances
     /// of channel plugins it no longer has.
     gen_number: u64,
+    /// Channel plugin faults count towards quarantine; deliveries of a
+    /// quarantined plugin wait (no attempt used) until it is released.
+    pub controls: Option<Arc<Controls>>,
     senders: Senders,
     cfg: config::Delivery,
     metrics: Arc<Metrics>,
@@ -232,6 +240,7 @@ impl Deliverer {
             current,
             instances: Instances::new(runtime),
             gen_number: 0,
+            controls: None,
             senders,
             cfg,
             metrics,
@@ -333,10 +342,22 @@ impl Deliverer {
             self.gen_number = gen.number;
             self.instances.retain(gen.plugins.iter());
         }
+        let view = self.controls.as_ref().map(|c| c.view());
         // Render everything first (plugin calls are synchronous), then send
         // everything concurrently.
         let mut jobs = Vec::with_capacity(due.len());
-        for d in due {
+        for mut d in due {
+            let held = gen
+                .plugin(&d.plugin)
+                .is_some_and(|p| view.as_ref().is_some_and(|v| v.plugin_quarantined(p)));
+            if held {
+                // Not an attempt: it goes once a fixed version is published
+                // or the quarantine is lifted.
+                d.next_at = now + HOLD_MS;
+                self.metrics.delivery(&d.channel, "held");
+                self.schedule(d);
+                continue;
+            }
             let rendered = match (d.expires_at, gen.plugin(&d.plugin)) {
                 (Some(exp), _) if exp < now => Err(Attempt::Permanent(format!(
                     "expired at {} before it could be delivered",
@@ -447,6 +468,14 @@ impl Deliverer {
             Ok(out) => Ok((plugin.clone(), out)),
             Err(fault) => {
                 self.metrics.plugin_fault(&plugin.name, fault.kind());
+                // A refusal is about this delivery (no address, say), not
+                // a broken plugin: it does not count towards quarantine.
+                if let (Some(c), false) = (&self.controls, matches!(fault, Fault::Returned(_))) {
+                    c.fault(
+                        plugin,
+                        &format!("{} on delivery {}: {fault}", fault.kind(), d.id),
+                    );
+                }
                 match fault {
                     // The plugin looked at this delivery and said no: it
                     // will say no again.

@@ -191,18 +191,20 @@ pub async fn run(
     // must not be created or dropped inside this async context.
     let (ready_tx, ready_rx) = mpsc::channel();
     let deliver_thread = {
-        let (store, current, runtime, metrics) = (
+        let (store, current, runtime, metrics, controls) = (
             store.clone(),
             current.clone(),
             runtime.clone(),
             metrics.clone(),
+            controls.clone(),
         );
         let (smtp, delivery) = (cfg.smtp.clone(), cfg.delivery.clone());
         std::thread::Builder::new()
             .name("nudge-deliver".into())
             .spawn(move || {
                 match Deliverer::new(store, current, runtime, &smtp, delivery, metrics) {
-                    Ok(d) => {
+                    Ok(mut d) => {
+                        d.controls = Some(controls);
                         let _ = ready_tx.send(Ok(()));
                         if let Err(e) = d.run(deliver_rx) {
                             tracing::error!("delivery stopped: {e}");
