@@ -6,8 +6,9 @@
 //!   generation being active, as `/healthz` reports it, for a changed rule,
 //!   a changed plugin whose compiled artifact is cached (two versions
 //!   alternating), and a changed plugin never seen before (compiled);
-//! - the load generator's throughput with no reloads and with reloads
-//!   running all along, in the same process, alternating rounds.
+//! - the load generator's throughput with no reloads, with reloads of
+//!   cached plugin versions, and with reloads that compile a new plugin
+//!   version each time, in the same process, in rotating rounds.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -28,7 +29,7 @@ pub struct Options {
     pub debounce: Duration,
     /// Events per throughput round; 0 skips the throughput comparison.
     pub events: usize,
-    /// Rounds of each (no reloads, reloads), alternating.
+    /// Rounds of each kind (none, cached, compiled), rotating.
     pub rounds: usize,
     /// How often a file changes during the reload rounds.
     pub reload_every: Duration,
@@ -45,7 +46,9 @@ pub struct Latency {
 
 #[derive(Debug, Serialize)]
 pub struct Round {
-    pub reloads: bool,
+    /// `none`, `cached` (rule edits and two known plugin versions in
+    /// turn) or `compiled` (rule edits and a new plugin version each time).
+    pub reloads: &'static str,
     pub acked_events_per_sec: f64,
     pub decided_events_per_sec: f64,
     /// Generations activated during the round.
@@ -57,8 +60,10 @@ pub struct Report {
     pub debounce_ms: f64,
     pub latency: Vec<Latency>,
     pub rounds: Vec<Round>,
-    /// Median decided events/s with reloads over without.
+    /// Median decided events/s with cached reloads over without.
     pub throughput_ratio: Option<f64>,
+    /// The same with compiling reloads.
+    pub throughput_ratio_compiled: Option<f64>,
 }
 
 fn fail(e: impl std::fmt::Display) -> BenchError {
@@ -246,12 +251,18 @@ pub async fn run(o: Options) -> Result<Report, BenchError> {
     let mut rounds = Vec::new();
     if o.events > 0 {
         // Round 0 warms up (caches, allocator, connections) and is not
-        // reported; then no-reload and reload rounds alternate.
-        for r in 0..=o.rounds.max(1) * 2 {
+        // reported; then the three kinds rotate.
+        const KINDS: [&str; 3] = ["none", "cached", "compiled"];
+        for r in 0..=o.rounds.max(1) * KINDS.len() {
             let warmup = r == 0;
-            let reloads = r % 2 == 0 && !warmup;
+            let kind = if warmup {
+                "none"
+            } else {
+                KINDS[(r - 1) % KINDS.len()]
+            };
             let stop_changes = Arc::new(AtomicBool::new(false));
-            let changer = reloads.then(|| {
+            let compile = kind == "compiled";
+            let changer = (kind != "none").then(|| {
                 let (stop, rules, plugins) = (stop_changes.clone(), rules.clone(), plugins.clone());
                 let (file, text, name) = (
                     campaign_file.clone(),
@@ -272,6 +283,13 @@ pub async fn run(o: Options) -> Result<Report, BenchError> {
                                 &file,
                                 format!("{text}\n# load edit {i}\n").as_bytes(),
                             )
+                        } else if compile {
+                            let fresh = with_custom_section(
+                                &a,
+                                "nudge-bench-load",
+                                format!("{r}-{i}").as_bytes(),
+                            );
+                            publish(&plugins, &name, &fresh)
                         } else {
                             publish(&plugins, &name, if i % 4 == 1 { &a } else { &b })
                         };
@@ -308,7 +326,7 @@ pub async fn run(o: Options) -> Result<Report, BenchError> {
                 continue;
             }
             rounds.push(Round {
-                reloads,
+                reloads: kind,
                 acked_events_per_sec: report.acked_events_per_sec,
                 decided_events_per_sec: report.decided_events_per_sec,
                 generations: after - before,
@@ -319,19 +337,20 @@ pub async fn run(o: Options) -> Result<Report, BenchError> {
     }
     let _ = stop.send(());
     handle.await.map_err(fail)??;
-    let med = |with: bool| {
+    let med = |kind: &str| {
         median(
             rounds
                 .iter()
-                .filter(|r| r.reloads == with)
+                .filter(|r| r.reloads == kind)
                 .map(|r| r.decided_events_per_sec)
                 .collect(),
         )
     };
-    let throughput_ratio = match (med(true), med(false)) {
+    let ratio = |kind: &str| match (med(kind), med("none")) {
         (Some(w), Some(wo)) if wo > 0.0 => Some(w / wo),
         _ => None,
     };
+    let (throughput_ratio, throughput_ratio_compiled) = (ratio("cached"), ratio("compiled"));
     Ok(Report {
         debounce_ms: o.debounce.as_secs_f64() * 1e3,
         latency: vec![
@@ -341,6 +360,7 @@ pub async fn run(o: Options) -> Result<Report, BenchError> {
         ],
         rounds,
         throughput_ratio,
+        throughput_ratio_compiled,
     })
 }
 
@@ -359,7 +379,11 @@ impl Report {
         for r in &self.rounds {
             out.push_str(&format!(
                 "  {:<12} {:>8.0} events/s acked, {:>8.0} decided, {} generations during\n",
-                if r.reloads { "reloads" } else { "no reloads" },
+                match r.reloads {
+                    "none" => "no reloads",
+                    "cached" => "reloads",
+                    _ => "compiling",
+                },
                 r.acked_events_per_sec,
                 r.decided_events_per_sec,
                 r.generations
@@ -368,6 +392,11 @@ impl Report {
         if let Some(x) = self.throughput_ratio {
             out.push_str(&format!(
                 "  decided throughput with reloads / without: {x:.3}\n"
+            ));
+        }
+        if let Some(x) = self.throughput_ratio_compiled {
+            out.push_str(&format!(
+                "  decided throughput with compiling reloads / without: {x:.3}\n"
             ));
         }
         out
