@@ -319,6 +319,85 @@ fn rollback_and_activation_from_memory_and_after_a_restart() {
     send(&server, "odd-5", 5, false);
     assert_eq!(sent(&server), 0.0, "1.0.0, rebuilt from the archive");
     server.stop().unwrap();
+
+    // An operator's choice stands across a restart, though the folders
+    // (2.0.0) differ from it, until the folders change.
+    let server = Server::start(f.config());
+    assert_eq!(active(&server), 1, "the rollback stands");
+    send(&server, "odd-7", 7, false);
+    assert_eq!(sent(&server), 0.0);
+    f.publish_rule(
+        "echo.toml",
+        &CAMPAIGN.replace("Every pong", "Every pong, edited"),
+    );
+    let g = next_generation(&server, 2);
+    assert_eq!(g["status"], "active", "{g}");
+    assert_eq!(
+        g["plugins"][0]["version"], "2.0.0",
+        "built from the folders"
+    );
+    server.stop().unwrap();
+}
+
+#[test]
+fn a_half_done_publish_is_rejected_unless_forced() {
+    let f = Folders::new();
+    Folders::publish(&f.plugins, "echo.toml", b"[capabilities]\n");
+    let server = Server::start(f.config());
+    std::fs::remove_file(f.plugins.join("echo.toml")).unwrap();
+    let g = next_generation(&server, 1);
+    assert_eq!(g["status"], "rejected", "{g}");
+    assert!(
+        g["errors"]
+            .to_string()
+            .contains("echo.toml: the manifest of"),
+        "{g}"
+    );
+    std::fs::remove_file(f.rules.join("echo.toml")).unwrap();
+    let g = next_generation(&server, 2);
+    assert_eq!(g["status"], "rejected", "{g}");
+    assert!(g["errors"].to_string().contains("no campaign left"), "{g}");
+    assert_eq!(active(&server), 1);
+    // Meant: forced.
+    let r = server.post("/v1/generations/reload?force=true", Some(API), &[], vec![]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["result"], "activated");
+    assert_eq!(r.json()["generation"]["campaigns"], json!([]));
+    // Nothing changed since: not built again unless forced.
+    let r = server.post("/v1/generations/reload", Some(API), &[], vec![]);
+    assert_eq!(r.json()["result"], "unchanged");
+    server.stop().unwrap();
+}
+
+#[test]
+fn a_rollback_does_not_lift_a_quarantine() {
+    let f = Folders::new();
+    let mut cfg = f.config();
+    cfg.quarantine.faults = 2;
+    let server = Server::start(cfg);
+    f.publish_plugin("test-echo-v2");
+    assert_eq!(next_generation(&server, 1)["status"], "active");
+    send(&server, "boom-0", 0, true);
+    send(&server, "boom-1", 0, true);
+    assert_eq!(
+        generations(&server)["quarantined"]["echo"]["version"],
+        "2.0.0"
+    );
+    let r = server.post("/v1/generations/rollback", Some(API), &[], vec![]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(active(&server), 1);
+    // 1.0.0 is another version: it runs. 2.0.0 stays quarantined.
+    send(&server, "even-2", 2, false);
+    assert_eq!(sent(&server), 1.0);
+    assert_eq!(
+        generations(&server)["quarantined"]["echo"]["version"],
+        "2.0.0"
+    );
+    let r = server.post("/v1/generations/2/activate", Some(API), &[], vec![]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    send(&server, "even-4", 4, false);
+    assert_eq!(sent(&server), 1.0, "2.0.0 is still quarantined");
+    server.stop().unwrap();
 }
 
 #[test]

@@ -51,6 +51,7 @@ fn reload_error(e: ReloadError) -> Response {
     let status = match &e {
         ReloadError::Unknown(_) => StatusCode::NOT_FOUND,
         ReloadError::Rejected { .. }
+        | ReloadError::Archive { .. }
         | ReloadError::Unavailable(_)
         | ReloadError::NothingToRollBack => StatusCode::CONFLICT,
         ReloadError::Watch { .. } | ReloadError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -104,13 +105,26 @@ async fn generations(
     .into_response()
 }
 
-async fn reload(State(s): State<AppState>, headers: HeaderMap) -> Response {
+#[derive(serde::Deserialize)]
+struct ReloadQuery {
+    /// Build even if nothing changed, and let a publish through that looks
+    /// half-done (a manifest gone, no campaign left).
+    #[serde(default)]
+    force: bool,
+}
+
+async fn reload(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<ReloadQuery>,
+) -> Response {
     if let Err(r) = check_api(&s, &headers) {
         return *r;
     }
-    let cause = format!("reload requested by {}", who(&headers));
+    let forced = if q.force { " (forced)" } else { "" };
+    let cause = format!("reload requested by {}{forced}", who(&headers));
     let r = s.reloader.clone();
-    let outcome = match blocking(move || r.reload(&cause)).await {
+    let outcome = match blocking(move || r.reload(&cause, q.force)).await {
         Ok(o) => o,
         Err(resp) => return resp,
     };
@@ -202,10 +216,18 @@ async fn pause(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<Str
     if let Err(r) = check_api(&s, &headers) {
         return *r;
     }
-    let gen = s.current.load();
-    match s.reloader.controls().pause(&gen, &id, &who(&headers)) {
-        Ok(view) => Json(json!({ "campaign": id, "paused": view.paused.get(&id) })).into_response(),
-        Err(e) => control_error(e),
+    let (gen, controls, by, campaign) = (
+        s.current.load(),
+        s.reloader.controls(),
+        who(&headers),
+        id.clone(),
+    );
+    match blocking(move || controls.pause(&gen, &campaign, &by)).await {
+        Ok(Ok(view)) => {
+            Json(json!({ "campaign": id, "paused": view.paused.get(&id) })).into_response()
+        }
+        Ok(Err(e)) => control_error(e),
+        Err(resp) => resp,
     }
 }
 
@@ -213,10 +235,16 @@ async fn resume(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<St
     if let Err(r) = check_api(&s, &headers) {
         return *r;
     }
-    let gen = s.current.load();
-    match s.reloader.controls().resume(&gen, &id) {
-        Ok(_) => Json(json!({ "campaign": id, "paused": null })).into_response(),
-        Err(e) => control_error(e),
+    let (gen, controls, by, campaign) = (
+        s.current.load(),
+        s.reloader.controls(),
+        who(&headers),
+        id.clone(),
+    );
+    match blocking(move || controls.resume(&gen, &campaign, &by)).await {
+        Ok(Ok(_)) => Json(json!({ "campaign": id, "paused": null })).into_response(),
+        Ok(Err(e)) => control_error(e),
+        Err(resp) => resp,
     }
 }
 
@@ -228,10 +256,12 @@ async fn release(
     if let Err(r) = check_api(&s, &headers) {
         return *r;
     }
-    match s.reloader.controls().release(&name) {
-        Ok(view) => {
+    let (controls, by, plugin) = (s.reloader.controls(), who(&headers), name.clone());
+    match blocking(move || controls.release(&plugin, &by)).await {
+        Ok(Ok(view)) => {
             Json(json!({ "released": name, "quarantined": view.quarantined })).into_response()
         }
-        Err(e) => control_error(e),
+        Ok(Err(e)) => control_error(e),
+        Err(resp) => resp,
     }
 }

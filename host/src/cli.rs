@@ -190,6 +190,10 @@ enum Command {
     },
     /// Ask a running server to read its plugins and rules folders now.
     Reload {
+        /// Build even if nothing changed, and let a publish through that
+        /// looks half-done (a manifest gone, no campaign left).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         remote: Remote,
     },
@@ -548,7 +552,9 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
         Command::Rollback { to, remote } => {
             runtime()?.block_on(crate::remote::rollback(&remote, to))
         }
-        Command::Reload { remote } => runtime()?.block_on(crate::remote::reload(&remote)),
+        Command::Reload { force, remote } => {
+            runtime()?.block_on(crate::remote::reload(&remote, force))
+        }
         Command::Campaign { command, remote } => {
             let (action, id) = match &command {
                 CampaignCommand::Pause { id } => ("pause", Some(id.as_str())),

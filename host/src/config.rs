@@ -190,7 +190,8 @@ pub struct Reload {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Quarantine {
-    /// Faults (traps, deadlines, memory, errors returned) of one plugin
+    /// Faults (traps, deadlines, memory, instantiation; not errors the
+    /// plugin returns) of one plugin
     /// version within `window`; 0: never quarantine.
     pub faults: usize,
     pub window: Dur,

@@ -7,9 +7,11 @@
 //! in the store's metadata.
 //!
 //! A quarantine names a plugin *version* (its component hash): it holds
-//! while generations with that component are active and clears when a
-//! generation with another version of the plugin is activated (a fix was
-//! published), or when an operator releases it.
+//! while generations with that component are active and clears when
+//! another version of the plugin is published (a generation built from the
+//! folders has it), or when an operator releases it. Activating an older
+//! generation (a rollback) does not clear it: the quarantined version
+//! would come back unguarded with the next publish.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -21,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::event::{format_ts, now_ms};
 use crate::generation::Generation;
 use crate::metrics::Metrics;
-use crate::plugins::Plugin;
+use crate::plugins::{Fault, Plugin};
 use crate::rules::{Campaign, TriggerRef};
 use crate::store::{Store, StoreError};
 
@@ -29,8 +31,8 @@ const PAUSED_KEY: &str = "controls/paused";
 const QUARANTINE_KEY: &str = "controls/quarantine";
 
 /// When a plugin is quarantined: `faults` faults (traps, deadlines,
-/// memory, errors returned) of one version within `window`. `faults = 0`
-/// never quarantines.
+/// memory, failures to instantiate) of one version within `window`.
+/// `faults = 0` never quarantines.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct QuarantinePolicy {
     pub faults: usize,
@@ -181,25 +183,26 @@ impl Controls {
         self.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores and swaps in `view` (called with the lock held).
+    /// Swaps in `view`, then stores it (called with the lock held). It
+    /// takes effect even if storing fails; then it holds until a restart,
+    /// and the error says so.
     fn set(&self, view: View) -> Result<(), StoreError> {
-        if let Some(s) = &self.store {
-            let old = self.view.load();
-            if old.paused != view.paused {
-                s.put_meta(
-                    PAUSED_KEY,
-                    &serde_json::to_vec(&view.paused).unwrap_or_default(),
-                )?;
-            }
-            if old.quarantined != view.quarantined {
-                s.put_meta(
-                    QUARANTINE_KEY,
-                    &serde_json::to_vec(&view.quarantined).unwrap_or_default(),
-                )?;
-            }
-        }
-        self.view.store(Arc::new(view));
+        let old = self.view.swap(Arc::new(view));
         self.publish_metrics();
+        let Some(s) = &self.store else { return Ok(()) };
+        let new = self.view.load();
+        if old.paused != new.paused {
+            s.put_meta(
+                PAUSED_KEY,
+                &serde_json::to_vec(&new.paused).unwrap_or_default(),
+            )?;
+        }
+        if old.quarantined != new.quarantined {
+            s.put_meta(
+                QUARANTINE_KEY,
+                &serde_json::to_vec(&new.quarantined).unwrap_or_default(),
+            )?;
+        }
         Ok(())
     }
 
@@ -234,35 +237,37 @@ impl Controls {
 
     /// Resumes campaign `id` (also one no longer in the generation, so a
     /// stale pause can be cleared).
-    pub fn resume(&self, gen: &Generation, id: &str) -> Result<View, ControlError> {
+    pub fn resume(&self, gen: &Generation, id: &str, by: &str) -> Result<View, ControlError> {
         let _guard = self.lock();
         let mut view = (*self.view.load_full()).clone();
         if view.paused.remove(id).is_none() && !gen.rules.campaigns.iter().any(|c| c.id == id) {
             return Err(ControlError::NoCampaign(id.to_owned()));
         }
-        tracing::info!(campaign = id, "campaign resumed");
+        tracing::info!(campaign = id, by, "campaign resumed");
         self.set(view.clone())?;
         Ok(view)
     }
 
     /// Releases a quarantined plugin by hand.
-    pub fn release(&self, plugin: &str) -> Result<View, ControlError> {
+    pub fn release(&self, plugin: &str, by: &str) -> Result<View, ControlError> {
         let mut recent = self.lock();
         let mut view = (*self.view.load_full()).clone();
         if view.quarantined.remove(plugin).is_none() {
             return Err(ControlError::NotQuarantined(plugin.to_owned()));
         }
         recent.remove(plugin);
-        tracing::warn!(plugin, "plugin released from quarantine by an operator");
+        tracing::warn!(plugin, by, "plugin released from quarantine by an operator");
         self.set(view.clone())?;
         Ok(view)
     }
 
     /// Counts one fault of `plugin`; quarantines the version when the
     /// policy's count is reached within its window. Returns whether this
-    /// fault tripped it.
-    pub fn fault(&self, plugin: &Plugin, what: &str) -> bool {
-        if self.policy.faults == 0 {
+    /// fault tripped it. An error the plugin returned is its answer to that
+    /// input (malformed events can cause them), not a broken plugin: it
+    /// does not count.
+    pub fn fault(&self, plugin: &Plugin, fault: &Fault, what: &str) -> bool {
+        if self.policy.faults == 0 || matches!(fault, Fault::Returned(_)) {
             return false;
         }
         let mut recent = self.lock();
@@ -346,6 +351,10 @@ mod tests {
     use super::*;
     use crate::plugins::{Limits, Runtime};
 
+    fn trap() -> Fault {
+        Fault::Trap("unreachable".into())
+    }
+
     fn plugin(rt: &Runtime, name: &str) -> Plugin {
         let (_, bytes, _) = crate::embedded::EMBEDDED
             .iter()
@@ -366,20 +375,20 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             let c = Controls::new(policy, Some(store), None).unwrap();
-            assert!(!c.fault(&p, "trap"));
-            assert!(!c.fault(&p, "trap"));
+            assert!(!c.fault(&p, &trap(), "trap"));
+            assert!(!c.fault(&p, &trap(), "trap"));
             assert!(!c.view().plugin_quarantined(&p));
-            assert!(c.fault(&p, "trap"), "the third fault trips it");
+            assert!(c.fault(&p, &trap(), "trap"), "the third fault trips it");
             assert!(c.view().plugin_quarantined(&p));
-            assert!(!c.fault(&p, "trap"), "already quarantined");
+            assert!(!c.fault(&p, &trap(), "trap"), "already quarantined");
         }
         let store = Store::open(dir.path()).unwrap();
         let c = Controls::new(policy, Some(store), None).unwrap();
         assert!(c.view().plugin_quarantined(&p), "kept across a restart");
-        c.release(&p.name).unwrap();
+        c.release(&p.name, "ops").unwrap();
         assert!(!c.view().plugin_quarantined(&p));
         assert!(matches!(
-            c.release(&p.name),
+            c.release(&p.name, "ops"),
             Err(ControlError::NotQuarantined(_))
         ));
     }
@@ -397,10 +406,20 @@ mod tests {
             None,
         )
         .unwrap();
-        assert!(!c.fault(&p, "x"));
+        for _ in 0..5 {
+            let refused = Fault::Returned("bad input".into());
+            assert!(
+                !c.fault(&p, &refused, "x"),
+                "an error returned does not count"
+            );
+        }
+        assert!(!c.fault(&p, &trap(), "x"));
         std::thread::sleep(Duration::from_millis(60));
-        assert!(!c.fault(&p, "x"), "the first fault fell out of the window");
-        assert!(c.fault(&p, "x"));
+        assert!(
+            !c.fault(&p, &trap(), "x"),
+            "the first fault fell out of the window"
+        );
+        assert!(c.fault(&p, &trap(), "x"));
         let never = Controls::new(
             QuarantinePolicy {
                 faults: 0,
@@ -411,7 +430,7 @@ mod tests {
         )
         .unwrap();
         for _ in 0..10 {
-            assert!(!never.fault(&p, "x"));
+            assert!(!never.fault(&p, &trap(), "x"));
         }
     }
 }

@@ -347,9 +347,11 @@ impl Deliverer {
         // everything concurrently.
         let mut jobs = Vec::with_capacity(due.len());
         for mut d in due {
-            let held = gen
-                .plugin(&d.plugin)
-                .is_some_and(|p| view.as_ref().is_some_and(|v| v.plugin_quarantined(p)));
+            let expired = d.expires_at.is_some_and(|exp| exp < now);
+            let held = !expired
+                && gen
+                    .plugin(&d.plugin)
+                    .is_some_and(|p| view.as_ref().is_some_and(|v| v.plugin_quarantined(p)));
             if held {
                 // Not an attempt: it goes once a fixed version is published
                 // or the quarantine is lifted.
@@ -468,13 +470,11 @@ impl Deliverer {
             Ok(out) => Ok((plugin.clone(), out)),
             Err(fault) => {
                 self.metrics.plugin_fault(&plugin.name, fault.kind());
-                // A refusal is about this delivery (no address, say), not
-                // a broken plugin: it does not count towards quarantine.
-                if let (Some(c), false) = (&self.controls, matches!(fault, Fault::Returned(_))) {
-                    c.fault(
-                        plugin,
-                        &format!("{} on delivery {}: {fault}", fault.kind(), d.id),
-                    );
+                // A refusal (no address, say) does not count towards
+                // quarantine: see Controls::fault.
+                if let Some(c) = &self.controls {
+                    let what = format!("{} on delivery {}: {fault}", fault.kind(), d.id);
+                    c.fault(plugin, &fault, &what);
                 }
                 match fault {
                     // The plugin looked at this delivery and said no: it

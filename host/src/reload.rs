@@ -112,6 +112,11 @@ pub struct GenerationRecord {
     pub activated_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activated_by: Option<String>,
+    /// Which activation that was, counting every activation of every
+    /// generation: orders them (rollback, start-up) without trusting the
+    /// wall clock. 0: never active.
+    #[serde(default)]
+    pub activation: u64,
     /// Over every file's path and hash: equal fingerprints, equal inputs.
     pub fingerprint: String,
 }
@@ -122,6 +127,8 @@ pub enum ReloadError {
     Rejected { number: u64, errors: Vec<String> },
     #[error("no generation {0}")]
     Unknown(u64),
+    #[error("generation {number} cannot be rebuilt from its archive: {}", errors.join("; "))]
+    Archive { number: u64, errors: Vec<String> },
     #[error("generation {0} is neither kept nor archived (run without a store?)")]
     Unavailable(u64),
     #[error("no earlier good generation to roll back to")]
@@ -226,8 +233,10 @@ impl SourceFile {
 }
 
 impl Snapshot {
-    fn finish(files: Vec<SourceFile>, errors: Vec<String>) -> Snapshot {
-        let mut fp = String::new();
+    /// `grants`: the operator's grants take part in the fingerprint, so a
+    /// changed grant is a changed generation.
+    fn finish(files: Vec<SourceFile>, errors: Vec<String>, grants: &Sources) -> Snapshot {
+        let mut fp = format!("{:?}\0", grants.grants);
         for f in &files {
             fp.push_str(&format!("{}\0{}\0", f.record.path, f.record.sha256));
         }
@@ -290,11 +299,15 @@ impl Snapshot {
             Ok(rules) => files.extend(rules.into_iter().map(|r| SourceFile::read(Role::Rule, r))),
             Err(e) => errors.extend(e.0.iter().map(ToString::to_string)),
         }
-        Snapshot::finish(files, errors)
+        Snapshot::finish(files, errors, sources)
     }
 
     /// A generation's files as archived in the store.
-    fn archived(store: &Store, record: &GenerationRecord) -> Result<Snapshot, ReloadError> {
+    fn archived(
+        store: &Store,
+        record: &GenerationRecord,
+        sources: &Sources,
+    ) -> Result<Snapshot, ReloadError> {
         let mut files = Vec::new();
         for f in &record.files {
             let Some(bytes) = store.meta(&format!("{BLOB_PREFIX}{}", f.sha256))? else {
@@ -306,7 +319,7 @@ impl Snapshot {
                 record: f.clone(),
             });
         }
-        Ok(Snapshot::finish(files, Vec::new()))
+        Ok(Snapshot::finish(files, Vec::new(), sources))
     }
 }
 
@@ -403,14 +416,17 @@ fn build(
 struct State {
     records: BTreeMap<u64, GenerationRecord>,
     kept: BTreeMap<u64, Arc<Generation>>,
-    /// Compiled components by content hash.
-    loaded: HashMap<String, Plugin>,
     next: u64,
     active: u64,
+    /// Activations so far: orders [`GenerationRecord::activation`].
+    activations: u64,
     /// The fingerprint of the last build, good or not: the same files are
-    /// not built twice in a row.
+    /// not built twice in a row (unless forced).
     last_fingerprint: String,
 }
+
+/// Compiled components by content hash.
+type Loaded = HashMap<String, Plugin>;
 
 /// Builds, keeps and activates generations.
 pub struct Reloader {
@@ -424,12 +440,75 @@ pub struct Reloader {
     keep: usize,
     /// Records kept; see [`Reloader::prune`].
     history: usize,
+    /// Held for a whole build or activation, so they happen one at a time,
+    /// each on the files as it read them after the one before finished.
+    builder: Mutex<Loaded>,
+    /// Held only for bookkeeping, never across a build: listing does not
+    /// wait for a compilation.
     state: Mutex<State>,
 }
 
+/// Whether the record's last activation was an operator's choice
+/// (activate, rollback) rather than the files'.
+fn by_operator(r: &GenerationRecord) -> bool {
+    r.activated_by
+        .as_deref()
+        .is_some_and(|b| b.starts_with("activated by") || b.starts_with("rollback by"))
+}
+
+/// A publish that looks half-done is refused unless forced: a component
+/// whose manifest disappeared (it would run without the capabilities it
+/// had), or no campaign left where the active generation has some.
+fn guard(
+    sources: &Sources,
+    gen: &Generation,
+    snap: &Snapshot,
+    active: Option<&GenerationRecord>,
+) -> Result<(), Vec<String>> {
+    let Some(active) = active else { return Ok(()) };
+    let mut errors = Vec::new();
+    if let PluginSource::Dir(_) = &sources.plugins {
+        let had: BTreeSet<&str> = active
+            .files
+            .iter()
+            .filter(|f| f.role == Role::Manifest)
+            .map(|f| f.path.as_str())
+            .collect();
+        let has: BTreeSet<String> = snap
+            .files
+            .iter()
+            .filter(|f| f.record.role == Role::Manifest)
+            .map(|f| f.record.path.clone())
+            .collect();
+        for f in snap.files.iter().filter(|f| f.record.role == Role::Plugin) {
+            let manifest = f.path.with_extension("toml").display().to_string();
+            if had.contains(manifest.as_str()) && !has.contains(&manifest) {
+                errors.push(format!(
+                    "{manifest}: the manifest of {} disappeared; publish it with the component (an empty one grants nothing), or force the reload",
+                    f.record.path
+                ));
+            }
+        }
+    }
+    if gen.rules.campaigns.is_empty() && !active.campaigns.is_empty() {
+        errors.push(format!(
+            "{}: no campaign left (the active generation has {}); if that is meant, force the reload",
+            sources.rules.display(),
+            active.campaigns.len()
+        ));
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
+}
+
 impl Reloader {
-    /// Builds the first generation from the files. If they do not validate
-    /// and the store has an archived generation that was active last, that
+    /// Builds the first generation. The generation an operator activated
+    /// last (a rollback) stands across a restart, even if the folders
+    /// differ from it. Otherwise the folders are built; if they do not
+    /// validate and the store has the generation that was active last, that
     /// one starts instead (and the rejection is listed), so a bad publish
     /// cannot keep the server from starting.
     pub fn start(
@@ -456,50 +535,83 @@ impl Reloader {
             }
         }
         let next = records.keys().next_back().map_or(1, |n| n + 1);
-        let last_active = records
+        let activations = records.values().map(|r| r.activation).max().unwrap_or(0);
+        let last_active: Option<&GenerationRecord> = records
             .values()
-            .filter(|r| r.status == Status::Archived)
-            .max_by_key(|r| (r.activated_at.clone(), r.number))
-            .map(|r| r.number);
+            .filter(|r| r.status == Status::Archived && r.activated_at.is_some())
+            .max_by_key(|r| (r.activation, r.number));
         let snap = Snapshot::read(&sources);
-        let mut loaded = HashMap::new();
+        let mut loaded = Loaded::new();
         let started = Instant::now();
-        // The files of the generation active at the last stop keep its
-        // number: a restart is not a new generation.
-        let same = last_active.filter(|n| records[n].fingerprint == snap.fingerprint);
-        let first = build(&runtime, &sources, &snap, same.unwrap_or(next), &mut loaded);
-        let build_ms = started.elapsed().as_secs_f64() * 1e3;
-        let (gen, rejected) = match first {
-            Ok(g) => (g, None),
-            Err(errors) => {
-                let fallback = match (&store, last_active) {
-                    (Some(s), Some(n)) => Snapshot::archived(s, &records[&n])
-                        .ok()
-                        .and_then(|snap| build(&runtime, &sources, &snap, n, &mut loaded).ok()),
-                    _ => None,
-                };
-                match fallback {
-                    Some(g) => {
-                        tracing::error!(
-                            generation = g.number,
-                            "the published files do not validate; starting with the last good generation: {}",
-                            errors.join("; ")
-                        );
-                        (g, Some(errors))
-                    }
-                    None => {
-                        return Err(ReloadError::Rejected {
-                            number: next,
-                            errors,
-                        })
+        let from_archive = |r: &GenerationRecord, loaded: &mut Loaded| {
+            let store = store.as_ref().ok_or("no store")?;
+            let snap = Snapshot::archived(store, r, &sources).map_err(|e| e.to_string())?;
+            build(&runtime, &sources, &snap, r.number, loaded).map_err(|e| e.join("; "))
+        };
+
+        // (generation, errors of the folders if rejected, whether this start
+        // used up a number, whether the folders are what runs)
+        let mut chosen = None;
+        if let Some(r) = last_active.filter(|r| by_operator(r) && r.fingerprint != snap.fingerprint)
+        {
+            match from_archive(r, &mut loaded) {
+                Ok(g) => {
+                    tracing::warn!(
+                        generation = r.number,
+                        by = r.activated_by.as_deref().unwrap_or(""),
+                        "starting with the generation an operator activated; the folders differ from it and are built at their next change"
+                    );
+                    chosen = Some((g, None, false, false));
+                }
+                Err(e) => tracing::error!(
+                    generation = r.number,
+                    "the generation an operator activated cannot be rebuilt from the archive ({e}); building the folders"
+                ),
+            }
+        }
+        let (gen, rejected, numbered, published) = match chosen {
+            Some(c) => c,
+            None => {
+                let same = last_active.filter(|r| r.fingerprint == snap.fingerprint);
+                match build(
+                    &runtime,
+                    &sources,
+                    &snap,
+                    same.map_or(next, |r| r.number),
+                    &mut loaded,
+                ) {
+                    Ok(g) => (g, None, same.is_none(), true),
+                    Err(errors) => {
+                        match last_active.map(|r| (r.number, from_archive(r, &mut loaded))) {
+                            Some((_, Ok(g))) => {
+                                tracing::error!(
+                                generation = g.number,
+                                "the folders do not validate; starting with the generation active last:\n  {}",
+                                errors.join("\n  ")
+                            );
+                                (g, Some(errors), true, false)
+                            }
+                            Some((n, Err(e))) => {
+                                tracing::error!(generation = n, "the generation active last cannot be rebuilt from the archive either: {e}");
+                                return Err(ReloadError::Rejected {
+                                    number: next,
+                                    errors,
+                                });
+                            }
+                            None => {
+                                return Err(ReloadError::Rejected {
+                                    number: next,
+                                    errors,
+                                })
+                            }
+                        }
                     }
                 }
             }
         };
+        let build_ms = started.elapsed().as_secs_f64() * 1e3;
         let current = Arc::new(Current::new(gen));
         let gen = current.load();
-        // Whether this start used up a number (a new or a rejected build).
-        let numbered = same.is_none() || rejected.is_some();
         let reloader = Arc::new(Reloader {
             runtime,
             sources,
@@ -509,27 +621,37 @@ impl Reloader {
             metrics,
             keep: keep.max(1),
             history: history.max(1),
+            builder: Mutex::new(Loaded::new()),
             state: Mutex::new(State {
                 records,
                 kept: BTreeMap::new(),
-                loaded,
                 next: if numbered { next + 1 } else { next },
                 active: gen.number,
+                activations,
                 last_fingerprint: snap.fingerprint.clone(),
             }),
         });
         {
+            let mut builder = reloader.lock_builder();
+            *builder = loaded;
             let mut st = reloader.lock();
-            if let Some(errors) = rejected {
-                let r = record(next, "start", &snap, None, errors, build_ms);
-                reloader.save(&r);
-                st.records.insert(next, r);
-            } else if same.is_none() {
-                let r = record(next, "start", &snap, Some(&gen), Vec::new(), build_ms);
-                reloader.archive(&snap);
-                st.records.insert(next, r);
+            match rejected {
+                Some(errors) => {
+                    let r = record(next, "start", &snap, None, errors, build_ms);
+                    reloader.save(&r);
+                    st.records.insert(next, r);
+                }
+                None if numbered => {
+                    let r = record(next, "start", &snap, Some(&gen), Vec::new(), build_ms);
+                    reloader.archive(&snap);
+                    st.records.insert(next, r);
+                }
+                // The same files as before: archive again what an earlier
+                // failure may have left out.
+                None if published => reloader.archive(&snap),
+                None => {}
             }
-            reloader.activated(&mut st, gen, "start");
+            reloader.activated(&mut st, &mut builder, gen, "start", published);
             reloader.prune(&mut st);
         }
         Ok(reloader)
@@ -537,6 +659,10 @@ impl Reloader {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_builder(&self) -> MutexGuard<'_, Loaded> {
+        self.builder.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn current(&self) -> Arc<Current> {
@@ -576,11 +702,23 @@ impl Reloader {
         }
     }
 
-    /// Makes `gen` current and records it (with the state lock held).
-    fn activated(&self, st: &mut State, gen: Arc<Generation>, by: &str) {
+    /// Makes `gen` current and records it (state and builder locks held).
+    /// `published`: it comes from the folders (a new publish), so
+    /// quarantines of versions it replaces clear; an operator's activation
+    /// of an older generation does not lift them.
+    fn activated(
+        &self,
+        st: &mut State,
+        loaded: &mut Loaded,
+        gen: Arc<Generation>,
+        by: &str,
+        published: bool,
+    ) {
         let number = gen.number;
         self.current.store(gen.clone());
-        self.controls.on_generation(&gen);
+        if published {
+            self.controls.on_generation(&gen);
+        }
         let previous = std::mem::replace(&mut st.active, number);
         if let Some(r) = st.records.get_mut(&previous) {
             if previous != number && r.status == Status::Active {
@@ -604,17 +742,14 @@ impl Reloader {
             .values()
             .flat_map(|g| g.plugins.iter().map(|p| p.hash.as_str()))
             .collect();
-        let keep: Vec<String> = st
-            .loaded
-            .keys()
-            .filter(|h| used.contains(h.as_str()))
-            .cloned()
-            .collect();
-        st.loaded.retain(|h, _| keep.contains(h));
+        loaded.retain(|h, _| used.contains(h.as_str()));
+        st.activations += 1;
+        let activation = st.activations;
         if let Some(r) = st.records.get_mut(&number) {
             r.status = Status::Active;
             r.activated_at = Some(format_ts(now_ms()));
             r.activated_by = Some(by.to_owned());
+            r.activation = activation;
             let r = r.clone();
             self.save(&r);
         }
@@ -624,18 +759,20 @@ impl Reloader {
         tracing::info!(generation = number, by, "generation active");
     }
 
-    /// Deletes the oldest records past `history` (never the active or a
-    /// kept one), then the archived files no remaining good record uses.
+    /// Deletes the oldest records past `history` (never the active, a kept
+    /// or the newest one), then the archived files no remaining good record
+    /// uses.
     fn prune(&self, st: &mut State) {
         let excess = st.records.len().saturating_sub(self.history);
         if excess == 0 {
             return;
         }
+        let newest = st.records.keys().next_back().copied();
         let victims: Vec<u64> = st
             .records
             .keys()
             .copied()
-            .filter(|n| *n != st.active && !st.kept.contains_key(n))
+            .filter(|n| *n != st.active && !st.kept.contains_key(n) && Some(*n) != newest)
             .take(excess)
             .collect();
         for n in &victims {
@@ -668,29 +805,40 @@ impl Reloader {
         }
     }
 
-    /// Reads the folders and, if anything changed since the last build,
-    /// builds, validates and activates a new generation.
-    pub fn reload(&self, cause: &str) -> Outcome {
+    /// Reads the folders and, if anything changed since the last build (or
+    /// `force`), builds, validates and activates a new generation. `force`
+    /// also lets a publish through that looks half-done (see [`guard`]).
+    pub fn reload(&self, cause: &str, force: bool) -> Outcome {
         let started = Instant::now();
+        let mut loaded = self.lock_builder();
         let snap = Snapshot::read(&self.sources);
-        let mut st = self.lock();
-        if snap.fingerprint == st.last_fingerprint {
-            if let Some(m) = &self.metrics {
-                m.reload("unchanged", started.elapsed());
+        let (number, active) = {
+            let mut st = self.lock();
+            if !force && snap.fingerprint == st.last_fingerprint {
+                if let Some(m) = &self.metrics {
+                    m.reload("unchanged", started.elapsed());
+                }
+                return Outcome::Unchanged;
             }
-            return Outcome::Unchanged;
-        }
-        st.last_fingerprint = snap.fingerprint.clone();
-        let number = st.next;
-        st.next += 1;
-        let built = build(&self.runtime, &self.sources, &snap, number, &mut st.loaded);
+            st.last_fingerprint = snap.fingerprint.clone();
+            let number = st.next;
+            st.next += 1;
+            (number, st.records.get(&st.active).cloned())
+        };
+        let built = build(&self.runtime, &self.sources, &snap, number, &mut loaded).and_then(|g| {
+            if force {
+                return Ok(g);
+            }
+            guard(&self.sources, &g, &snap, active.as_ref()).map(|()| g)
+        });
         let build_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut st = self.lock();
         match built {
             Ok(gen) => {
                 let r = record(number, cause, &snap, Some(&gen), Vec::new(), build_ms);
                 self.archive(&snap);
                 st.records.insert(number, r);
-                self.activated(&mut st, Arc::new(gen), cause);
+                self.activated(&mut st, &mut loaded, Arc::new(gen), cause, true);
                 self.prune(&mut st);
                 if let Some(m) = &self.metrics {
                     m.reload("activated", started.elapsed());
@@ -720,35 +868,41 @@ impl Reloader {
     /// Makes generation `number` active again (a rollback, or a roll
     /// forward after one).
     pub fn activate(&self, number: u64, by: &str) -> Result<GenerationRecord, ReloadError> {
-        let mut st = self.lock();
-        let record = st
-            .records
-            .get(&number)
-            .cloned()
-            .ok_or(ReloadError::Unknown(number))?;
+        let mut loaded = self.lock_builder();
+        let (record, kept, active) = {
+            let st = self.lock();
+            let record = st
+                .records
+                .get(&number)
+                .cloned()
+                .ok_or(ReloadError::Unknown(number))?;
+            (record, st.kept.get(&number).cloned(), st.active)
+        };
         if record.status == Status::Rejected {
             return Err(ReloadError::Rejected {
                 number,
                 errors: record.errors,
             });
         }
-        if st.active != number {
-            let gen = match st.kept.get(&number) {
-                Some(g) => g.clone(),
+        if active != number {
+            let gen = match kept {
+                Some(g) => g,
                 None => {
                     let store = self
                         .store
                         .as_ref()
                         .ok_or(ReloadError::Unavailable(number))?;
-                    let snap = Snapshot::archived(store, &record)?;
-                    let gen = build(&self.runtime, &self.sources, &snap, number, &mut st.loaded)
-                        .map_err(|errors| ReloadError::Rejected { number, errors })?;
+                    let snap = Snapshot::archived(store, &record, &self.sources)?;
+                    let gen = build(&self.runtime, &self.sources, &snap, number, &mut loaded)
+                        .map_err(|errors| ReloadError::Archive { number, errors })?;
                     Arc::new(gen)
                 }
             };
-            self.activated(&mut st, gen, by);
+            let mut st = self.lock();
+            self.activated(&mut st, &mut loaded, gen, by, false);
         }
-        st.records
+        self.lock()
+            .records
             .get(&number)
             .cloned()
             .ok_or(ReloadError::Unknown(number))
@@ -763,7 +917,7 @@ impl Reloader {
                 .values()
                 .filter(|r| r.number != st.active && r.status != Status::Rejected)
                 .filter(|r| r.activated_at.is_some())
-                .max_by_key(|r| (r.activated_at.clone(), r.number))
+                .max_by_key(|r| (r.activation, r.number))
                 .map(|r| r.number)
                 .ok_or(ReloadError::NothingToRollBack)?
         };
@@ -780,7 +934,9 @@ impl Reloader {
     /// not read half-way; a half-written file that still gets read fails
     /// validation and the completed write builds again). `rescan` (if not
     /// zero) also reloads periodically, for file systems whose change
-    /// notices are unreliable (NFS, some container mounts).
+    /// notices are unreliable (NFS, some container mounts). If the folders
+    /// cannot be watched (the inotify limit, say), the rescan carries on
+    /// alone and the error is logged.
     pub fn watch(
         self: &Arc<Self>,
         debounce: Duration,
@@ -789,25 +945,35 @@ impl Reloader {
     ) -> Result<std::thread::JoinHandle<()>, ReloadError> {
         use notify::{RecursiveMode, Watcher};
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut watcher = notify::recommended_watcher(move |res| {
-            let _ = tx.send(res);
-        })
-        .map_err(|e| ReloadError::Watch {
-            path: self.sources.rules.clone(),
-            message: e.to_string(),
-        })?;
         let mut dirs = vec![self.sources.rules.clone()];
         if let PluginSource::Dir(d) = &self.sources.plugins {
             dirs.push(d.clone());
         }
-        for d in &dirs {
-            watcher
-                .watch(d, RecursiveMode::NonRecursive)
-                .map_err(|e| ReloadError::Watch {
-                    path: d.clone(),
-                    message: e.to_string(),
-                })?;
-        }
+        let watcher = notify::recommended_watcher(move |res| {
+            let _ = tx.send(res);
+        })
+        .map_err(|e| e.to_string())
+        .and_then(|mut w| {
+            for d in &dirs {
+                w.watch(d, RecursiveMode::NonRecursive)
+                    .map_err(|e| format!("{}: {e}", d.display()))?;
+            }
+            Ok(w)
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) if rescan.is_zero() => {
+                tracing::error!("cannot watch the folders ({e}); with reload.rescan = 0 only POST /v1/generations/reload builds");
+                None
+            }
+            Err(e) => {
+                tracing::error!(
+                    rescan_s = rescan.as_secs_f64(),
+                    "cannot watch the folders ({e}); changes are picked up by the rescan only"
+                );
+                None
+            }
+        };
         let me = self.clone();
         std::thread::Builder::new()
             .name("nudge-reload".into())
@@ -818,17 +984,14 @@ impl Reloader {
                 let mut first = Instant::now();
                 let mut quiet_at = Instant::now();
                 let mut last_scan = Instant::now();
+                let tick = Duration::from_millis(50).min(debounce.max(Duration::from_millis(1)));
                 while !stop.load(Ordering::Acquire) {
-                    match rx.recv_timeout(
-                        Duration::from_millis(50).min(debounce.max(Duration::from_millis(1))),
-                    ) {
+                    match rx.recv_timeout(tick) {
                         Ok(Ok(ev)) => {
+                            use notify::event::AccessKind;
                             if matches!(
                                 ev.kind,
-                                notify::EventKind::Access(
-                                    notify::event::AccessKind::Open(_)
-                                        | notify::event::AccessKind::Read
-                                )
+                                notify::EventKind::Access(AccessKind::Open(_) | AccessKind::Read)
                             ) {
                                 continue;
                             }
@@ -843,7 +1006,10 @@ impl Reloader {
                         }
                         Ok(Err(e)) => tracing::warn!("file watch: {e}"),
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                        // No watcher: the rescan alone.
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                            std::thread::sleep(tick)
+                        }
                     }
                     let now = Instant::now();
                     // A folder written to without pause still gets built,
@@ -857,12 +1023,12 @@ impl Reloader {
                             names.push("…");
                         }
                         let cause = format!("changed: {}", names.join(", "));
-                        me.reload(&cause);
+                        me.reload(&cause, false);
                         changed.clear();
                         last_scan = Instant::now();
                     } else if !rescan.is_zero() && now.duration_since(last_scan) >= rescan {
                         last_scan = now;
-                        me.reload("rescan");
+                        me.reload("rescan", false);
                     }
                 }
             })
@@ -912,6 +1078,7 @@ fn record(
         build_ms,
         activated_at: None,
         activated_by: None,
+        activation: 0,
         fingerprint: snap.fingerprint.clone(),
     }
 }

@@ -162,10 +162,13 @@ pub async fn rollback(remote: &Remote, to: Option<u64>) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn reload(remote: &Remote) -> anyhow::Result<()> {
-    let v = remote
-        .call(reqwest::Method::POST, "/v1/generations/reload")
-        .await?;
+pub async fn reload(remote: &Remote, force: bool) -> anyhow::Result<()> {
+    let path = if force {
+        "/v1/generations/reload?force=true"
+    } else {
+        "/v1/generations/reload"
+    };
+    let v = remote.call(reqwest::Method::POST, path).await?;
     remote.print(&v, |v| {
         let mut out = format!("{} (active: {})\n", s(v, "result"), v["active"]);
         if v["generation"].is_object() {

@@ -143,6 +143,9 @@ impl Stats {
 /// A timer fired this much after it fell due counts as late.
 pub const LATE_MS: i64 = 1000;
 
+/// How long a due timer of a quarantined plugin is put off each time.
+const QUARANTINE_HOLD_MS: i64 = 60_000;
+
 /// Customers whose decoded traits a worker keeps.
 const TRAITS_CACHE: usize = 1_000_000;
 
@@ -273,7 +276,7 @@ impl Worker {
     fn fault(&mut self, p: &Plugin, event: &str, customer: &str, fault: Fault) {
         let (plugin, version) = (p.name.as_str(), p.version.as_str());
         if let Some(c) = &self.controls {
-            if c.fault(p, &format!("{} on {event}: {fault}", fault.kind())) {
+            if c.fault(p, &fault, &format!("{} on {event}: {fault}", fault.kind())) {
                 self.view = c.view();
             }
         }
@@ -404,7 +407,15 @@ impl Worker {
             return Ok(());
         };
         if self.view.plugin_quarantined(plugin) {
-            tracing::warn!(plugin = %t.plugin, customer = %t.customer, key = %t.key, "timer of a quarantined plugin: dropped");
+            // Postponed, not dropped: it fires once the plugin is released
+            // or a fixed version is published.
+            let later = Timer {
+                due: now + QUARANTINE_HOLD_MS,
+                trigger: t.trigger.clone(),
+            };
+            let mut changes = Changes::new();
+            changes.timer(&t.customer, &t.plugin, &t.key, Some(&fired), Some(&later));
+            self.next_due = Some(self.next_due.map_or(later.due, |n| n.min(later.due)));
             self.store.commit(changes);
             return Ok(());
         }
