@@ -58,9 +58,7 @@ impl Folders {
     }
 
     fn publish(dir: &Path, name: &str, bytes: &[u8]) {
-        let tmp = dir.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, bytes).unwrap();
-        std::fs::rename(&tmp, dir.join(name)).unwrap();
+        nudge::reload::publish(dir, name, bytes).unwrap();
     }
 
     /// Publishes a build of `echo` (`test-echo-v1` or `-v2`) as echo.wasm.

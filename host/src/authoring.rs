@@ -357,19 +357,19 @@ pub fn build_plugin(dir: &Path, out: Option<&Path>) -> anyhow::Result<PathBuf> {
     let (wasm, name) = wasm.context("cargo built no .wasm (is the crate a cdylib?)")?;
     let Some(out) = out else { return Ok(wasm) };
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let publish = |from: &Path, to: PathBuf| -> anyhow::Result<()> {
-        let tmp = out.join(format!(".{name}.{}.tmp", std::process::id()));
-        std::fs::copy(from, &tmp).with_context(|| format!("copying {}", from.display()))?;
-        std::fs::rename(&tmp, &to).with_context(|| format!("publishing {}", to.display()))
+    let publish = |from: &Path, to: &str| -> anyhow::Result<()> {
+        let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+        crate::reload::publish(out, to, &bytes)
+            .with_context(|| format!("publishing {}", out.join(to).display()))
     };
     // The manifest first: a watcher that wakes between the two renames sees
     // the new manifest with the old component, never the reverse.
     let manifest = dir.join("nudge-plugin.toml");
     if manifest.is_file() {
-        publish(&manifest, out.join(format!("{name}.toml")))?;
+        publish(&manifest, &format!("{name}.toml"))?;
     }
+    publish(&wasm, &format!("{name}.wasm"))?;
     let target = out.join(format!("{name}.wasm"));
-    publish(&wasm, target.clone())?;
     Ok(target)
 }
 

@@ -96,9 +96,7 @@ pub fn with_custom_section(bytes: &[u8], name: &str, payload: &[u8]) -> Vec<u8> 
 }
 
 fn publish(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), BenchError> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).map_err(fail)?;
-    std::fs::rename(&tmp, dir.join(name)).map_err(fail)
+    crate::reload::publish(dir, name, bytes).map_err(fail)
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {

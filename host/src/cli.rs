@@ -488,7 +488,7 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
                     "  plugin {} {} ({:?}) from {}",
                     p.name,
                     p.version,
-                    kind_name(&p.kind),
+                    p.kind.name(),
                     p.source
                 );
             }
@@ -566,13 +566,5 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
         Command::Release { plugin, remote } => {
             runtime()?.block_on(crate::remote::release(&remote, &plugin))
         }
-    }
-}
-
-fn kind_name(k: &crate::plugins::PluginKind) -> &'static str {
-    match k {
-        crate::plugins::PluginKind::Trigger(_) => "trigger",
-        crate::plugins::PluginKind::Response => "response",
-        crate::plugins::PluginKind::Channel => "channel",
     }
 }

@@ -57,9 +57,15 @@ impl Manifest {
         })
     }
 
+    /// Where the manifest of the component `wasm` in a plugins folder is:
+    /// `NAME.toml` beside `NAME.wasm`.
+    pub fn path_beside(wasm: &Path) -> std::path::PathBuf {
+        wasm.with_extension("toml")
+    }
+
     /// The manifest beside `wasm` (`NAME.toml`), or none (no capabilities).
     pub fn beside(wasm: &Path) -> Result<Manifest, String> {
-        let path = wasm.with_extension("toml");
+        let path = Manifest::path_beside(wasm);
         match std::fs::read_to_string(&path) {
             Ok(text) => Manifest::parse(&path.display().to_string(), &text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Manifest::default()),

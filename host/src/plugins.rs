@@ -14,7 +14,7 @@
 //!   `InstancePre`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -132,6 +132,16 @@ pub enum PluginKind {
     Trigger(TriggerInfo),
     Response,
     Channel,
+}
+
+impl PluginKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            PluginKind::Trigger(_) => "trigger",
+            PluginKind::Response => "response",
+            PluginKind::Channel => "channel",
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -651,36 +661,6 @@ impl Runtime {
                 format!("describe returned an empty name (as {})", tried.join(", "))
             },
         })
-    }
-
-    /// Loads every `*.wasm` in `dir`, sorted by file name.
-    pub fn load_dir(&self, dir: &Path) -> Result<Vec<Plugin>, PluginError> {
-        let entries = std::fs::read_dir(dir).map_err(|e| PluginError::Invalid {
-            source_name: dir.display().to_string(),
-            message: format!("cannot read the plugins folder: {e}"),
-        })?;
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
-            .collect();
-        files.sort();
-        files
-            .iter()
-            .map(|f| {
-                let bytes = std::fs::read(f).map_err(|e| PluginError::Invalid {
-                    source_name: f.display().to_string(),
-                    message: format!("cannot read: {e}"),
-                })?;
-                let mut plugin = self.load(&f.display().to_string(), &bytes)?;
-                plugin.set_manifest(Manifest::beside(f).map_err(|message| {
-                    PluginError::Invalid {
-                        source_name: f.display().to_string(),
-                        message: format!("manifest: {message}"),
-                    }
-                })?);
-                Ok(plugin)
-            })
-            .collect()
     }
 }
 

@@ -31,7 +31,7 @@ use crate::event::{format_ts, now_ms};
 use crate::generation::{Current, Generation};
 use crate::manifest::Manifest;
 use crate::metrics::Metrics;
-use crate::plugins::{hex_sha256, Plugin, PluginKind, Runtime};
+use crate::plugins::{hex_sha256, Plugin, Runtime};
 use crate::replay::PluginSource;
 use crate::rules::{rule_files, RuleSet};
 use crate::store::{Store, StoreError};
@@ -163,23 +163,52 @@ struct Snapshot {
     fingerprint: String,
 }
 
-/// `uid` → user name, from `/etc/passwd` (the plain reading; no NSS).
-#[cfg(unix)]
-fn user_name(uid: u32) -> String {
-    std::fs::read_to_string("/etc/passwd")
-        .ok()
-        .and_then(|t| {
-            t.lines().find_map(|l| {
-                let mut f = l.split(':');
-                let name = f.next()?;
-                let id = f.nth(1)?;
-                (id.parse::<u32>().ok()? == uid).then(|| name.to_owned())
-            })
-        })
-        .unwrap_or_else(|| format!("uid {uid}"))
+/// File owners' names: `/etc/passwd` read once per build (the plain
+/// reading; no NSS), not once per file.
+#[derive(Default)]
+struct Owners(Option<HashMap<u32, String>>);
+
+impl Owners {
+    #[cfg(unix)]
+    fn name(&mut self, uid: u32) -> String {
+        let users = self.0.get_or_insert_with(|| {
+            std::fs::read_to_string("/etc/passwd")
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.split(':');
+                    let name = f.next()?;
+                    let id = f.nth(1)?.parse().ok()?;
+                    Some((id, name.to_owned()))
+                })
+                .collect()
+        });
+        users
+            .get(&uid)
+            .cloned()
+            .unwrap_or_else(|| format!("uid {uid}"))
+    }
 }
 
-fn file_meta(path: &Path) -> (Option<String>, Option<String>) {
+/// The plugins folder's rule for where a component's manifest is (the
+/// examples built in carry theirs as `embedded:NAME/nudge-plugin.toml`).
+fn manifest_path(plugins: &PluginSource, wasm: &Path) -> PathBuf {
+    match plugins {
+        PluginSource::Embedded => wasm.join("nudge-plugin.toml"),
+        PluginSource::Dir(_) => Manifest::path_beside(wasm),
+    }
+}
+
+/// Publishes `bytes` as `dir/name` the way a watched folder should be
+/// written: under a hidden temporary name (which no build reads), then
+/// renamed into place, so no build ever reads half a file.
+pub fn publish(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+fn file_meta(path: &Path, owners: &mut Owners) -> (Option<String>, Option<String>) {
     let Ok(meta) = std::fs::metadata(path) else {
         return (None, None);
     };
@@ -191,18 +220,21 @@ fn file_meta(path: &Path) -> (Option<String>, Option<String>) {
     #[cfg(unix)]
     let owner = {
         use std::os::unix::fs::MetadataExt;
-        Some(user_name(meta.uid()))
+        Some(owners.name(meta.uid()))
     };
     #[cfg(not(unix))]
-    let owner = None;
+    let owner = {
+        let _ = owners;
+        None
+    };
     (modified, owner)
 }
 
 impl SourceFile {
-    fn read(role: Role, path: PathBuf) -> SourceFile {
+    fn read(role: Role, path: PathBuf, owners: &mut Owners) -> SourceFile {
         let bytes =
             std::fs::read(&path).map_err(|e| format!("{}: cannot read: {e}", path.display()));
-        let (modified, owner) = file_meta(&path);
+        let (modified, owner) = file_meta(&path, owners);
         SourceFile::new(role, path, bytes, modified, owner)
     }
 
@@ -254,13 +286,14 @@ impl Snapshot {
     fn read(sources: &Sources) -> Snapshot {
         let mut files = Vec::new();
         let mut errors = Vec::new();
+        let mut owners = Owners::default();
         match &sources.plugins {
             PluginSource::Embedded => {
                 for (name, bytes, manifest) in crate::embedded::EMBEDDED {
                     let path = PathBuf::from(format!("embedded:{name}"));
                     files.push(SourceFile::new(
                         Role::Manifest,
-                        path.join("nudge-plugin.toml"),
+                        manifest_path(&sources.plugins, &path),
                         Ok(manifest.as_bytes().to_vec()),
                         None,
                         None,
@@ -282,11 +315,11 @@ impl Snapshot {
                         .collect();
                     wasm.sort();
                     for w in wasm {
-                        let manifest = w.with_extension("toml");
+                        let manifest = manifest_path(&sources.plugins, &w);
                         if manifest.is_file() {
-                            files.push(SourceFile::read(Role::Manifest, manifest));
+                            files.push(SourceFile::read(Role::Manifest, manifest, &mut owners));
                         }
-                        files.push(SourceFile::read(Role::Plugin, w));
+                        files.push(SourceFile::read(Role::Plugin, w, &mut owners));
                     }
                 }
                 Err(e) => errors.push(format!(
@@ -296,7 +329,11 @@ impl Snapshot {
             },
         }
         match rule_files(&sources.rules) {
-            Ok(rules) => files.extend(rules.into_iter().map(|r| SourceFile::read(Role::Rule, r))),
+            Ok(rules) => files.extend(
+                rules
+                    .into_iter()
+                    .map(|r| SourceFile::read(Role::Rule, r, &mut owners)),
+            ),
             Err(e) => errors.extend(e.0.iter().map(ToString::to_string)),
         }
         Snapshot::finish(files, errors, sources)
@@ -320,14 +357,6 @@ impl Snapshot {
             });
         }
         Ok(Snapshot::finish(files, Vec::new(), sources))
-    }
-}
-
-fn kind_name(k: &PluginKind) -> &'static str {
-    match k {
-        PluginKind::Trigger(_) => "trigger",
-        PluginKind::Response => "response",
-        PluginKind::Channel => "channel",
     }
 }
 
@@ -371,11 +400,7 @@ fn build(
             },
         };
         plugin.source = source;
-        let manifest_path = match &sources.plugins {
-            PluginSource::Embedded => f.path.join("nudge-plugin.toml"),
-            PluginSource::Dir(_) => f.path.with_extension("toml"),
-        };
-        let manifest = match manifests.get(manifest_path.as_path()) {
+        let manifest = match manifests.get(manifest_path(&sources.plugins, &f.path).as_path()) {
             None => Ok(Manifest::default()),
             Some(m) => match &m.bytes {
                 Ok(b) => Manifest::parse(&m.record.path, &String::from_utf8_lossy(b)),
@@ -481,7 +506,9 @@ fn guard(
             .map(|f| f.record.path.clone())
             .collect();
         for f in snap.files.iter().filter(|f| f.record.role == Role::Plugin) {
-            let manifest = f.path.with_extension("toml").display().to_string();
+            let manifest = manifest_path(&sources.plugins, &f.path)
+                .display()
+                .to_string();
             if had.contains(manifest.as_str()) && !has.contains(&manifest) {
                 errors.push(format!(
                     "{manifest}: the manifest of {} disappeared; publish it with the component (an empty one grants nothing), or force the reload",
@@ -1053,7 +1080,7 @@ fn record(
             .map(|p| PluginRecord {
                 name: p.name.clone(),
                 version: p.version.clone(),
-                kind: kind_name(&p.kind).into(),
+                kind: p.kind.name().into(),
                 sha256: p.hash.clone(),
                 path: p.source.clone(),
             })

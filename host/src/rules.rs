@@ -409,31 +409,15 @@ impl RuleSet {
         let mut errors = Vec::new();
         let mut campaigns = Vec::new();
         let policies_path = dir.join(POLICIES_FILE);
-        let text = |file: &Path, bytes: &Result<Vec<u8>, String>| match bytes {
-            Ok(b) => String::from_utf8(b.clone()).map_err(|e| {
-                vec![RuleError {
-                    file: file.to_owned(),
-                    line: None,
-                    field: None,
-                    message: format!("not UTF-8: {e}"),
-                }]
-            }),
-            Err(message) => Err(vec![RuleError {
-                file: file.to_owned(),
-                line: None,
-                field: None,
-                message: message.clone(),
-            }]),
-        };
         let mut policies = Policies::default();
         if let Some((_, bytes)) = files.iter().find(|(f, _)| *f == policies_path) {
-            match text(&policies_path, bytes).and_then(|t| parse_policies(&policies_path, &t)) {
+            match text(&policies_path, bytes).and_then(|t| parse_policies(&policies_path, t)) {
                 Ok(p) => policies = p,
                 Err(e) => errors.extend(e),
             }
         }
         for (file, bytes) in files.iter().filter(|(f, _)| *f != policies_path) {
-            match text(file, bytes).and_then(|t| parse_campaign(&engine, file, &t, &policies)) {
+            match text(file, bytes).and_then(|t| parse_campaign(&engine, file, t, &policies)) {
                 Ok(c) => campaigns.push(c),
                 Err(e) => errors.extend(e),
             }
@@ -489,6 +473,22 @@ impl RuleSet {
             .iter()
             .filter_map(|c| c.goal.as_ref().map(|g| g.event.clone()))
             .collect()
+    }
+}
+
+/// A rule file's text, read in place (or why it could not be read).
+fn text<'a>(file: &Path, bytes: &'a Result<Vec<u8>, String>) -> Result<&'a str, Vec<RuleError>> {
+    let error = |message: String| {
+        vec![RuleError {
+            file: file.to_owned(),
+            line: None,
+            field: None,
+            message,
+        }]
+    };
+    match bytes {
+        Ok(b) => std::str::from_utf8(b).map_err(|e| error(format!("not UTF-8: {e}"))),
+        Err(message) => Err(error(message.clone())),
     }
 }
 
