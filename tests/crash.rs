@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use nudge::bench::Rng;
 use nudge::store::Store;
 use nudge_integration_tests::*;
 use serde_json::{json, Value};
@@ -30,22 +31,6 @@ const BATCH: usize = 25;
 const KILLS: usize = 3;
 /// Deliveries in flight at once: what a kill can leave in doubt.
 const CONCURRENCY: usize = 4;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // xorshift64*
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// Starts the server; `CRASH_LOG=info` shows its logs.
 fn start(config: &Path, port: u16) -> Child {

@@ -213,25 +213,16 @@ async fn campaigns(State(s): State<AppState>, headers: HeaderMap) -> Response {
 }
 
 async fn pause(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(r) = check_api(&s, &headers) {
-        return *r;
-    }
-    let (gen, controls, by, campaign) = (
-        s.current.load(),
-        s.reloader.controls(),
-        who(&headers),
-        id.clone(),
-    );
-    match blocking(move || controls.pause(&gen, &campaign, &by)).await {
-        Ok(Ok(view)) => {
-            Json(json!({ "campaign": id, "paused": view.paused.get(&id) })).into_response()
-        }
-        Ok(Err(e)) => control_error(e),
-        Err(resp) => resp,
-    }
+    set_paused(s, headers, id, true).await
 }
 
 async fn resume(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    set_paused(s, headers, id, false).await
+}
+
+/// Pauses or resumes campaign `id`; answers with its pause record (null
+/// once resumed).
+async fn set_paused(s: AppState, headers: HeaderMap, id: String, pause: bool) -> Response {
     if let Err(r) = check_api(&s, &headers) {
         return *r;
     }
@@ -241,8 +232,14 @@ async fn resume(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<St
         who(&headers),
         id.clone(),
     );
-    match blocking(move || controls.resume(&gen, &campaign, &by)).await {
-        Ok(Ok(_)) => Json(json!({ "campaign": id, "paused": null })).into_response(),
+    let changed = blocking(move || match pause {
+        true => controls.pause(&gen, &campaign, &by),
+        false => controls.resume(&gen, &campaign, &by),
+    });
+    match changed.await {
+        Ok(Ok(view)) => {
+            Json(json!({ "campaign": id, "paused": view.paused.get(&id) })).into_response()
+        }
         Ok(Err(e)) => control_error(e),
         Err(resp) => resp,
     }

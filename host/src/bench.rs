@@ -86,8 +86,9 @@ fn fail(e: impl std::fmt::Display) -> BenchError {
     BenchError::Failed(e.to_string())
 }
 
-/// xorshift64*: deterministic events for a given seed.
-struct Rng(u64);
+/// xorshift64*: a deterministic stream for a given (non-zero) seed. Also
+/// what the crash test draws its kill points from.
+pub struct Rng(pub u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -97,7 +98,8 @@ impl Rng {
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
 }
