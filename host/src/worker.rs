@@ -431,8 +431,10 @@ impl Worker {
         match result {
             Ok((firings, fx)) => {
                 self.apply(&mut changes, &t.customer, &plugin.name, &t.trigger, fx)?;
-                let cause = format!("timer:{}", t.key);
-                self.record_firings(&plugin.name, &t.customer, t.due, &cause, &firings);
+                if self.firings.is_some() {
+                    let cause = format!("timer:{}", t.key);
+                    self.record_firings(&plugin.name, &t.customer, t.due, &cause, &firings);
+                }
                 for f in firings {
                     let campaigns = gen.campaigns_for_firing(pi, &f.name);
                     self.qualify(
