@@ -1,0 +1,267 @@
+//! One worker's live instances and the calls into them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{Map, Value};
+use wasmtime::Store as WasmStore;
+
+use super::fault::{classify, Fault};
+use super::host::{Call, HostState, TimerOps};
+use super::plugin::{Plugin, Pre};
+use super::runtime::Runtime;
+use super::types::{Action, Firing, Outbound, Recipient, Treatment};
+use super::v0_1_0::{self, fields, treatment_from_wit, treatment_to_wit, types as wit};
+use crate::event::{Event, Kind};
+
+/// An event and customer converted once, for every plugin that sees them.
+pub struct CallInput {
+    event: Option<wit::Event>,
+    customer: wit::Customer,
+}
+
+impl CallInput {
+    pub fn new(event: Option<&Event>, customer: &str, traits: &Map<String, Value>) -> CallInput {
+        CallInput {
+            event: event.map(|e| wit::Event {
+                message_id: e.message_id.clone(),
+                customer_id: e.customer.clone(),
+                kind: match e.kind {
+                    Kind::Identify => wit::EventKind::Identify,
+                    Kind::Track => wit::EventKind::Track,
+                },
+                name: e.name.clone(),
+                timestamp_ms: e.ts,
+                properties: fields(&e.properties),
+                traits: fields(&e.traits),
+            }),
+            customer: wit::Customer {
+                id: customer.to_owned(),
+                traits: fields(traits),
+            },
+        }
+    }
+}
+
+enum Live {
+    Trigger(v0_1_0::trigger::Trigger),
+    Response(v0_1_0::response::Response),
+    Channel(v0_1_0::channel::Channel),
+}
+
+struct Instance {
+    store: WasmStore<HostState>,
+    live: Live,
+}
+
+/// One worker's live instances, keyed by [`Plugin::instance_key`]. Not shared: each
+/// worker calls its own, so calls never wait on each other.
+pub struct Instances {
+    runtime: Arc<Runtime>,
+    live: HashMap<String, Instance>,
+}
+
+/// What a trigger call asked for, to commit if the caller accepts it.
+pub struct Effects {
+    pub state: HashMap<String, Option<Vec<u8>>>,
+    pub timers: TimerOps,
+}
+
+impl Instances {
+    pub fn new(runtime: Arc<Runtime>) -> Instances {
+        Instances {
+            runtime,
+            live: HashMap::new(),
+        }
+    }
+
+    /// Drops the instances of plugins no longer in `keep` (after a
+    /// generation change), so old versions do not hold memory.
+    pub fn retain<'a>(&mut self, keep: impl Iterator<Item = &'a Plugin>) {
+        let keep: std::collections::HashSet<&str> = keep.map(|p| p.key.as_str()).collect();
+        self.live.retain(|k, _| keep.contains(k.as_str()));
+    }
+
+    fn instance(&mut self, plugin: &Plugin) -> Result<&mut Instance, Fault> {
+        if !self.live.contains_key(&plugin.key) {
+            let mut store = self
+                .runtime
+                .new_store(Call::default(), Some(&plugin.manifest));
+            store.set_epoch_deadline(self.runtime.setup_ticks());
+            let live = match &plugin.pre {
+                Pre::Trigger(p) => p.instantiate(&mut store).map(Live::Trigger),
+                Pre::Response(p) => p.instantiate(&mut store).map(Live::Response),
+                Pre::Channel(p) => p.instantiate(&mut store).map(Live::Channel),
+            }
+            .map_err(|e| Fault::Instantiate(format!("{e:#}")))?;
+            self.live
+                .insert(plugin.key.clone(), Instance { store, live });
+        }
+        self.live
+            .get_mut(&plugin.key)
+            .ok_or_else(|| Fault::Instantiate("instance vanished".into()))
+    }
+
+    fn prepare(&mut self, plugin: &Plugin, mut call: Call) -> Result<&mut Instance, Fault> {
+        let limits = self.runtime.limits.clone();
+        let ticks = self.runtime.deadline_ticks();
+        let inst = self.instance(plugin)?;
+        call.max_value = limits.max_state_value;
+        call.max_ops = limits.max_ops_per_call;
+        call.deadline = limits.deadline;
+        call.started = Some(Instant::now());
+        inst.store.data_mut().call = call;
+        inst.store.set_epoch_deadline(ticks);
+        Ok(inst)
+    }
+
+    fn finish<T>(
+        &mut self,
+        plugin: &Plugin,
+        result: wasmtime::Result<Result<T, String>>,
+    ) -> Result<(T, Effects), Fault> {
+        match result {
+            Ok(Ok(v)) => {
+                let inst = self.live.get_mut(&plugin.key);
+                let call = inst
+                    .map(|i| std::mem::take(&mut i.store.data_mut().call))
+                    .unwrap_or_default();
+                Ok((
+                    v,
+                    Effects {
+                        state: call.state,
+                        timers: call.timers,
+                    },
+                ))
+            }
+            Ok(Err(msg)) => {
+                if let Some(i) = self.live.get_mut(&plugin.key) {
+                    i.store.data_mut().call = Call::default();
+                }
+                Err(Fault::Returned(msg))
+            }
+            Err(e) => {
+                // A trapped store is poisoned: drop it, the next call gets a
+                // fresh instance.
+                self.live.remove(&plugin.key);
+                Err(classify(e, &self.runtime.limits))
+            }
+        }
+    }
+
+    /// Calls a trigger's `on-event`.
+    pub fn on_event(
+        &mut self,
+        plugin: &Plugin,
+        call: Call,
+        input: &CallInput,
+    ) -> Result<(Vec<Firing>, Effects), Fault> {
+        let inst = self.prepare(plugin, call)?;
+        let result = match (&inst.live, &input.event) {
+            (Live::Trigger(t), Some(ev)) => {
+                t.nudge_plugin_trigger_handler()
+                    .call_on_event(&mut inst.store, ev, &input.customer)
+            }
+            _ => Ok(Err("not a trigger plugin, or no event".into())),
+        };
+        let (firings, fx) = self.finish(plugin, result)?;
+        Ok((firings.into_iter().map(Firing::from).collect(), fx))
+    }
+
+    /// Calls a trigger's `on-timer`.
+    pub fn on_timer(
+        &mut self,
+        plugin: &Plugin,
+        call: Call,
+        key: &str,
+        input: &CallInput,
+    ) -> Result<(Vec<Firing>, Effects), Fault> {
+        let inst = self.prepare(plugin, call)?;
+        let result = match &inst.live {
+            Live::Trigger(t) => t.nudge_plugin_trigger_handler().call_on_timer(
+                &mut inst.store,
+                key,
+                &input.customer,
+            ),
+            _ => Ok(Err("not a trigger plugin".into())),
+        };
+        let (firings, fx) = self.finish(plugin, result)?;
+        Ok((firings.into_iter().map(Firing::from).collect(), fx))
+    }
+
+    /// Calls a response plugin for a decided action.
+    pub fn respond(
+        &mut self,
+        plugin: &Plugin,
+        call: Call,
+        action: &Action,
+        input: &CallInput,
+    ) -> Result<Treatment, Fault> {
+        let wit_action = wit::Action {
+            campaign: action.campaign.clone(),
+            channel: action.channel.clone(),
+            timestamp_ms: action.ts,
+            trigger: action.trigger.clone(),
+            firing: wit::Firing {
+                name: action.firing.name.clone(),
+                data: fields(&action.firing.data),
+            },
+        };
+        let inst = self.prepare(plugin, call)?;
+        let result = match &inst.live {
+            Live::Response(r) => r.nudge_plugin_response_handler().call_respond(
+                &mut inst.store,
+                &wit_action,
+                &input.customer,
+            ),
+            _ => Ok(Err("not a response plugin".into())),
+        };
+        let (t, _) = self.finish(plugin, result)?;
+        Ok(treatment_from_wit(t))
+    }
+}
+
+impl Instances {
+    /// Calls a channel plugin: what should the host send for `treatment`?
+    pub fn deliver(
+        &mut self,
+        plugin: &Plugin,
+        call: Call,
+        treatment: &Treatment,
+        recipient: &Recipient,
+    ) -> Result<Vec<Outbound>, Fault> {
+        let t = treatment_to_wit(treatment);
+        let r = wit::Recipient {
+            customer_id: recipient.customer.clone(),
+            email: recipient.email.clone(),
+            phone: recipient.phone.clone(),
+        };
+        let inst = self.prepare(plugin, call)?;
+        let result = match &inst.live {
+            Live::Channel(c) => {
+                c.nudge_plugin_channel_handler()
+                    .call_deliver(&mut inst.store, &t, &r)
+            }
+            _ => Ok(Err("not a channel plugin".into())),
+        };
+        let (out, _) = self.finish(plugin, result)?;
+        Ok(out
+            .into_iter()
+            .map(|o| match o {
+                wit::Outbound::Email(m) => Outbound::Email {
+                    to: m.to,
+                    subject: m.subject,
+                    body: m.body,
+                },
+                wit::Outbound::Http(h) => Outbound::Http {
+                    method: h.method,
+                    url: h.url,
+                    headers: h.headers,
+                    body: h.body,
+                },
+                wit::Outbound::AgentQueue(t) => Outbound::AgentQueue(treatment_from_wit(t)),
+            })
+            .collect())
+    }
+}
