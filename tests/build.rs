@@ -13,6 +13,9 @@ fn main() {
             "test-echo-v1",
             "test-echo-v2",
             "fault-channel",
+            "hostile",
+            "hostile-describe",
+            "hostile-channel",
         ],
         &["tests/plugins"],
     );

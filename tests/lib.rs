@@ -44,9 +44,7 @@ fn wait_for_port(port: u16, what: &str, child: &mut Child) {
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "{what} exited before listening ({status}); is it installed? (.ci/run installs it)"
-            );
+            panic!("{what} exited before listening ({status})");
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
@@ -54,6 +52,92 @@ fn wait_for_port(port: u16, what: &str, child: &mut Child) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The test peers' pinned Python packages.
+const REQUIREMENTS: &str = "tests/servers/requirements.txt";
+
+/// A Python command for the test peers (aiosmtpd, Segment's SDK): a
+/// virtualenv under `target/test-venv`, made on first use with the pinned
+/// packages of `tests/servers/requirements.txt`, so `python3` (and the
+/// package index) is all a machine needs. Where `python3 -m venv` is not
+/// available the packages go into `target/test-pylib` on `PYTHONPATH`.
+pub fn python() -> Command {
+    static PY: std::sync::OnceLock<(PathBuf, Option<PathBuf>)> = std::sync::OnceLock::new();
+    let (exe, path) = PY.get_or_init(prepare_python);
+    let mut cmd = Command::new(exe);
+    if let Some(p) = path {
+        cmd.env("PYTHONPATH", p);
+    }
+    cmd
+}
+
+fn prepare_python() -> (PathBuf, Option<PathBuf>) {
+    let wanted = std::fs::read_to_string(root().join(REQUIREMENTS)).expect(REQUIREMENTS);
+    let target = root().join("target");
+    let venv = target.join("test-venv");
+    let lib = target.join("test-pylib");
+    let ready = |dir: &Path| {
+        std::fs::read_to_string(dir.join("requirements.txt")).is_ok_and(|r| r == wanted)
+    };
+    if ready(&venv) {
+        return (venv.join("bin/python3"), None);
+    }
+    if ready(&lib) {
+        return ("python3".into(), Some(lib));
+    }
+    // Built beside and renamed into place: a test binary running at the
+    // same time never sees half an environment.
+    let tmp = target.join(format!("test-venv.tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let pip = |py: &Path, extra: &[&str]| {
+        let status = Command::new(py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(extra)
+            .arg("-r")
+            .arg(root().join(REQUIREMENTS))
+            .status();
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "installing the test peers ({REQUIREMENTS}) with pip failed"
+        );
+    };
+    let venv_made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&tmp)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let (dest, result) = if venv_made {
+        pip(&tmp.join("bin/python3"), &[]);
+        (venv.clone(), (venv.join("bin/python3"), None))
+    } else {
+        let tmp_s = tmp.display().to_string();
+        pip(Path::new("python3"), &["--target", &tmp_s]);
+        (lib.clone(), ("python3".into(), Some(lib.clone())))
+    };
+    std::fs::write(tmp.join("requirements.txt"), &wanted).expect("venv stamp");
+    if dest.exists() && !ready(&dest) {
+        // Made for other pins.
+        let _ = std::fs::remove_dir_all(&dest);
+    }
+    if std::fs::rename(&tmp, &dest).is_err() {
+        // Another test binary finished first: use its environment.
+        let _ = std::fs::remove_dir_all(&tmp);
+        assert!(
+            ready(&dest),
+            "cannot put the test peers in {}",
+            dest.display()
+        );
+    }
+    result
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout`.
@@ -89,7 +173,7 @@ impl SmtpServer {
     pub fn start() -> SmtpServer {
         let dir = tempfile::tempdir().expect("mail dir");
         let port = free_port();
-        let mut child = Command::new("python3")
+        let mut child = python()
             .args(["-m", "aiosmtpd", "-n", "-l"])
             .arg(format!("127.0.0.1:{port}"))
             .args(["-c", "aiosmtpd.handlers.Mailbox"])

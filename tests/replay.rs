@@ -133,3 +133,87 @@ fn skip_invalid_counts_and_continues() {
     let decisions = std::fs::read_to_string(&opts.decisions).unwrap();
     assert_eq!(decisions.lines().count(), 2, "{decisions}");
 }
+
+/// The seed1 events with `edit` applied to the raw bytes of the file,
+/// replayed with `--skip-invalid`: the summary and the decisions.
+fn seed1_edited(edit: impl FnOnce(Vec<Vec<u8>>) -> Vec<Vec<u8>>) -> (replay::Summary, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read(fixture("seed1/events.jsonl")).unwrap();
+    let lines: Vec<Vec<u8>> = text
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| l.to_vec())
+        .collect();
+    let f = dir.path().join("events.jsonl");
+    std::fs::write(&f, edit(lines).join(&b'\n')).unwrap();
+    let mut opts = options(f, &dir.path().join("out"));
+    opts.skip_invalid = true;
+    let s = replay::run(&opts).unwrap();
+    (s, std::fs::read(&opts.decisions).unwrap())
+}
+
+fn expected_decisions() -> Vec<u8> {
+    std::fs::read(fixture("seed1/decisions.jsonl")).unwrap()
+}
+
+#[test]
+fn an_outlier_timestamp_is_skipped_not_adopted_as_the_clock() {
+    // One line dated 9999 in the middle of the file.
+    let (s, got) = seed1_edited(|mut lines| {
+        let far = br#"{"messageId":"m-outlier","type":"track","userId":"c-far","timestamp":"9999-12-31T00:00:00Z","event":"Deposit Made","properties":{"amount":100}}"#;
+        lines.insert(9000, far.to_vec());
+        lines
+    });
+    assert_eq!(s.skipped, 1, "{:?}", s.skipped_lines);
+    assert_eq!(s.skipped_lines[0].0, 9001);
+    assert!(
+        s.skipped_lines[0].1.contains("outlier"),
+        "{:?}",
+        s.skipped_lines
+    );
+    assert_eq!(s.events, 17977);
+    assert!(
+        got == expected_decisions(),
+        "the rest decided as without it"
+    );
+}
+
+#[test]
+fn invalid_utf8_is_a_skippable_line_and_a_bom_is_stripped() {
+    let (s, got) = seed1_edited(|mut lines| {
+        let mut first = b"\xef\xbb\xbf".to_vec();
+        first.extend_from_slice(&lines[0]);
+        lines[0] = first;
+        lines.insert(5000, b"{\"messageId\":\"\xff\xfe\"}".to_vec());
+        lines
+    });
+    assert_eq!(s.skipped, 1, "{:?}", s.skipped_lines);
+    assert_eq!(s.skipped_lines[0].0, 5001);
+    assert!(
+        s.skipped_lines[0].1.contains("not UTF-8"),
+        "{:?}",
+        s.skipped_lines
+    );
+    assert_eq!(s.events, 17977, "the first event, behind a BOM, is decided");
+    assert!(got == expected_decisions());
+}
+
+#[test]
+fn a_repeated_message_id_is_decided_once_as_the_server_does() {
+    let (s, got) = seed1_edited(|lines| {
+        // Every line of the first thousand sent twice, as a retrying
+        // exporter would.
+        let mut out = Vec::new();
+        for (i, l) in lines.into_iter().enumerate() {
+            if i < 1000 {
+                out.push(l.clone());
+            }
+            out.push(l);
+        }
+        out
+    });
+    assert_eq!(s.duplicates, 1000);
+    assert_eq!(s.skipped, 0);
+    assert_eq!(s.events, 17977);
+    assert!(got == expected_decisions());
+}

@@ -85,7 +85,7 @@ fn serve_and_replay_decide_identically() {
 fn segment_python_sdk_is_accepted_and_decided() {
     let data = tempfile::tempdir().unwrap();
     let server = Server::start(config(data.path()));
-    let out = std::process::Command::new("python3")
+    let out = python()
         .arg(root().join("tests/servers/segment_client.py"))
         .arg(server.url(""))
         .arg(WRITE_KEY)
@@ -489,7 +489,45 @@ fn bad_requests_get_the_right_status_and_a_named_error() {
         m.contains("nudge_ingest_rejected_requests_total{status=\"413\"} 2"),
         "{m}"
     );
-    assert_eq!(server.get("/v1/nowhere", None).status, 404);
+    // Every error is JSON, the router's own too.
+    let r = server.get("/v1/nowhere", None);
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["status"], 404);
+    let r = server.get("/v1/track", None);
+    assert_eq!(r.status, 405);
+    assert!(r.json()["error"].is_string(), "{}", r.body);
+    let r = server.get("/v1/customers/c-1/actions?all=maybe", Some(API_TOKEN));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("all"),
+        "{}",
+        r.body
+    );
+    // A future timestamp: refused, naming the field.
+    let mut future = good("j");
+    future["timestamp"] = json!("9999-01-01T00:00:00Z");
+    let r = server.post("/v1/track", Some(AUTH), &[], body(&future));
+    assert_eq!(r.status, 400);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("event.timestamp: 9999-01-01"),
+        "{}",
+        r.body
+    );
+    // Segment's other calls, acknowledged and not decided.
+    for call in ["page", "screen", "group", "alias"] {
+        let r = server.post(
+            &format!("/v1/{call}"),
+            Some(AUTH),
+            &[],
+            body(&json!({"userId": "c-bad", "messageId": format!("p-{call}")})),
+        );
+        assert_eq!(r.status, 200, "/v1/{call}: {}", r.body);
+        assert_eq!(r.json()["ignored"], 1);
+    }
+    assert_eq!(server.metric("nudge_events_accepted_total"), 3.0);
     server.stop().unwrap();
 }
 

@@ -27,6 +27,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/identify", post(identify))
         .route("/v1/batch", post(batch))
         .route("/v1/import", post(batch))
+        .route("/v1/page", post(page))
+        .route("/v1/screen", post(screen))
+        .route("/v1/group", post(group))
+        .route("/v1/alias", post(alias))
         .route("/v1/customers/{id}/actions", get(actions))
         .route(
             "/v1/customers/{id}/actions/{action}/outcome",
@@ -38,7 +42,46 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::admin::routes())
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .method_not_allowed_fallback(|| async {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this endpoint does not take that method".into(),
+            )
+        })
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Every error is JSON: the responses axum's extractors make themselves
+/// (a bad query string, a body over a limit) are plain text, and become
+/// `{"error": <their text>, "status": …}`.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 16 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_lowercase()
+    } else {
+        text
+    };
+    let mut out = error(status, message);
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 pub(crate) fn error(status: StatusCode, message: String) -> Response {
@@ -74,6 +117,22 @@ async fn batch(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Res
     ingest(s, Endpoint::Batch, headers, body).await
 }
 
+async fn page(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    ingest(s, Endpoint::Ignored("page"), headers, body).await
+}
+
+async fn screen(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    ingest(s, Endpoint::Ignored("screen"), headers, body).await
+}
+
+async fn group(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    ingest(s, Endpoint::Ignored("group"), headers, body).await
+}
+
+async fn alias(State(s): State<AppState>, headers: HeaderMap, body: Body) -> Response {
+    ingest(s, Endpoint::Ignored("alias"), headers, body).await
+}
+
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
@@ -89,7 +148,7 @@ async fn ingest(s: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body)
     }
     let max = match endpoint {
         Endpoint::Batch => limits.max_batch_bytes,
-        _ => limits.max_event_bytes,
+        Endpoint::Track | Endpoint::Identify | Endpoint::Ignored(_) => limits.max_event_bytes,
     };
     // A compressed body is never larger than what it inflates to (past
     // gzip's few bytes of framing), so the raw limit is the same.

@@ -272,18 +272,6 @@ enum CampaignCommand {
     List,
 }
 
-fn init_logs(filter: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// Parses the command line and runs it.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -337,7 +325,7 @@ fn serve(
     } else {
         log
     };
-    init_logs(filter, cfg.server.log_format);
+    crate::logging::init(filter, cfg.server.log_format == LogFormat::Json);
     if cfg.ingest.write_keys.is_empty() {
         tracing::warn!("no write keys configured: ingest accepts every request");
     }
@@ -358,7 +346,7 @@ fn serve(
 fn run(log: &str, command: Command) -> anyhow::Result<()> {
     // The server sets up its logs from its config file.
     if !matches!(command, Command::Serve { .. }) {
-        init_logs(log, LogFormat::Text);
+        crate::logging::init(log, false);
     }
     match command {
         Command::Serve {

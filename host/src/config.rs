@@ -107,6 +107,12 @@ pub struct Ingest {
     pub max_message_id: usize,
     /// How long a `messageId` is remembered for de-duplication.
     pub dedupe_window: Dur,
+    /// How far after the server's clock an event's `timestamp` may be.
+    /// One further ahead is corrected by the client's `sentAt` (the
+    /// timestamp plus received − sentAt, as Segment does) if that brings
+    /// it within the bound, and refused with 400 naming the field
+    /// otherwise.
+    pub max_clock_skew: Dur,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -121,8 +127,47 @@ pub struct Api {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginLimits {
+    /// Linear memory per plugin instance.
     pub memory_mib: usize,
+    /// Deadline per call: the plugin's own time.
     pub deadline: Dur,
+    /// Largest state value.
+    pub max_state_value_kib: usize,
+    /// State bytes (keys and values) one call may write.
+    pub max_state_write_kib: usize,
+    /// State one plugin may keep per customer.
+    pub state_quota_kib: usize,
+    /// Bytes one call may return (firings, a treatment, messages).
+    pub max_output_kib: usize,
+    /// Bytes one call may log (`log`, stdout and stderr together).
+    pub max_log_kib: usize,
+    /// Longest log line before it is cut.
+    pub max_log_line: usize,
+    /// State writes, timer changes and log lines per call.
+    pub max_ops_per_call: usize,
+    /// Shortest delay of a timer after the call's time.
+    pub min_timer_delay: Dur,
+    /// Timer firings per plugin and customer each time the clock advances.
+    pub max_timer_firings: usize,
+}
+
+impl PluginLimits {
+    /// The limits every plugin call runs under (manifests may lower them).
+    pub fn to_limits(&self) -> crate::plugins::Limits {
+        crate::plugins::Limits {
+            memory_bytes: self.memory_mib << 20,
+            deadline: self.deadline.0,
+            max_state_value: self.max_state_value_kib << 10,
+            max_ops_per_call: self.max_ops_per_call,
+            max_state_write: self.max_state_write_kib << 10,
+            state_quota: self.state_quota_kib << 10,
+            max_output: self.max_output_kib << 10,
+            max_log_bytes: self.max_log_kib << 10,
+            max_log_line: self.max_log_line,
+            min_timer_delay: self.min_timer_delay.0,
+            max_timer_firings: self.max_timer_firings,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -255,15 +300,26 @@ impl Default for Ingest {
             max_batch_bytes: 500 << 10,
             max_message_id: 100,
             dedupe_window: Dur(Duration::from_secs(7 * 86_400)),
+            max_clock_skew: Dur(Duration::from_secs(300)),
         }
     }
 }
 
 impl Default for PluginLimits {
     fn default() -> Self {
+        let l = crate::plugins::Limits::default();
         PluginLimits {
-            memory_mib: 64,
-            deadline: Dur(Duration::from_millis(200)),
+            memory_mib: l.memory_bytes >> 20,
+            deadline: Dur(l.deadline),
+            max_state_value_kib: l.max_state_value >> 10,
+            max_state_write_kib: l.max_state_write >> 10,
+            state_quota_kib: l.state_quota >> 10,
+            max_output_kib: l.max_output >> 10,
+            max_log_kib: l.max_log_bytes >> 10,
+            max_log_line: l.max_log_line,
+            max_ops_per_call: l.max_ops_per_call,
+            min_timer_delay: Dur(l.min_timer_delay),
+            max_timer_firings: l.max_timer_firings,
         }
     }
 }

@@ -91,10 +91,23 @@ fn policy_allows(now: i64, channel: &str, history: &History, policies: &Policies
                 .channels
                 .iter()
                 .filter_map(|c| history.sent.get(c))
-                .map(|times| times.iter().filter(|ts| now - **ts < p.window_ms).count())
+                .map(|times| {
+                    times
+                        .iter()
+                        .filter(|&&ts| within(now, ts, p.window_ms))
+                        .count()
+                })
                 .sum();
             recent < p.limit
         })
+}
+
+/// Whether a decision at `ts` is recent at `now`: less than `window` away,
+/// on either side. A decision dated after `now` (events that arrived out
+/// of order) counts as recent only as long as it would in the past, so no
+/// decision, however far in the future, silences a customer for ever.
+fn within(now: i64, ts: i64, window: i64) -> bool {
+    now.abs_diff(ts) < window.max(0) as u64
 }
 
 /// Decides every candidate of one firing (one customer, one time). Returns
@@ -116,7 +129,7 @@ pub fn decide(
             } else if history
                 .last
                 .get(c.campaign)
-                .is_some_and(|ts| now - ts < c.frequency_ms)
+                .is_some_and(|&ts| within(now, ts, c.frequency_ms))
             {
                 Some(Outcome::SuppressedFrequency)
             } else if !policy_allows(now, c.channel, history, policies) {
@@ -192,7 +205,7 @@ pub fn record(
     let window = policies.max_window_ms();
     let keep = policies.max_limit();
     for times in history.sent.values_mut() {
-        times.retain(|ts| now - ts < window);
+        times.retain(|&ts| within(now, ts, window));
         if times.len() > keep {
             times.drain(..times.len() - keep);
         }
@@ -278,6 +291,26 @@ mod tests {
         assert!(bucket("c-000042", "welcome") < 100);
         assert_eq!(bucket("u", "c"), bucket("u", "c"));
         assert_ne!(bucket("u1", "c"), bucket("u2", "c"));
+    }
+
+    #[test]
+    fn a_decision_dated_in_the_future_is_recent_only_within_its_window() {
+        let p = policies();
+        let t = traits(r#"{"consent_email":true}"#);
+        let far = 4_000_000_000_000; // 2096
+        let mut h = History::default();
+        h.last.insert("a".into(), far);
+        h.sent.insert("email".into(), vec![far]);
+        let o = decide(0, "u", &[cand("a", "email", 1)], &t, &h, &p);
+        assert_eq!(
+            o,
+            vec![Outcome::Sent],
+            "2096 is not within a day or a week of 1970"
+        );
+        // An hour ahead (events out of order) still counts.
+        h.last.insert("a".into(), 3_600_000);
+        let o = decide(0, "u", &[cand("a", "email", 1)], &t, &h, &p);
+        assert_eq!(o, vec![Outcome::SuppressedFrequency]);
     }
 
     #[test]

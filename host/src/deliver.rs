@@ -271,11 +271,13 @@ impl Deliverer {
     /// Delivers until `input` closes, then returns (what is left stays in
     /// the outbox for the next start).
     pub fn run(mut self, input: Receiver<Input>) -> Result<(), DeliverError> {
-        // Pooled SMTP connections are tokio sockets: keep the runtime
-        // entered until they are dropped with the deliverer.
+        // The runtime is entered only to send (`block_on`) and to drop the
+        // pooled SMTP connections (tokio sockets) at the end: channel
+        // plugins render outside it, since plugin code never runs on a
+        // runtime thread.
+        let result = self.deliver_until_closed(input);
         let handle = self.rt.handle().clone();
         let _in_rt = handle.enter();
-        let result = self.deliver_until_closed(input);
         drop(self);
         result
     }
@@ -467,30 +469,95 @@ impl Deliverer {
                 "channel plugin {} returned nothing to send",
                 plugin.name
             ))),
-            Ok(out) => Ok((plugin.clone(), out)),
-            Err(fault) => {
-                self.metrics.plugin_fault(&plugin.name, fault.kind());
-                // A refusal (no address, say) does not count towards
-                // quarantine: see Controls::fault.
-                if let Some(c) = &self.controls {
-                    let what = format!("{} on delivery {}: {fault}", fault.kind(), d.id);
-                    c.fault(plugin, &fault, &what);
-                }
-                match fault {
-                    // The plugin looked at this delivery and said no: it
-                    // will say no again.
-                    Fault::Returned(m) => Err(Attempt::Permanent(format!(
-                        "channel plugin {} refused: {m}",
-                        plugin.name
-                    ))),
-                    other => Err(Attempt::Retry(format!(
-                        "channel plugin {}: {other}",
-                        plugin.name
-                    ))),
-                }
+            Ok(out) => match check_outbound(&out) {
+                Ok(()) => Ok((plugin.clone(), out)),
+                Err(e) => self.refuse(plugin, d, Fault::Limit(e)),
+            },
+            Err(fault) => self.refuse(plugin, d, fault),
+        }
+    }
+
+    /// Counts a channel plugin's fault against it and says what becomes of
+    /// the delivery.
+    fn refuse(
+        &mut self,
+        plugin: &Plugin,
+        d: &Delivery,
+        fault: Fault,
+    ) -> Result<(Plugin, Vec<Outbound>), Attempt> {
+        self.metrics.plugin_fault(&plugin.name, fault.kind());
+        // A refusal (no address, say) does not count towards
+        // quarantine: see Controls::fault.
+        if let Some(c) = &self.controls {
+            let what = format!("{} on delivery {}: {fault}", fault.kind(), d.id);
+            c.fault(plugin, &fault, &what);
+        }
+        match fault {
+            // The plugin looked at this delivery and said no: it
+            // will say no again.
+            Fault::Returned(m) => Err(Attempt::Permanent(format!(
+                "channel plugin {} refused: {m}",
+                plugin.name
+            ))),
+            // What it asked for breaks a rule of the host: so would
+            // the next rendering.
+            Fault::Limit(m) => Err(Attempt::Permanent(format!(
+                "channel plugin {}: {m}",
+                plugin.name
+            ))),
+            other => Err(Attempt::Retry(format!(
+                "channel plugin {}: {other}",
+                plugin.name
+            ))),
+        }
+    }
+}
+
+/// Headers the host sets or that belong to the connection, not to the
+/// message: a plugin setting `Host` could reach a host off its allowlist
+/// through a shared proxy, a second `Idempotency-Key` would defeat the
+/// receiver's de-duplication, and the hop-by-hop ones are the transport's.
+const HOST_HEADERS: &[&str] = &[
+    "host",
+    "idempotency-key",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+];
+
+/// Refuses what a channel plugin may not ask for, before any connection:
+/// headers the host owns, and header names or values HTTP cannot carry.
+fn check_outbound(out: &[Outbound]) -> Result<(), String> {
+    for o in out {
+        let Outbound::Http { headers, .. } = o else {
+            continue;
+        };
+        for (name, value) in headers {
+            let lower = name.to_ascii_lowercase();
+            if HOST_HEADERS.contains(&lower.as_str()) {
+                return Err(format!(
+                    "header {name:?} is set by the host; plugins may set only ordinary headers"
+                ));
+            }
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(format!("header name {name:?} is not a valid HTTP token"));
+            }
+            if reqwest::header::HeaderValue::from_str(value).is_err() {
+                return Err(format!(
+                    "header {name:?}: the value has a line break or another control character"
+                ));
             }
         }
     }
+    Ok(())
 }
 
 impl Senders {

@@ -413,7 +413,8 @@ mod tests {
             Endpoint::Batch,
             body.as_bytes(),
             &config::Ingest::default(),
-            0,
+            // After the events' timestamps (2026-06-01).
+            1_780_272_000_000,
             &MessageIds::new(),
         )
         .unwrap()

@@ -12,7 +12,7 @@ use base64::Engine as _;
 use serde_json::{Map, Value};
 
 use crate::config;
-use crate::event::{format_ts, Event};
+use crate::event::{format_ts, parse_ts, Event};
 
 /// Which endpoint a request came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,6 +20,9 @@ pub enum Endpoint {
     Track,
     Identify,
     Batch,
+    /// `/v1/page`, `/v1/screen`, `/v1/group`, `/v1/alias`: Segment calls
+    /// the SDKs make, acknowledged as in a batch and not decided.
+    Ignored(&'static str),
 }
 
 /// Why a request was refused; maps onto an HTTP status.
@@ -219,11 +222,12 @@ pub fn parse(
     let mut out = Parsed::default();
     let text = std::str::from_utf8(body)
         .map_err(|e| IngestError::Malformed(format!("body is not UTF-8: {e}")))?;
+    let skew = limits.max_clock_skew.0.as_millis() as i64;
     match endpoint {
         Endpoint::Batch => {
             // The events stay as the client wrote them (no re-encoding):
             // each is checked against Segment's per-event limit as sent.
-            let items = batch_items(text)?;
+            let (items, batch_sent_at) = batch_items(text)?;
             out.events.reserve(items.len());
             for (i, raw) in items.into_iter().enumerate() {
                 let at = || format!("batch[{i}]");
@@ -259,7 +263,28 @@ pub fn parse(
                         accept(&at(), m, None, limits, now_ms, ids, &mut out)?;
                     }
                 }
+                if let Some(last) = out.events.last_mut().filter(|e| e.event.ts > now_ms + skew) {
+                    let at = at();
+                    bound_clock(&at, last, batch_sent_at, now_ms, skew)?;
+                }
             }
+        }
+        Endpoint::Ignored(kind) => {
+            let value: Value = serde_json::from_str(text)
+                .map_err(|e| IngestError::Malformed(format!("body is not valid JSON: {e}")))?;
+            let Value::Object(m) = value else {
+                return Err(IngestError::Malformed("body must be a JSON object".into()));
+            };
+            match m.get("type") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(t)) if t == kind => {}
+                Some(other) => {
+                    return Err(IngestError::Malformed(format!(
+                        "event.type: {other} sent to /v1/{kind}"
+                    )))
+                }
+            }
+            out.ignored += 1;
         }
         Endpoint::Track | Endpoint::Identify => {
             let value: Value = serde_json::from_str(text)
@@ -273,18 +298,82 @@ pub fn parse(
                 "identify"
             };
             accept("event", m, Some(kind), limits, now_ms, ids, &mut out)?;
+            if let Some(last) = out.events.last_mut().filter(|e| e.event.ts > now_ms + skew) {
+                bound_clock("event", last, None, now_ms, skew)?;
+            }
         }
     }
     Ok(out)
 }
 
-/// The elements of a batch body's `batch` array, unparsed.
-fn batch_items(text: &str) -> Result<Vec<&serde_json::value::RawValue>, IngestError> {
+/// An event dated more than `skew` after `now`: corrected by the client's
+/// `sentAt` (its own, else the batch's) if that brings it within the
+/// bound, refused otherwise. A future timestamp would make the event's
+/// decisions count as recent for ever, and on the event clock fire every
+/// pending timer at once.
+fn bound_clock(
+    at: &str,
+    inc: &mut Incoming,
+    batch_sent_at: Option<i64>,
+    now: i64,
+    skew: i64,
+) -> Result<(), IngestError> {
+    let mut m = match serde_json::from_slice::<Value>(&inc.raw) {
+        Ok(Value::Object(m)) => m,
+        _ => return Err(IngestError::Malformed(format!("{at}: must be an object"))),
+    };
+    let sent_at = match m.get("sentAt") {
+        Some(Value::String(s)) => parse_ts(s),
+        _ => batch_sent_at,
+    };
+    let ts = inc.event.ts;
+    let corrected = sent_at.map(|sent| ts.saturating_add(now - sent));
+    match corrected {
+        Some(c) if c <= now + skew => {
+            m.insert("timestamp".into(), Value::String(format_ts(c)));
+            inc.event.ts = c;
+            inc.raw = serde_json::to_vec(&m).unwrap_or_default();
+            Ok(())
+        }
+        _ => Err(IngestError::Malformed(format!(
+            "{at}.timestamp: {} is {} after the server's clock ({}), more than ingest.max_clock_skew allows ({}){}",
+            format_ts(ts),
+            human_ms(ts - now),
+            format_ts(now),
+            human_ms(skew),
+            if sent_at.is_some() {
+                ", even corrected by sentAt"
+            } else {
+                "; send sentAt or correct the client's clock"
+            }
+        ))),
+    }
+}
+
+/// A span for people: `5m`, `3h`, `12d`, `7973y`.
+fn human_ms(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s if s < 2 * 31_557_600 => format!("{}d", s / 86_400),
+        s => format!("{}y", s / 31_557_600),
+    }
+}
+
+/// The elements of a batch body's `batch` array, unparsed, and the batch's
+/// `sentAt` if it has a valid one.
+fn batch_items(
+    text: &str,
+) -> Result<(Vec<&serde_json::value::RawValue>, Option<i64>), IngestError> {
     use serde_json::value::RawValue;
     #[derive(serde::Deserialize)]
     struct Top<'a> {
         #[serde(borrow, default)]
         batch: Option<&'a RawValue>,
+        #[serde(default, rename = "sentAt")]
+        sent_at: Option<Value>,
     }
     let not_json =
         |e: serde_json::Error| IngestError::Malformed(format!("body is not valid JSON: {e}"));
@@ -298,7 +387,12 @@ fn batch_items(text: &str) -> Result<Vec<&serde_json::value::RawValue>, IngestEr
     let batch = top
         .batch
         .ok_or_else(|| IngestError::Malformed("field `batch` is missing".into()))?;
+    let sent_at = match &top.sent_at {
+        Some(Value::String(s)) => parse_ts(s),
+        _ => None,
+    };
     serde_json::from_str::<Vec<&RawValue>>(batch.get())
+        .map(|items| (items, sent_at))
         .map_err(|_| IngestError::Malformed("field `batch` must be an array".into()))
 }
 
@@ -378,6 +472,51 @@ mod tests {
         config::Ingest::default()
     }
 
+    /// A server clock after the requests' timestamps (2026-06-01).
+    const NOW: i64 = 1_780_272_000_000;
+
+    #[test]
+    fn a_timestamp_past_the_clock_skew_is_refused_naming_it() {
+        let ids = MessageIds::new();
+        let body = br#"{"batch":[{"type":"track","userId":"c","event":"E","messageId":"1","timestamp":"2026-01-01T00:00:00Z"},{"type":"track","userId":"c","event":"E","messageId":"2","timestamp":"9999-01-01T00:00:00Z"}]}"#;
+        let e = parse(Endpoint::Batch, body, &limits(), NOW, &ids).unwrap_err();
+        assert_eq!(e.status(), 400);
+        let text = e.to_string();
+        assert!(
+            text.starts_with("batch[1].timestamp: 9999-01-01T00:00:00.000Z is 7972y after"),
+            "{text}"
+        );
+        assert!(text.contains("ingest.max_clock_skew"), "{text}");
+        // Within the bound it is accepted as sent.
+        let soon = format!(
+            r#"{{"userId":"c","event":"E","messageId":"3","timestamp":"{}"}}"#,
+            format_ts(NOW + 60_000)
+        );
+        let p = parse(Endpoint::Track, soon.as_bytes(), &limits(), NOW, &ids).unwrap();
+        assert_eq!(p.events[0].event.ts, NOW + 60_000);
+    }
+
+    #[test]
+    fn a_fast_client_clock_is_corrected_by_sent_at() {
+        let ids = MessageIds::new();
+        // The client's clock is an hour fast: it stamped the event and sent
+        // the batch by its own clock.
+        let fast = 3_600_000;
+        let body = format!(
+            r#"{{"sentAt":"{}","batch":[{{"type":"track","userId":"c","event":"E","messageId":"1","timestamp":"{}"}}]}}"#,
+            format_ts(NOW + fast),
+            format_ts(NOW + fast - 5_000)
+        );
+        let p = parse(Endpoint::Batch, body.as_bytes(), &limits(), NOW, &ids).unwrap();
+        assert_eq!(p.events[0].event.ts, NOW - 5_000);
+        let stored = Event::parse(std::str::from_utf8(&p.events[0].raw).unwrap()).unwrap();
+        assert_eq!(
+            stored.ts,
+            NOW - 5_000,
+            "the corrected time is what is stored"
+        );
+    }
+
     #[test]
     fn basic_and_bearer_auth() {
         let keys = vec!["wk_1".to_string()];
@@ -446,14 +585,14 @@ mod tests {
     fn errors_name_the_event_and_field() {
         let ids = MessageIds::new();
         let body = br#"{"batch":[{"type":"track","userId":"c","event":"E","messageId":"1","timestamp":"2026-01-01T00:00:00Z"},{"type":"track","event":"E","messageId":"2","timestamp":"2026-01-01T00:00:00Z"}]}"#;
-        let e = parse(Endpoint::Batch, body, &limits(), 0, &ids).unwrap_err();
+        let e = parse(Endpoint::Batch, body, &limits(), NOW, &ids).unwrap_err();
         assert_eq!(e.status(), 400);
         assert_eq!(e.to_string(), "batch[1]: field `userId`: missing");
         let long = format!(
             r#"{{"userId":"c","event":"E","messageId":"{}"}}"#,
             "x".repeat(101)
         );
-        let e = parse(Endpoint::Track, long.as_bytes(), &limits(), 0, &ids).unwrap_err();
+        let e = parse(Endpoint::Track, long.as_bytes(), &limits(), NOW, &ids).unwrap_err();
         assert_eq!(e.to_string(), "event.messageId: longer than 100 characters");
         let e = parse(
             Endpoint::Identify,
@@ -470,10 +609,10 @@ mod tests {
     fn other_segment_calls_are_acknowledged_not_refused() {
         let ids = MessageIds::new();
         let body = br#"{"batch":[{"type":"page","anonymousId":"a","name":"Home"},{"type":"track","userId":"c","event":"E","messageId":"1","timestamp":"2026-01-01T00:00:00Z"},{"type":"alias","previousId":"a","userId":"c"}]}"#;
-        let p = parse(Endpoint::Batch, body, &limits(), 0, &ids).unwrap();
+        let p = parse(Endpoint::Batch, body, &limits(), NOW, &ids).unwrap();
         assert_eq!((p.events.len(), p.ignored), (1, 2));
         let bad = br#"{"batch":[{"type":"purchase","userId":"c"}]}"#;
-        let e = parse(Endpoint::Batch, bad, &limits(), 0, &ids).unwrap_err();
+        let e = parse(Endpoint::Batch, bad, &limits(), NOW, &ids).unwrap_err();
         assert!(e.to_string().starts_with("batch[0]: field `type`"), "{e}");
     }
 
@@ -484,7 +623,7 @@ mod tests {
             r#"{{"userId":"c","event":"E","properties":{{"x":"{}"}}}}"#,
             "y".repeat(33 << 10)
         );
-        let e = parse(Endpoint::Track, big.as_bytes(), &limits(), 0, &ids).unwrap_err();
+        let e = parse(Endpoint::Track, big.as_bytes(), &limits(), NOW, &ids).unwrap_err();
         assert_eq!(e.status(), 413);
     }
 
@@ -495,7 +634,7 @@ mod tests {
         let req = &captured[0];
         let body = serde_json::to_vec(&req["body"]).unwrap();
         let ids = MessageIds::new();
-        let p = parse(Endpoint::Batch, &body, &limits(), 0, &ids).unwrap();
+        let p = parse(Endpoint::Batch, &body, &limits(), NOW, &ids).unwrap();
         let batch = req["body"]["batch"].as_array().unwrap();
         let anonymous = batch
             .iter()

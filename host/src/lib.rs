@@ -24,6 +24,7 @@
 //! - [`config`]: `nudge serve`'s TOML configuration.
 //! - [`ingest`]: Segment-compatible requests: auth, gzip, limits, validation.
 //! - [`inbox`]: durable acknowledgement by group commit, de-duplication.
+//! - [`intake`]: what a replay admits from its file: text, the clock, duplicates.
 //! - [`serve`]: the live server's threads, start-up recovery and shutdown.
 //! - [`api`]: the HTTP routes (axum).
 //! - [`admin`]: the operator routes over generations, campaigns, quarantine.
@@ -36,6 +37,7 @@
 //! - [`bench_reload`]: `nudge bench-reload`, what hot reload costs.
 //! - [`authoring`]: `nudge plugin new|build|test`, for plugin authors.
 //! - [`remote`]: operator commands against a running server.
+//! - [`logging`]: the host's log; control characters escaped in every record.
 //! - [`cli`]: the `nudge` command line.
 
 pub mod admin;
@@ -52,6 +54,8 @@ pub mod event;
 pub mod generation;
 pub mod inbox;
 pub mod ingest;
+pub mod intake;
+pub mod logging;
 pub mod mail;
 pub mod manifest;
 pub mod metrics;

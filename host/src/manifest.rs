@@ -14,6 +14,12 @@
 //!
 //! [config]                      # read by the plugin with `nudge_sdk::config`
 //! url = "https://hooks.example.com/nudge"
+//!
+//! [limits]                      # less than the operator's [limits], never more
+//! memory_mib = 16
+//! deadline = "20ms"
+//! state_quota_kib = 64
+//! max_log_kib = 8
 //! ```
 
 use std::collections::BTreeMap;
@@ -44,6 +50,39 @@ pub struct Manifest {
     /// it has).
     #[serde(default)]
     pub config: BTreeMap<String, String>,
+    /// Tighter limits the plugin asks for: each lowers the operator's
+    /// value of `[limits]` in `nudge.toml`, none can raise it.
+    #[serde(default)]
+    pub limits: ManifestLimits,
+}
+
+/// A plugin's own `[limits]`: every field optional.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestLimits {
+    pub memory_mib: Option<usize>,
+    /// A duration such as `"50ms"`; held in milliseconds once parsed.
+    #[serde(default, deserialize_with = "duration_ms")]
+    pub deadline: Option<u64>,
+    pub max_state_value_kib: Option<usize>,
+    pub max_state_write_kib: Option<usize>,
+    pub state_quota_kib: Option<usize>,
+    pub max_output_kib: Option<usize>,
+    pub max_log_kib: Option<usize>,
+    pub max_ops_per_call: Option<usize>,
+}
+
+fn duration_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::rules::parse_duration(&text)
+        .ok()
+        .filter(|&ms| ms > 0)
+        .map(|ms| Some(ms as u64))
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "deadline {text:?}: a positive duration such as \"50ms\" or \"1s\""
+            ))
+        })
 }
 
 impl Manifest {

@@ -2,7 +2,8 @@
 //! writing the decisions and the report.
 //!
 //! A reader thread parses lines while the worker decides, so the two cores
-//! share the work; lines reach the worker in file order.
+//! share the work; lines reach the worker in file order, once admitted
+//! ([`crate::intake`]: text, the clock, duplicates).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -11,7 +12,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::event::{format_ts, Event, EventError};
+use crate::event::Event;
+use crate::intake::{self, Admitted, Clock, Dedupe};
 use crate::plugins::{Limits, PluginError, Runtime};
 use crate::reload::{load_once, Sources};
 use crate::report::{self, Row};
@@ -83,6 +85,8 @@ pub struct Options {
 pub struct Summary {
     pub events: u64,
     pub skipped: u64,
+    /// Events dropped for a `messageId` already seen within the window.
+    pub duplicates: u64,
     /// The first invalid lines skipped: (line, problem).
     pub skipped_lines: Vec<(usize, String)>,
     pub decisions: u64,
@@ -100,9 +104,10 @@ impl Summary {
     pub fn line(&self) -> String {
         let faults: u64 = self.stats.faults.values().sum();
         format!(
-            "replayed {} events ({} skipped), {} timers fired, {} decisions, {} plugin faults, {} rule errors in {:.2} s: {:.0} events/s",
+            "replayed {} events ({} skipped, {} duplicates), {} timers fired, {} decisions, {} plugin faults, {} rule errors in {:.2} s: {:.0} events/s",
             self.events,
             self.skipped,
+            self.duplicates,
             self.stats.timers_fired,
             self.decisions,
             faults,
@@ -113,9 +118,13 @@ impl Summary {
     }
 }
 
-type Parsed = (usize, u64, Result<Event, EventError>);
+type Parsed = (usize, u64, Result<Event, String>);
 
 const CHUNK: usize = 1024;
+
+/// How long a `messageId` is remembered, in event time: the live server's
+/// default `ingest.dedupe_window`.
+const DEDUPE_WINDOW_MS: i64 = 7 * 86_400_000;
 
 /// Committed keys held in memory before they are written to sled.
 const PERSIST_KEYS: usize = 250_000;
@@ -130,19 +139,20 @@ fn read_lines(path: PathBuf, tx: mpsc::SyncSender<Result<Vec<Parsed>, ReplayErro
     };
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut chunk = Vec::with_capacity(CHUNK);
-    let mut line = String::new();
+    let mut line = Vec::new();
     let mut n = 0;
     loop {
         line.clear();
-        match reader.read_line(&mut line) {
+        match reader.read_until(b'\n', &mut line) {
             Ok(0) => break,
             Ok(bytes) => {
                 n += 1;
-                let text = line.trim_end_matches(['\n', '\r']);
-                if text.trim().is_empty() {
-                    continue;
-                }
-                chunk.push((n, bytes as u64, Event::parse(text)));
+                let parsed = match intake::line_text(&line, n == 1) {
+                    Ok(text) if text.trim().is_empty() => continue,
+                    Ok(text) => Event::parse(text).map_err(|e| e.to_string()),
+                    Err(e) => Err(e),
+                };
+                chunk.push((n, bytes as u64, parsed));
                 if chunk.len() == CHUNK {
                     let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
                     if tx.send(Ok(full)).is_err() {
@@ -151,10 +161,9 @@ fn read_lines(path: PathBuf, tx: mpsc::SyncSender<Result<Vec<Parsed>, ReplayErro
                 }
             }
             Err(e) => {
-                let _ = tx.send(Err(ReplayError::Invalid {
+                let _ = tx.send(Err(ReplayError::Io {
                     path: path.clone(),
-                    line: n + 1,
-                    message: format!("cannot read: {e}"),
+                    source: e,
                 }));
                 return;
             }
@@ -263,45 +272,52 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     let start = Instant::now();
     let mut skipped = 0u64;
     let mut skipped_lines = Vec::new();
-    let mut last_ts: Option<i64> = None;
+    let mut duplicates = 0u64;
+    let mut clock = Clock::default();
+    let mut dedupe = Dedupe::new(DEDUPE_WINDOW_MS);
+    let mut admitted = Vec::with_capacity(CHUNK);
     let mut result = Ok(());
-    'chunks: for chunk in rx {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
+    let mut input_done = false;
+    'chunks: while !input_done {
+        let chunk = match rx.recv() {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
                 result = Err(e);
                 break;
+            }
+            // The end of the input: the event still held is settled.
+            Err(_) => {
+                input_done = true;
+                Vec::new()
             }
         };
         let mut bytes = 0;
         let mut per_shard: Vec<Vec<Event>> = (0..shards)
             .map(|_| Vec::with_capacity(CHUNK / shards + 16))
             .collect();
+        admitted.clear();
         for (line, len, parsed) in chunk {
             bytes += len;
-            let checked = parsed
-                .map_err(|e| e.to_string())
-                .and_then(|ev| match last_ts {
-                    Some(prev) if ev.ts < prev => Err(format!(
-                        "field `timestamp`: {} is before the previous event's {}",
-                        format_ts(ev.ts),
-                        format_ts(prev)
-                    )),
-                    _ => Ok(ev),
-                });
-            match checked {
-                Ok(ev) => {
-                    last_ts = Some(ev.ts);
-                    per_shard[shard_of(&ev.customer, shards)].push(ev);
-                }
-                Err(message) if opts.skip_invalid => {
+            match parsed {
+                Ok(ev) if !dedupe.first(&ev.message_id, ev.ts) => duplicates += 1,
+                Ok(ev) => clock.offer(line, ev, &mut admitted),
+                Err(message) => admitted.push(Admitted::Refused(line, message)),
+            }
+        }
+        if input_done {
+            clock.finish(&mut admitted);
+        }
+        for a in admitted.drain(..) {
+            match a {
+                Admitted::Event(ev) => per_shard[shard_of(&ev.customer, shards)].push(ev),
+                Admitted::Refused(line, message) if opts.skip_invalid => {
                     skipped += 1;
                     tracing::warn!(line, "skipped: {message}");
                     if skipped_lines.len() < 100 {
                         skipped_lines.push((line, message));
                     }
                 }
-                Err(message) => {
+                Admitted::Refused(line, message) => {
                     result = Err(ReplayError::Invalid {
                         path: opts.events.clone(),
                         line,
@@ -388,6 +404,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     Ok(Summary {
         events: stats.events,
         skipped,
+        duplicates,
         skipped_lines,
         decisions: decisions.len() as u64,
         elapsed,

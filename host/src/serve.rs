@@ -17,7 +17,7 @@ use crate::event::now_ms;
 use crate::generation::Current;
 use crate::inbox::{Groups, Inbox, Work};
 use crate::metrics::Metrics;
-use crate::plugins::{Limits, Runtime};
+use crate::plugins::Runtime;
 use crate::reload::{Reloader, Sources};
 use crate::replay::PluginSource;
 use crate::store::{shard_of, Store};
@@ -89,11 +89,7 @@ pub async fn run(
         n => n,
     };
     let runtime = Arc::new(Runtime::new(
-        Limits {
-            memory_bytes: cfg.limits.memory_mib << 20,
-            deadline: cfg.limits.deadline.0,
-            ..Limits::default()
-        },
+        cfg.limits.to_limits(),
         Some(cfg.server.cache.clone()),
     )?);
     let source = match &cfg.server.plugins {

@@ -255,15 +255,33 @@ impl Worker {
     }
 
     /// Fires every timer due at or before `now`, in (due, customer) order.
+    ///
+    /// A plugin may fire at most `max_timer_firings` timers per customer
+    /// in one advance of the clock: a timer that keeps re-arming itself
+    /// (each time at least the minimum delay later) is dropped past that,
+    /// and the plugin charged with a fault, so the clock always gets to
+    /// `now`.
     pub fn run_timers(
         &mut self,
         gen: &Generation,
         now: i64,
         out: &mut Vec<Decision>,
     ) -> Result<(), WorkerError> {
+        let cap = self.instances.limits().max_timer_firings;
+        let mut fired: HashMap<(String, String), usize> = HashMap::new();
         while self.next_due.is_some_and(|d| d <= now) {
             match self.store.first_timer(self.shard)? {
-                Some(t) if t.due <= now => self.fire_timer(gen, t, now, out)?,
+                Some(t) if t.due <= now => {
+                    let n = fired
+                        .entry((t.customer.clone(), t.plugin.clone()))
+                        .or_default();
+                    *n += 1;
+                    if *n > cap {
+                        self.drop_looping_timer(gen, t, cap);
+                    } else {
+                        self.fire_timer(gen, t, now, out)?;
+                    }
+                }
                 next => {
                     self.next_due = next.map(|t| t.due);
                     break;
@@ -271,6 +289,26 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Deletes a timer that fired too often in one advance of the clock,
+    /// and charges its plugin.
+    fn drop_looping_timer(&mut self, gen: &Generation, t: DueTimer, cap: usize) {
+        let mut changes = Changes::new();
+        let fired = Timer {
+            due: t.due,
+            trigger: t.trigger.clone(),
+        };
+        changes.timer(&t.customer, &t.plugin, &t.key, Some(&fired), None);
+        self.store.commit(changes);
+        if let Some(plugin) = gen.plugin_index(&t.plugin).map(|i| &gen.plugins[i]) {
+            let fault = Fault::Limit(format!(
+                "timer {:?} fired more than {cap} times for one customer before the clock reached {}: dropped",
+                t.key,
+                format_ts(t.due)
+            ));
+            self.fault(plugin, &t.trigger, &t.customer, fault);
+        }
     }
 
     fn fault(&mut self, p: &Plugin, event: &str, customer: &str, fault: Fault) {

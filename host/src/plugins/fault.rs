@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::host::OverLimit;
 use super::Limits;
 
 /// Why one plugin call produced nothing.
@@ -37,6 +38,9 @@ impl Fault {
 }
 
 pub(super) fn classify(e: wasmtime::Error, limits: &Limits) -> Fault {
+    if let Some(over) = e.downcast_ref::<OverLimit>() {
+        return Fault::Limit(over.0.clone());
+    }
     if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
         if *trap == wasmtime::Trap::Interrupt {
             return Fault::Deadline(limits.deadline);

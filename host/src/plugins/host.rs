@@ -8,7 +8,9 @@ use wasmtime::component::ResourceTable;
 use wasmtime::StoreLimits;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::sandbox::{Output, Seeds};
 use super::v0_1_0;
+use super::Limits;
 use crate::store::Store;
 
 /// One pending timer change collected during a call.
@@ -26,15 +28,51 @@ pub struct Call {
     pub state: HashMap<String, Option<Vec<u8>>>,
     /// Timer changes in call order: key → new due (`None` = cancelled).
     pub timers: TimerOps,
-    pub(super) ops: usize,
-    pub(super) max_value: usize,
-    pub(super) max_ops: usize,
+    pub(super) limits: Limits,
+    ops: usize,
+    /// State bytes written so far (keys and values).
+    state_bytes: usize,
+    /// Log bytes written so far through `log`, and bytes dropped past the
+    /// budget.
+    log_bytes: usize,
+    pub(super) log_dropped: u64,
     /// When the call started, and how long it has spent blocked in host
     /// imports (a store read waiting on disk): the deadline limits the
     /// plugin's own time, not the host's.
     pub(super) started: Option<Instant>,
     pub(super) host_time: Duration,
-    pub(super) deadline: Duration,
+}
+
+/// A budget of the host's that a call went over: a fault of the plugin
+/// whose output broke it ([`super::Fault::Limit`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct OverLimit(pub(super) String);
+
+fn over(msg: String) -> wasmtime::Error {
+    wasmtime::Error::new(OverLimit(msg))
+}
+
+/// Longest state or timer key.
+const MAX_KEY: usize = 1024;
+
+/// The state key under which the host keeps how many bytes of state a
+/// plugin holds for a customer. Plugin keys cannot start with NUL.
+pub(super) const STATE_SIZE_KEY: &str = "\0bytes";
+
+fn check_key(what: &str, key: &str) -> wasmtime::Result<()> {
+    if key.len() > MAX_KEY {
+        return Err(over(format!(
+            "{what}: a key of {} bytes is over the {MAX_KEY}-byte limit",
+            key.len()
+        )));
+    }
+    if key.starts_with('\0') {
+        return Err(over(format!(
+            "{what}({key:?}): keys starting with NUL are the host's"
+        )));
+    }
+    Ok(())
 }
 
 impl Call {
@@ -50,14 +88,89 @@ impl Call {
 
     fn count_op(&mut self) -> wasmtime::Result<()> {
         self.ops += 1;
-        if self.ops > self.max_ops {
-            return Err(wasmtime::format_err!(
+        if self.ops > self.limits.max_ops_per_call {
+            return Err(over(format!(
                 "more than {} state, timer and log operations in one call",
-                self.max_ops
-            ));
+                self.limits.max_ops_per_call
+            )));
         }
         Ok(())
     }
+
+    fn stored(&mut self, key: &str) -> wasmtime::Result<Option<Vec<u8>>> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        let v = store
+            .plugin_state(&self.customer, &self.plugin, key)
+            .map_err(|e| wasmtime::format_err!("state.get({key:?}): {e}"));
+        self.host_time += t.elapsed();
+        v
+    }
+
+    /// After a successful call that wrote state: the bytes the plugin now
+    /// keeps for the customer, checked against the quota and recorded
+    /// under [`STATE_SIZE_KEY`] with the call's other writes.
+    pub(super) fn settle_quota(&mut self) -> Result<(), String> {
+        if self.state.is_empty() {
+            return Ok(());
+        }
+        let size = |k: &str, v: &[u8]| (k.len() + v.len()) as i64;
+        let mut total = self
+            .stored(STATE_SIZE_KEY)
+            .ok()
+            .flatten()
+            .and_then(|v| v.try_into().ok())
+            .map_or(0, i64::from_le_bytes);
+        let keys: Vec<String> = self.state.keys().cloned().collect();
+        for k in keys {
+            let old = self.stored(&k).map_err(|e| e.to_string())?;
+            total -= old.as_deref().map_or(0, |v| size(&k, v));
+            total += self.state[&k].as_deref().map_or(0, |v| size(&k, v));
+        }
+        // Keys written before the quota was counted are not in the total.
+        let total = total.max(0);
+        if total as usize > self.limits.state_quota {
+            return Err(format!(
+                "state quota: the plugin would keep {total} bytes for customer {:?}, over the {}-byte quota",
+                self.customer, self.limits.state_quota
+            ));
+        }
+        self.state.insert(
+            STATE_SIZE_KEY.to_owned(),
+            Some(total.to_le_bytes().to_vec()),
+        );
+        Ok(())
+    }
+
+    /// `message` cut to the longest log line, within the call's log budget.
+    fn log_line(&mut self, message: String) -> Option<String> {
+        let left = self.limits.max_log_bytes.saturating_sub(self.log_bytes);
+        if left == 0 {
+            self.log_dropped += message.len() as u64;
+            return None;
+        }
+        let line = cut(message, self.limits.max_log_line.min(left));
+        self.log_bytes += line.len();
+        Some(line)
+    }
+}
+
+/// `text` cut at a character boundary to at most `max` bytes, with a marker
+/// saying how much was cut.
+pub(super) fn cut(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let total = text.len();
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!(" …[cut: {} of {total} bytes]", total - end));
+    text
 }
 
 /// Per-instance host data.
@@ -66,6 +179,10 @@ pub struct HostState {
     pub(super) table: ResourceTable,
     pub(super) limits: StoreLimits,
     pub(super) call: Call,
+    /// The seeds of the instance's random generators, reseeded per call.
+    pub(super) seeds: Seeds,
+    /// What the instance writes to stdout and stderr.
+    pub(super) output: Output,
 }
 
 impl WasiView for HostState {
@@ -83,28 +200,31 @@ impl v0_1_0::trigger::nudge::plugin::types::Host for HostState {}
 
 impl v0_1_0::trigger::nudge::plugin::state::Host for HostState {
     fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        if key.starts_with('\0') {
+            return Ok(None);
+        }
         if let Some(v) = self.call.state.get(&key) {
             return Ok(v.clone());
         }
-        let Some(store) = &self.call.store else {
-            return Ok(None);
-        };
-        let t = Instant::now();
-        let v = store
-            .plugin_state(&self.call.customer, &self.call.plugin, &key)
-            .map_err(|e| wasmtime::format_err!("state.get({key:?}): {e}"));
-        self.call.host_time += t.elapsed();
-        v
+        self.call.stored(&key)
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
         self.call.count_op()?;
-        if value.len() > self.call.max_value {
-            return Err(wasmtime::format_err!(
-                "state.set({key:?}): {} bytes is over the {}-byte limit",
-                value.len(),
-                self.call.max_value
-            ));
+        check_key("state.set", &key)?;
+        let max = self.call.limits.max_state_value;
+        if value.len() > max {
+            return Err(over(format!(
+                "state.set({key:?}): {} bytes is over the {max}-byte limit",
+                value.len()
+            )));
+        }
+        self.call.state_bytes += key.len() + value.len();
+        let max = self.call.limits.max_state_write;
+        if self.call.state_bytes > max {
+            return Err(over(format!(
+                "state.set({key:?}): more than {max} bytes of state written in one call"
+            )));
         }
         self.call.state.insert(key, Some(value));
         Ok(())
@@ -112,6 +232,7 @@ impl v0_1_0::trigger::nudge::plugin::state::Host for HostState {
 
     fn delete(&mut self, key: String) -> wasmtime::Result<()> {
         self.call.count_op()?;
+        check_key("state.delete", &key)?;
         self.call.state.insert(key, None);
         Ok(())
     }
@@ -120,12 +241,25 @@ impl v0_1_0::trigger::nudge::plugin::state::Host for HostState {
 impl v0_1_0::trigger::nudge::plugin::timers::Host for HostState {
     fn set(&mut self, key: String, due_ms: i64) -> wasmtime::Result<()> {
         self.call.count_op()?;
+        check_key("timers.set", &key)?;
+        // A timer due at or before the time of the call that set it would
+        // fire again at once, for ever: refused, and the call with it.
+        let min = self.call.limits.min_timer_delay.as_millis() as i64;
+        let earliest = self.call.now.saturating_add(min);
+        if due_ms < earliest {
+            return Err(over(format!(
+                "timers.set({key:?}): due at {}, earlier than the call's time {} plus the minimum delay of {min} ms",
+                crate::event::format_ts(due_ms),
+                crate::event::format_ts(self.call.now)
+            )));
+        }
         self.call.timers.push((key, Some(due_ms)));
         Ok(())
     }
 
     fn cancel(&mut self, key: String) -> wasmtime::Result<()> {
         self.call.count_op()?;
+        check_key("timers.cancel", &key)?;
         self.call.timers.push((key, None));
         Ok(())
     }
@@ -145,6 +279,9 @@ impl v0_1_0::trigger::nudge::plugin::log::Host for HostState {
     ) -> wasmtime::Result<()> {
         use v0_1_0::trigger::nudge::plugin::log::Level as L;
         self.call.count_op()?;
+        let Some(message) = self.call.log_line(message) else {
+            return Ok(());
+        };
         let (p, c) = (&self.call.plugin, &self.call.customer);
         match level {
             L::Trace => tracing::trace!(plugin = %p, customer = %c, "{message}"),

@@ -8,11 +8,15 @@ use serde_json::{Map, Value};
 use wasmtime::Store as WasmStore;
 
 use super::fault::{classify, Fault};
-use super::host::{Call, HostState, TimerOps};
+use super::host::{cut, Call, HostState, TimerOps};
 use super::plugin::{Plugin, Pre};
 use super::runtime::Runtime;
+use super::sandbox::Captured;
 use super::types::{Action, Firing, Outbound, Recipient, Treatment};
-use super::v0_1_0::{self, fields, treatment_from_wit, treatment_to_wit, types as wit};
+use super::v0_1_0::{
+    self, fields, firings_size, outbound_size, treatment_from_wit, treatment_size,
+    treatment_to_wit, types as wit,
+};
 use crate::event::{Event, Kind};
 
 /// An event and customer converted once, for every plugin that sees them.
@@ -76,6 +80,11 @@ impl Instances {
         }
     }
 
+    /// The limits calls run under before a manifest lowers them.
+    pub fn limits(&self) -> &super::Limits {
+        &self.runtime.limits
+    }
+
     /// Drops the instances of plugins no longer in `keep` (after a
     /// generation change), so old versions do not hold memory.
     pub fn retain<'a>(&mut self, keep: impl Iterator<Item = &'a Plugin>) {
@@ -103,30 +112,59 @@ impl Instances {
             .ok_or_else(|| Fault::Instantiate("instance vanished".into()))
     }
 
-    fn prepare(&mut self, plugin: &Plugin, mut call: Call) -> Result<&mut Instance, Fault> {
-        let limits = self.runtime.limits.clone();
-        let ticks = self.runtime.deadline_ticks();
+    /// Readies the plugin's instance for a call: its limits, its deadline,
+    /// its log budget, and its random generators seeded from what
+    /// identifies the call (`cause`), so the same input decides the same.
+    fn prepare(
+        &mut self,
+        plugin: &Plugin,
+        mut call: Call,
+        cause: &str,
+    ) -> Result<&mut Instance, Fault> {
+        let limits = self.runtime.limits.for_plugin(&plugin.manifest.limits);
+        let ticks = self.runtime.ticks_for(limits.deadline);
+        let seed = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (&plugin.hash, &call.customer, call.now, cause).hash(&mut h);
+            h.finish()
+        };
         let inst = self.instance(plugin)?;
-        call.max_value = limits.max_state_value;
-        call.max_ops = limits.max_ops_per_call;
-        call.deadline = limits.deadline;
+        let data = inst.store.data_mut();
+        data.seeds.reseed(seed);
+        data.output.reset(limits.max_log_bytes);
+        call.limits = limits;
         call.started = Some(Instant::now());
-        inst.store.data_mut().call = call;
+        data.call = call;
         inst.store.set_epoch_deadline(ticks);
         Ok(inst)
     }
 
+    /// Ends a call: logs what it wrote, checks what it returned (`size`
+    /// bytes) and the state it keeps against their budgets, and hands out
+    /// its effects. A trapped instance is dropped.
     fn finish<T>(
         &mut self,
         plugin: &Plugin,
         result: wasmtime::Result<Result<T, String>>,
+        size: impl FnOnce(&T) -> usize,
     ) -> Result<(T, Effects), Fault> {
+        let Some(inst) = self.live.get_mut(&plugin.key) else {
+            return Err(Fault::Instantiate("instance vanished".into()));
+        };
+        let data = inst.store.data_mut();
+        let mut call = std::mem::take(&mut data.call);
+        log_output(plugin, &call, data.output.take());
         match result {
             Ok(Ok(v)) => {
-                let inst = self.live.get_mut(&plugin.key);
-                let call = inst
-                    .map(|i| std::mem::take(&mut i.store.data_mut().call))
-                    .unwrap_or_default();
+                let bytes = size(&v);
+                if bytes > call.limits.max_output {
+                    return Err(Fault::Limit(format!(
+                        "returned {bytes} bytes, over the {}-byte limit",
+                        call.limits.max_output
+                    )));
+                }
+                call.settle_quota().map_err(Fault::Limit)?;
                 Ok((
                     v,
                     Effects {
@@ -135,17 +173,12 @@ impl Instances {
                     },
                 ))
             }
-            Ok(Err(msg)) => {
-                if let Some(i) = self.live.get_mut(&plugin.key) {
-                    i.store.data_mut().call = Call::default();
-                }
-                Err(Fault::Returned(msg))
-            }
+            Ok(Err(msg)) => Err(Fault::Returned(cut(msg, call.limits.max_log_line))),
             Err(e) => {
                 // A trapped store is poisoned: drop it, the next call gets a
                 // fresh instance.
                 self.live.remove(&plugin.key);
-                Err(classify(e, &self.runtime.limits))
+                Err(classify(e, &call.limits))
             }
         }
     }
@@ -157,16 +190,20 @@ impl Instances {
         call: Call,
         input: &CallInput,
     ) -> Result<(Vec<Firing>, Effects), Fault> {
-        let inst = self.prepare(plugin, call)?;
-        let result = match (&inst.live, &input.event) {
-            (Live::Trigger(t), Some(ev)) => {
-                t.nudge_plugin_trigger_handler()
-                    .call_on_event(&mut inst.store, ev, &input.customer)
-            }
-            _ => Ok(Err("not a trigger plugin, or no event".into())),
-        };
-        let (firings, fx) = self.finish(plugin, result)?;
-        Ok((firings.into_iter().map(Firing::from).collect(), fx))
+        super::off_runtime(move || {
+            let cause = input.event.as_ref().map_or("", |e| e.message_id.as_str());
+            let inst = self.prepare(plugin, call, cause)?;
+            let result = match (&inst.live, &input.event) {
+                (Live::Trigger(t), Some(ev)) => t.nudge_plugin_trigger_handler().call_on_event(
+                    &mut inst.store,
+                    ev,
+                    &input.customer,
+                ),
+                _ => Ok(Err("not a trigger plugin, or no event".into())),
+            };
+            let (firings, fx) = self.finish(plugin, result, |f| firings_size(f))?;
+            Ok((firings.into_iter().map(Firing::from).collect(), fx))
+        })
     }
 
     /// Calls a trigger's `on-timer`.
@@ -177,17 +214,19 @@ impl Instances {
         key: &str,
         input: &CallInput,
     ) -> Result<(Vec<Firing>, Effects), Fault> {
-        let inst = self.prepare(plugin, call)?;
-        let result = match &inst.live {
-            Live::Trigger(t) => t.nudge_plugin_trigger_handler().call_on_timer(
-                &mut inst.store,
-                key,
-                &input.customer,
-            ),
-            _ => Ok(Err("not a trigger plugin".into())),
-        };
-        let (firings, fx) = self.finish(plugin, result)?;
-        Ok((firings.into_iter().map(Firing::from).collect(), fx))
+        super::off_runtime(move || {
+            let inst = self.prepare(plugin, call, key)?;
+            let result = match &inst.live {
+                Live::Trigger(t) => t.nudge_plugin_trigger_handler().call_on_timer(
+                    &mut inst.store,
+                    key,
+                    &input.customer,
+                ),
+                _ => Ok(Err("not a trigger plugin".into())),
+            };
+            let (firings, fx) = self.finish(plugin, result, |f| firings_size(f))?;
+            Ok((firings.into_iter().map(Firing::from).collect(), fx))
+        })
     }
 
     /// Calls a response plugin for a decided action.
@@ -208,21 +247,22 @@ impl Instances {
                 data: fields(&action.firing.data),
             },
         };
-        let inst = self.prepare(plugin, call)?;
-        let result = match &inst.live {
-            Live::Response(r) => r.nudge_plugin_response_handler().call_respond(
-                &mut inst.store,
-                &wit_action,
-                &input.customer,
-            ),
-            _ => Ok(Err("not a response plugin".into())),
-        };
-        let (t, _) = self.finish(plugin, result)?;
-        Ok(treatment_from_wit(t))
+        super::off_runtime(move || {
+            let cause = format!("{}\0{}", action.campaign, action.trigger);
+            let inst = self.prepare(plugin, call, &cause)?;
+            let result = match &inst.live {
+                Live::Response(r) => r.nudge_plugin_response_handler().call_respond(
+                    &mut inst.store,
+                    &wit_action,
+                    &input.customer,
+                ),
+                _ => Ok(Err("not a response plugin".into())),
+            };
+            let (t, _) = self.finish(plugin, result, treatment_size)?;
+            Ok(treatment_from_wit(t))
+        })
     }
-}
 
-impl Instances {
     /// Calls a channel plugin: what should the host send for `treatment`?
     pub fn deliver(
         &mut self,
@@ -237,31 +277,69 @@ impl Instances {
             email: recipient.email.clone(),
             phone: recipient.phone.clone(),
         };
-        let inst = self.prepare(plugin, call)?;
-        let result = match &inst.live {
-            Live::Channel(c) => {
-                c.nudge_plugin_channel_handler()
-                    .call_deliver(&mut inst.store, &t, &r)
+        super::off_runtime(move || {
+            let inst = self.prepare(plugin, call, &treatment.subject)?;
+            let result = match &inst.live {
+                Live::Channel(c) => {
+                    c.nudge_plugin_channel_handler()
+                        .call_deliver(&mut inst.store, &t, &r)
+                }
+                _ => Ok(Err("not a channel plugin".into())),
+            };
+            let (out, _) = self.finish(plugin, result, |o| o.iter().map(outbound_size).sum())?;
+            Ok(out
+                .into_iter()
+                .map(|o| match o {
+                    wit::Outbound::Email(m) => Outbound::Email {
+                        to: m.to,
+                        subject: m.subject,
+                        body: m.body,
+                    },
+                    wit::Outbound::Http(h) => Outbound::Http {
+                        method: h.method,
+                        url: h.url,
+                        headers: h.headers,
+                        body: h.body,
+                    },
+                    wit::Outbound::AgentQueue(t) => Outbound::AgentQueue(treatment_from_wit(t)),
+                })
+                .collect())
+        })
+    }
+}
+
+/// Most lines of stdout and stderr logged per call.
+const MAX_OUTPUT_LINES: usize = 64;
+
+/// Logs what a call wrote to stdout and stderr (cut, escaped by the log
+/// writer), and what was dropped past the call's log budget.
+fn log_output(plugin: &Plugin, call: &Call, out: Captured) {
+    let (p, c) = (plugin.name.as_str(), call.customer.as_str());
+    let mut lines = 0usize;
+    let mut extra_lines = 0usize;
+    for (stream, bytes) in [("stdout", &out.stdout), ("stderr", &out.stderr)] {
+        for line in String::from_utf8_lossy(bytes).lines() {
+            if line.trim().is_empty() {
+                continue;
             }
-            _ => Ok(Err("not a channel plugin".into())),
-        };
-        let (out, _) = self.finish(plugin, result)?;
-        Ok(out
-            .into_iter()
-            .map(|o| match o {
-                wit::Outbound::Email(m) => Outbound::Email {
-                    to: m.to,
-                    subject: m.subject,
-                    body: m.body,
-                },
-                wit::Outbound::Http(h) => Outbound::Http {
-                    method: h.method,
-                    url: h.url,
-                    headers: h.headers,
-                    body: h.body,
-                },
-                wit::Outbound::AgentQueue(t) => Outbound::AgentQueue(treatment_from_wit(t)),
-            })
-            .collect())
+            if lines == MAX_OUTPUT_LINES {
+                extra_lines += 1;
+                continue;
+            }
+            lines += 1;
+            let line = cut(line.to_owned(), call.limits.max_log_line);
+            tracing::info!(plugin = p, customer = c, stream, "{line}");
+        }
+    }
+    let dropped = out.dropped + call.log_dropped;
+    if dropped > 0 || extra_lines > 0 {
+        tracing::warn!(
+            plugin = p,
+            customer = c,
+            dropped_bytes = dropped,
+            dropped_lines = extra_lines,
+            "plugin logged more than its budget of {} bytes and {MAX_OUTPUT_LINES} output lines per call: the rest was dropped",
+            call.limits.max_log_bytes
+        );
     }
 }

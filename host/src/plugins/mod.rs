@@ -41,6 +41,20 @@ pub use plugin::{Plugin, PluginKind, TriggerInfo};
 pub use runtime::{hex_sha256, Runtime};
 pub use types::{Action, Firing, Outbound, Recipient, Treatment};
 
+/// Runs `f` where plugin code may run: on this thread, unless it is an
+/// async runtime's, and then on a scoped thread of its own. WASI's
+/// synchronous host calls drive futures with `block_on`, which panics on a
+/// runtime thread, and plugin time must never hold up async tasks.
+pub(crate) fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(v) => v,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
 /// The contract versions this host loads.
 pub const SUPPORTED_CONTRACTS: &[&str] = &["0.1.0"];
 

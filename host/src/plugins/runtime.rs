@@ -12,11 +12,14 @@ use wasmtime_wasi::WasiCtx;
 
 use super::host::{Call, HostState};
 use super::plugin::{Plugin, PluginKind, Pre, TriggerInfo};
-use super::sandbox::FrozenClock;
+use super::sandbox::{self, FrozenClock, Output, Seeds};
 use super::{v0_1_0, Limits, PluginError};
 use crate::manifest::Manifest;
 
 const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Most bytes one `wasi:random` call may ask for.
+const MAX_RANDOM_BYTES: u64 = 64 << 10;
 
 /// Time allowed to instantiate a plugin or ask it to describe itself.
 const SETUP_DEADLINE: Duration = Duration::from_secs(2);
@@ -59,6 +62,7 @@ impl Runtime {
         let engine = Engine::new(&config).map_err(rt_err)?;
         let mut linker: Linker<HostState> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(rt_err)?;
+        sandbox::add_to_linker(&mut linker).map_err(rt_err)?;
         v0_1_0::trigger::Trigger::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
             .map_err(rt_err)?;
         let engine_hash = {
@@ -145,21 +149,37 @@ impl Runtime {
         manifest: Option<&Manifest>,
     ) -> WasmStore<HostState> {
         let mut wasi = WasiCtx::builder();
+        let mut memory = self.limits.memory_bytes;
         if let Some(m) = manifest {
             for (k, v) in &m.config {
                 wasi.env(k, v);
             }
+            memory = self.limits.for_plugin(&m.limits).memory_bytes;
         }
+        let seeds = Seeds::default();
+        let output = Output::default();
         wasi.wall_clock(FrozenClock)
             .monotonic_clock(FrozenClock)
+            .secure_random(seeds.secure())
+            .insecure_random(seeds.insecure())
+            // What `HashMap`s are keyed with: fixed, so their order is the
+            // same in every run.
+            .insecure_random_seed(0x006e_7564_6765)
+            .max_random_size(MAX_RANDOM_BYTES)
+            .stdout(output.stdout())
+            .stderr(output.stderr())
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(sandbox::MAX_RESOURCES);
         let state = HostState {
             wasi: wasi.build(),
-            table: ResourceTable::new(),
+            table,
+            seeds,
+            output,
             limits: StoreLimitsBuilder::new()
-                .memory_size(self.limits.memory_bytes)
+                .memory_size(memory)
                 .instances(16)
                 .tables(16)
                 .memories(4)
@@ -177,17 +197,19 @@ impl Runtime {
                 return Ok(wasmtime::UpdateDeadline::Interrupt);
             };
             let own = started.elapsed().saturating_sub(call.host_time);
-            if own >= call.deadline {
+            let deadline = call.limits.deadline;
+            if own >= deadline {
                 return Ok(wasmtime::UpdateDeadline::Interrupt);
             }
-            let left = (call.deadline - own).as_millis() / EPOCH_TICK.as_millis();
+            let left = (deadline - own).as_millis() / EPOCH_TICK.as_millis();
             Ok(wasmtime::UpdateDeadline::Continue(left as u64 + 1))
         });
         store
     }
 
-    pub(super) fn deadline_ticks(&self) -> u64 {
-        (self.limits.deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
+    /// Epoch ticks until a call with `deadline` is first checked.
+    pub(super) fn ticks_for(&self, deadline: Duration) -> u64 {
+        (deadline.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
     }
 
     /// Instantiating and `describe` run outside any call: they get a fixed
@@ -200,7 +222,14 @@ impl Runtime {
 
     /// Compiles (or loads from cache), type-checks against the contract and
     /// asks the plugin to describe itself.
+    ///
+    /// Runs off any async runtime's thread (see [`super::off_runtime`]):
+    /// `describe` is plugin code.
     pub fn load(&self, source: &str, bytes: &[u8]) -> Result<Plugin, PluginError> {
+        super::off_runtime(|| self.load_here(source, bytes))
+    }
+
+    fn load_here(&self, source: &str, bytes: &[u8]) -> Result<Plugin, PluginError> {
         let hash = hex_sha256(bytes);
         let component = self.compile(source, bytes, &hash)?;
         let contract_err = |e: wasmtime::Error| PluginError::Contract {

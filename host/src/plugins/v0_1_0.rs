@@ -108,3 +108,42 @@ pub(super) fn treatment_from_wit(t: wit::Treatment) -> Treatment {
             .collect(),
     }
 }
+
+/// Bytes a value takes as returned (numbers and booleans count 8).
+fn value_size(v: &wit::Value) -> usize {
+    match v {
+        wit::Value::Text(s) | wit::Value::Json(s) => s.len(),
+        _ => 8,
+    }
+}
+
+fn fields_size(f: &[wit::Field]) -> usize {
+    f.iter().map(|f| f.key.len() + value_size(&f.value)).sum()
+}
+
+/// Bytes of a trigger's returned firings.
+pub(super) fn firings_size(f: &[wit::Firing]) -> usize {
+    f.iter().map(|f| f.name.len() + fields_size(&f.data)).sum()
+}
+
+/// Bytes of a response plugin's treatment.
+pub(super) fn treatment_size(t: &wit::Treatment) -> usize {
+    t.subject.len() + t.body.len() + t.agent_script.len() + fields_size(&t.variables)
+}
+
+/// Bytes of one message a channel plugin asks the host to send.
+pub(super) fn outbound_size(o: &wit::Outbound) -> usize {
+    match o {
+        wit::Outbound::Email(m) => m.to.len() + m.subject.len() + m.body.len(),
+        wit::Outbound::Http(h) => {
+            h.method.len()
+                + h.url.len()
+                + h.body.len()
+                + h.headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+        }
+        wit::Outbound::AgentQueue(t) => treatment_size(t),
+    }
+}
