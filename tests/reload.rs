@@ -445,11 +445,45 @@ fn old_generations_and_files_only_they_used_are_pruned() {
 #[test]
 fn a_campaign_pauses_and_resumes_without_editing_its_file() {
     let f = Folders::new();
-    let server = Server::start(f.config());
+    let mut cfg = f.config();
+    let named = |name: &str, role, secret: &str| nudge::config::NamedToken {
+        name: name.into(),
+        role,
+        secret: secret.into(),
+    };
+    cfg.api.token = vec![
+        named("ops-ann", nudge::config::Role::Operator, "op_secret"),
+        named("desk", nudge::config::Role::Agent, "agent_secret"),
+        named("board", nudge::config::Role::Viewer, "viewer_secret"),
+    ];
+    let server = Server::start(cfg);
+    // The contact centre's and the viewer's tokens cannot pause; the
+    // viewer's reads; the Bearer scheme is case-insensitive.
+    for token in ["Bearer agent_secret", "bearer viewer_secret"] {
+        let r = server.post("/v1/campaigns/echo/pause", Some(token), &[], vec![]);
+        assert_eq!(r.status, 403, "{token}: {}", r.body);
+        assert!(r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("needs role operator"));
+    }
+    assert_eq!(
+        server
+            .get("/v1/campaigns", Some("BEARER viewer_secret"))
+            .status,
+        200
+    );
+    assert_eq!(
+        server
+            .get("/v1/campaigns", Some("Bearer agent_secret"))
+            .status,
+        403
+    );
+    // The record names the token, not what the client says it is.
     let r = server.post(
         "/v1/campaigns/echo/pause",
-        Some(API),
-        &[("x-nudge-user", "ops-ann")],
+        Some("Bearer op_secret"),
+        &[("x-nudge-user", "someone-else")],
         vec![],
     );
     assert_eq!(r.status, 200, "{}", r.body);
@@ -668,4 +702,23 @@ fn reload_under_load_processes_every_event_exactly_once() {
     assert!(seen.values().all(|n| *n == 1));
     assert_eq!(seen.len(), EVENTS, "no decision for an event not sent");
     eprintln!("{swaps} swaps ({rejected} rejected) during {EVENTS} events");
+}
+
+#[test]
+fn a_grant_for_a_plugin_that_is_not_loaded_is_an_error_naming_it() {
+    let runtime = nudge::plugins::Runtime::new(Default::default(), Some(cache_dir())).unwrap();
+    let mut grants = std::collections::BTreeMap::new();
+    grants.insert("webhok".to_string(), nudge::config::PluginGrant::default());
+    let sources = nudge::reload::Sources {
+        plugins: nudge::replay::PluginSource::Embedded,
+        rules: root().join("rules"),
+        grants,
+    };
+    let errors = nudge::reload::load_once(&runtime, 1, &sources).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].starts_with("config [plugins.webhok]: no plugin named \"webhok\" is loaded")
+            && errors[0].contains("webhook"),
+        "{errors:?}"
+    );
 }

@@ -208,7 +208,14 @@ fn every_scaffold_builds_loads_and_passes_its_own_test() {
         ],
         dir.path(),
     );
-    assert!(check.status.success(), "{}", text(&check.stderr));
+    // No campaign: the check lists what it loaded and refuses the folder,
+    // as nothing would decide.
+    assert!(!check.status.success());
+    assert!(
+        text(&check.stderr).contains("no campaign (only policies): nothing would decide"),
+        "{}",
+        text(&check.stderr)
+    );
     let listed = text(&check.stdout);
     for line in [
         "plugin t-scaffold 0.1.0 (\"trigger\")",

@@ -7,7 +7,9 @@
 //! - `GET /v1/campaigns`; `POST /v1/campaigns/{id}/pause` and `/resume`.
 //! - `DELETE /v1/plugins/{name}/quarantine`: release by hand.
 //!
-//! `X-Nudge-User` names who asked, for the generation and pause records.
+//! Reads take a `viewer` (or `operator`) token; every change an
+//! `operator` one. Generation and pause records name the token that asked
+//! (its `name` in `[api]`), never what a client says of itself.
 
 use std::sync::Arc;
 
@@ -19,6 +21,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::api::{check_api, error};
+use crate::config::Role;
 use crate::controls::ControlError;
 use crate::reload::{Outcome, ReloadError};
 use crate::rules::TriggerRef;
@@ -36,15 +39,6 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/campaigns/{id}/pause", post(pause))
         .route("/v1/campaigns/{id}/resume", post(resume))
         .route("/v1/plugins/{name}/quarantine", delete(release))
-}
-
-fn who(headers: &HeaderMap) -> String {
-    headers
-        .get("x-nudge-user")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().take(100).collect::<String>())
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "api".into())
 }
 
 fn reload_error(e: ReloadError) -> Response {
@@ -88,9 +82,10 @@ async fn generations(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> Response {
-    if let Err(r) = check_api(&s, &headers) {
-        return *r;
-    }
+    let _caller = match check_api(&s, &headers, Role::Viewer) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let view = s.reloader.controls().view();
     let all = s.reloader.list();
     let total = all.len();
@@ -118,11 +113,12 @@ async fn reload(
     headers: HeaderMap,
     Query(q): Query<ReloadQuery>,
 ) -> Response {
-    if let Err(r) = check_api(&s, &headers) {
-        return *r;
-    }
+    let caller = match check_api(&s, &headers, Role::Operator) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let forced = if q.force { " (forced)" } else { "" };
-    let cause = format!("reload requested by {}{forced}", who(&headers));
+    let cause = format!("reload requested by {}{forced}", caller.name.clone());
     let r = s.reloader.clone();
     let outcome = match blocking(move || r.reload(&cause, q.force)).await {
         Ok(o) => o,
@@ -150,16 +146,17 @@ async fn activate(
     headers: HeaderMap,
     Path(n): Path<String>,
 ) -> Response {
-    if let Err(r) = check_api(&s, &headers) {
-        return *r;
-    }
+    let caller = match check_api(&s, &headers, Role::Operator) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let Ok(n) = n.parse::<u64>() else {
         return error(
             StatusCode::BAD_REQUEST,
             format!("generation {n:?}: not a number"),
         );
     };
-    let by = format!("activated by {}", who(&headers));
+    let by = format!("activated by {}", caller.name.clone());
     let r = s.reloader.clone();
     match blocking(move || r.activate(n, &by)).await {
         Ok(Ok(record)) => Json(record).into_response(),
@@ -169,10 +166,11 @@ async fn activate(
 }
 
 async fn rollback(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = check_api(&s, &headers) {
-        return *r;
-    }
-    let by = format!("rollback by {}", who(&headers));
+    let caller = match check_api(&s, &headers, Role::Operator) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let by = format!("rollback by {}", caller.name.clone());
     let r = s.reloader.clone();
     match blocking(move || r.rollback(&by)).await {
         Ok(Ok(record)) => Json(record).into_response(),
@@ -182,9 +180,10 @@ async fn rollback(State(s): State<AppState>, headers: HeaderMap) -> Response {
 }
 
 async fn campaigns(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = check_api(&s, &headers) {
-        return *r;
-    }
+    let _caller = match check_api(&s, &headers, Role::Viewer) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let gen = s.current.load();
     let view = s.reloader.controls().view();
     let list: Vec<_> = gen
@@ -223,13 +222,14 @@ async fn resume(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<St
 /// Pauses or resumes campaign `id`; answers with its pause record (null
 /// once resumed).
 async fn set_paused(s: AppState, headers: HeaderMap, id: String, pause: bool) -> Response {
-    if let Err(r) = check_api(&s, &headers) {
-        return *r;
-    }
+    let caller = match check_api(&s, &headers, Role::Operator) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let (gen, controls, by, campaign) = (
         s.current.load(),
         s.reloader.controls(),
-        who(&headers),
+        caller.name.clone(),
         id.clone(),
     );
     let changed = blocking(move || match pause {
@@ -250,10 +250,11 @@ async fn release(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    if let Err(r) = check_api(&s, &headers) {
-        return *r;
-    }
-    let (controls, by, plugin) = (s.reloader.controls(), who(&headers), name.clone());
+    let caller = match check_api(&s, &headers, Role::Operator) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let (controls, by, plugin) = (s.reloader.controls(), caller.name.clone(), name.clone());
     match blocking(move || controls.release(&plugin, &by)).await {
         Ok(Ok(view)) => {
             Json(json!({ "released": name, "quarantined": view.quarantined })).into_response()

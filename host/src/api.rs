@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::config::Role;
 use crate::deliver::{self, AgentAction, Delivery};
 use crate::event::{format_ts, now_ms};
 use crate::ingest::{self, Endpoint, IngestError};
@@ -190,28 +191,70 @@ async fn ingest(s: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body)
     }
 }
 
-/// Operator and contact-centre endpoints take `Bearer <api token>`.
-pub(crate) fn check_api(s: &Shared, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    if s.cfg.api.tokens.is_empty() {
+/// Who called, by the name of their token.
+pub(crate) struct Caller {
+    pub name: String,
+}
+
+/// The bearer credential of `Authorization`, whatever the scheme's case.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let (scheme, rest) = header_str(headers, header::AUTHORIZATION)?.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// Operator, contact-centre and reporting endpoints take `Bearer <api
+/// token>` of a role that allows them: `need` is the least role (an
+/// operator may do everything; an agent the contact centre's calls; a
+/// viewer reads). Tokens are compared in constant time, every one in full.
+pub(crate) fn check_api(
+    s: &Shared,
+    headers: &HeaderMap,
+    need: Role,
+) -> Result<Caller, Box<Response>> {
+    let tokens = s.cfg.api.all_tokens();
+    if tokens.is_empty() {
         return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
-            "no API tokens are configured ([api] tokens or NUDGE_API_TOKENS)".into(),
+            "no API tokens are configured ([api] token or NUDGE_API_TOKENS)".into(),
         )));
     }
-    let token = header_str(headers, header::AUTHORIZATION)
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim);
-    match token {
-        Some(t) if s.cfg.api.tokens.iter().any(|k| k == t) => Ok(()),
-        Some(_) => Err(Box::new(error(
-            StatusCode::UNAUTHORIZED,
-            "unknown API token".into(),
-        ))),
-        None => Err(Box::new(error(
+    let Some(given) = bearer(headers) else {
+        return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "missing Authorization: Bearer <api token>".into(),
-        ))),
+        )));
+    };
+    let mut found = None;
+    for t in &tokens {
+        if ingest::constant_time_eq(t.secret.as_bytes(), given.as_bytes()) {
+            found = Some(t);
+        }
     }
+    let Some(t) = found else {
+        return Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "unknown API token".into(),
+        )));
+    };
+    let allowed = match need {
+        Role::Operator => t.role == Role::Operator,
+        Role::Agent => matches!(t.role, Role::Agent | Role::Operator),
+        Role::Viewer => matches!(t.role, Role::Viewer | Role::Operator),
+    };
+    if !allowed {
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token {:?} has role {}; this needs role {}",
+                t.name,
+                t.role.name(),
+                need.name()
+            ),
+        )));
+    }
+    Ok(Caller {
+        name: t.name.clone(),
+    })
 }
 
 fn store_error(e: impl std::fmt::Display) -> Response {
@@ -231,7 +274,7 @@ async fn actions(
     Path(id): Path<String>,
     Query(q): Query<ActionsQuery>,
 ) -> Response {
-    if let Err(r) = check_api(&s, &headers) {
+    if let Err(r) = check_api(&s, &headers, Role::Agent) {
         return *r;
     }
     let raw = match s.store.actions(&id) {
@@ -264,7 +307,7 @@ async fn action_outcome(
     Path((id, action)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = check_api(&s, &headers) {
+    if let Err(r) = check_api(&s, &headers, Role::Agent) {
         return *r;
     }
     let req: OutcomeBody = match serde_json::from_slice(&body) {
@@ -322,7 +365,7 @@ async fn action_outcome(
 }
 
 async fn dead_letters(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = check_api(&s, &headers) {
+    if let Err(r) = check_api(&s, &headers, Role::Viewer) {
         return *r;
     }
     match s.store.dead_letters() {
@@ -342,7 +385,7 @@ async fn retry_dead_letter(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if let Err(r) = check_api(&s, &headers) {
+    if let Err(r) = check_api(&s, &headers, Role::Operator) {
         return *r;
     }
     let mut d: Delivery = match s.store.dead_letter_get(&id) {

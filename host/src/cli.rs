@@ -333,13 +333,13 @@ fn serve(
         let listener = tokio::net::TcpListener::bind(cfg.server.listen)
             .await
             .with_context(|| format!("listening on {}", cfg.server.listen))?;
-        let addr = listener.local_addr()?;
-        // One line on stdout, for scripts and tests that start the server
-        // on port 0.
-        println!("nudge listening on http://{addr}");
-        crate::serve::run(cfg, listener, crate::serve::shutdown_signal())
-            .await
-            .context("serving")
+        // One line on stdout once start-up is through, for scripts and
+        // tests that start the server on port 0.
+        crate::serve::run_with(cfg, listener, crate::serve::shutdown_signal(), |addr| {
+            println!("nudge listening on http://{addr}")
+        })
+        .await
+        .context("serving")
     })
 }
 
@@ -466,7 +466,12 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
                 )
             })?;
             println!(
-                "ok: {} campaigns, {} plugins, {} contact policies",
+                "{}: {} campaigns, {} plugins, {} contact policies",
+                if gen.rules.campaigns.is_empty() {
+                    "refused"
+                } else {
+                    "ok"
+                },
                 gen.rules.campaigns.len(),
                 gen.plugins.len(),
                 gen.rules.policies.contact.len()
@@ -487,6 +492,14 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
                     c.owner,
                     c.channel,
                     c.file.display()
+                );
+            }
+            if gen.rules.campaigns.is_empty() {
+                // The server takes it only as a forced publish over a
+                // generation with campaigns: nothing would decide.
+                anyhow::bail!(
+                    "{}: no campaign (only policies): nothing would decide",
+                    rules.display()
                 );
             }
             Ok(())

@@ -89,6 +89,15 @@ pub struct Server {
     pub log_format: LogFormat,
     /// How long graceful shutdown waits for deliveries in flight.
     pub shutdown_grace: Dur,
+    /// Open HTTP connections at most; more wait in the kernel's backlog.
+    /// Each takes a file descriptor: keep it under the process's limit
+    /// (`ulimit -n`) less about 100 for the store, plugins and channels.
+    pub max_connections: usize,
+    /// A request's headers must arrive within this.
+    pub header_read_timeout: Dur,
+    /// A connection that moves no byte for this long is closed (idle
+    /// keep-alive, a client stalled halfway through a request).
+    pub idle_timeout: Dur,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -118,10 +127,89 @@ pub struct Ingest {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Api {
-    /// Bearer tokens for the operator and contact-centre API (actions,
-    /// dead letters). Empty: that API is refused. Environment:
-    /// `NUDGE_API_TOKENS`, comma-separated.
+    /// Bearer tokens with every right (role `operator`), named `token-1`,
+    /// `token-2`, … in audit records. Prefer [`Api::token`].
     pub tokens: Vec<String>,
+    /// Named tokens, each with one role. Environment: `NUDGE_API_TOKENS`,
+    /// comma-separated `name:role:secret` (a bare secret is an operator
+    /// token), replaces both lists.
+    pub token: Vec<NamedToken>,
+}
+
+/// Who may call the API with one token, and under what name the audit
+/// records it.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedToken {
+    pub name: String,
+    pub role: Role,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for NamedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NamedToken({}: {:?})", self.name, self.role)
+    }
+}
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads: generations, campaigns, dead letters.
+    Viewer,
+    /// The contact centre: customers' actions and their outcomes.
+    Agent,
+    /// Everything: generations, campaigns, quarantine, dead letters, and
+    /// what agents and viewers do.
+    Operator,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Agent => "agent",
+            Role::Operator => "operator",
+        }
+    }
+}
+
+/// A TOML error without the values it quotes: a type error on a secret
+/// (`write_keys = "secret"`) must not print the secret.
+fn redact(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quoted = false;
+    for c in message.chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                out.push_str("\"…");
+            }
+            ('"', true) => {
+                quoted = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out
+}
+
+impl Api {
+    /// Every token the API accepts, named.
+    pub fn all_tokens(&self) -> Vec<NamedToken> {
+        let mut out = self.token.clone();
+        for (i, t) in self.tokens.iter().enumerate() {
+            out.push(NamedToken {
+                name: format!("token-{}", i + 1),
+                role: Role::Operator,
+                secret: t.clone(),
+            });
+        }
+        out
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -287,6 +375,9 @@ impl Default for Server {
             clock: Clock::Wall,
             log_format: LogFormat::Text,
             shutdown_grace: Dur(Duration::from_secs(10)),
+            max_connections: 1024,
+            header_read_timeout: Dur(Duration::from_secs(10)),
+            idle_timeout: Dur(Duration::from_secs(60)),
         }
     }
 }
@@ -380,7 +471,7 @@ impl Config {
             ConfigError::Invalid {
                 path: path.to_owned(),
                 line,
-                message: e.message().to_owned(),
+                message: redact(e.message()),
             }
         })
     }
@@ -391,7 +482,25 @@ impl Config {
             self.ingest.write_keys = list(&v);
         }
         if let Some(v) = var("NUDGE_API_TOKENS") {
-            self.api.tokens = list(&v);
+            self.api.tokens.clear();
+            self.api.token.clear();
+            for entry in list(&v) {
+                let parts: Vec<&str> = entry.splitn(3, ':').collect();
+                let role = |r: &str| match r {
+                    "viewer" => Some(Role::Viewer),
+                    "agent" => Some(Role::Agent),
+                    "operator" => Some(Role::Operator),
+                    _ => None,
+                };
+                match parts.as_slice() {
+                    [name, r, secret] if role(r).is_some() => self.api.token.push(NamedToken {
+                        name: (*name).to_owned(),
+                        role: role(r).unwrap_or(Role::Viewer),
+                        secret: (*secret).to_owned(),
+                    }),
+                    _ => self.api.tokens.push(entry),
+                }
+            }
         }
         if let Some(v) = var("NUDGE_SMTP_PASSWORD") {
             self.smtp.password = Some(v);

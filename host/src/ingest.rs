@@ -100,10 +100,10 @@ pub fn authorize(header: Option<&str>, keys: &[String]) -> Result<(), IngestErro
             "missing Authorization header: use HTTP Basic with the write key as user name, or Bearer <write key>".into(),
         ));
     };
-    let key = if let Some(b) = h
-        .strip_prefix("Basic ")
-        .or_else(|| h.strip_prefix("basic "))
-    {
+    // Schemes are case-insensitive (RFC 9110).
+    let (scheme, credentials) = h.split_once(' ').unwrap_or((h, ""));
+    let key = if scheme.eq_ignore_ascii_case("basic") {
+        let b = credentials;
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(b.trim())
             .map_err(|_| {
@@ -113,11 +113,8 @@ pub fn authorize(header: Option<&str>, keys: &[String]) -> Result<(), IngestErro
         text.split_once(':')
             .map(|(u, _)| u.to_owned())
             .unwrap_or(text)
-    } else if let Some(t) = h
-        .strip_prefix("Bearer ")
-        .or_else(|| h.strip_prefix("bearer "))
-    {
-        t.trim().to_owned()
+    } else if scheme.eq_ignore_ascii_case("bearer") {
+        credentials.trim().to_owned()
     } else {
         return Err(IngestError::Unauthorized(
             "Authorization: expected Basic or Bearer".into(),
@@ -136,7 +133,8 @@ pub fn authorize(header: Option<&str>, keys: &[String]) -> Result<(), IngestErro
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Equal, in time that depends only on the lengths.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

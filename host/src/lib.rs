@@ -26,6 +26,7 @@
 //! - [`inbox`]: durable acknowledgement by group commit, de-duplication.
 //! - [`intake`]: what a replay admits from its file: text, the clock, duplicates.
 //! - [`serve`]: the live server's threads, start-up recovery and shutdown.
+//! - [`listener`]: accepting HTTP connections: limits, timeouts, back-off.
 //! - [`api`]: the HTTP routes (axum).
 //! - [`admin`]: the operator routes over generations, campaigns, quarantine.
 //! - [`deliver`]: the outbox to the channels: SMTP, allowlisted HTTP, the
@@ -55,6 +56,7 @@ pub mod generation;
 pub mod inbox;
 pub mod ingest;
 pub mod intake;
+pub mod listener;
 pub mod logging;
 pub mod mail;
 pub mod manifest;

@@ -37,6 +37,7 @@ pub struct Metrics {
     decisions: Family<Labels, Counter>,
     deliveries: Family<Labels, Counter>,
     plugin_faults: Family<Labels, Counter>,
+    rule_errors: Family<Labels, Counter>,
     plugin_calls: HistogramFamily,
     pub ack_seconds: Histogram,
     pub event_to_decision_seconds: Histogram,
@@ -72,6 +73,7 @@ impl Metrics {
             decisions: Family::default(),
             deliveries: Family::default(),
             plugin_faults: Family::default(),
+            rule_errors: Family::default(),
             plugin_calls: Family::new_with_constructor(latency),
             ack_seconds: latency(),
             event_to_decision_seconds: latency(),
@@ -134,6 +136,11 @@ impl Metrics {
             "plugin_faults",
             "Plugin calls that trapped, timed out, ran out of memory or returned an error",
             m.plugin_faults.clone(),
+        );
+        registry.register(
+            "rule_errors",
+            "Campaign expressions (`when`, `priority`) that did not evaluate, by campaign",
+            m.rule_errors.clone(),
         );
         registry.register(
             "plugin_call_seconds",
@@ -221,6 +228,12 @@ impl Metrics {
                 ("plugin".to_owned(), plugin.to_owned()),
                 ("kind".to_owned(), kind.to_owned()),
             ])
+            .inc();
+    }
+
+    pub fn rule_error(&self, campaign: &str) {
+        self.rule_errors
+            .get_or_create(&label("campaign", campaign))
             .inc();
     }
 

@@ -416,6 +416,19 @@ fn build(
         }
         plugins.push(plugin);
     }
+    for name in sources.grants.keys() {
+        if !plugins.iter().any(|p| &p.name == name) {
+            let loaded: Vec<&str> = plugins.iter().map(|p| p.name.as_str()).collect();
+            errors.push(format!(
+                "config [plugins.{name}]: no plugin named {name:?} is loaded (loaded: {})",
+                if loaded.is_empty() {
+                    "none".to_owned()
+                } else {
+                    loaded.join(", ")
+                }
+            ));
+        }
+    }
     let rule_files = snap
         .files
         .iter()
@@ -1118,11 +1131,5 @@ pub fn load_once(
     sources: &Sources,
 ) -> Result<Generation, Vec<String>> {
     let snap = Snapshot::read(sources);
-    let gen = build(runtime, sources, &snap, number, &mut HashMap::new())?;
-    for name in sources.grants.keys() {
-        if gen.plugin(name).is_none() {
-            tracing::warn!(plugin = %name, "config grants capabilities to a plugin that is not loaded");
-        }
-    }
-    Ok(gen)
+    build(runtime, sources, &snap, number, &mut HashMap::new())
 }

@@ -172,6 +172,16 @@ impl fmt::Debug for RuleSet {
 }
 
 /// Parses `30d`, `24h`, `30m`, `45s`, `500ms` into milliseconds.
+/// A window must be longer than nothing: a contact policy over `0s` would
+/// never count a message, a goal window of `0s` never see a conversion.
+fn positive(ms: i64) -> Result<i64, String> {
+    if ms > 0 {
+        Ok(ms)
+    } else {
+        Err("a window must be longer than 0s".into())
+    }
+}
+
 pub fn parse_duration(s: &str) -> Result<i64, String> {
     let s = s.trim();
     let split = s
@@ -535,7 +545,7 @@ fn parse_policies(file: &Path, text: &str) -> Result<Policies, Vec<RuleError>> {
                 });
             }
         }
-        match parse_duration(c.window.get_ref()) {
+        match parse_duration(c.window.get_ref()).and_then(positive) {
             Ok(w) => contact.push(ContactPolicy {
                 name: c.name,
                 channels: c.channels,
@@ -622,8 +632,40 @@ fn parse_campaign(
                 message: format!("{} (in {:?})", e.0, s.get_ref()),
             })
     };
+    // Rhai is typed at run time: each expression is evaluated once on
+    // empty data, and a result of the wrong type (a quoted `"high"` as a
+    // priority, a number as a condition) is an error of the file now, not
+    // a warning on every event later. A result that depends on the data
+    // (nothing yet, or an evaluation error) is left to run time.
+    let typed = |e: Expr, field: &str, want: &str| -> Result<Expr, RuleError> {
+        let got = engine.eval_ast_with_scope::<Dynamic>(&mut scope.clone(), &e.ast);
+        let wrong = match &got {
+            Ok(v) if v.is_unit() => None,
+            Ok(v) if want == "bool" && !v.is_bool() => Some(v.type_name()),
+            Ok(v) if want == "integer" && !v.is_int() => Some(v.type_name()),
+            _ => None,
+        };
+        match wrong {
+            None => Ok(e),
+            Some(t) => Err(RuleError {
+                file: file.to_owned(),
+                line: Some(e.line),
+                field: Some(field.to_owned()),
+                message: format!(
+                    "must give {}, but {:?} gives {}",
+                    if want == "bool" {
+                        "true or false"
+                    } else {
+                        "an integer"
+                    },
+                    e.source,
+                    t.rsplit("::").next().unwrap_or(t)
+                ),
+            }),
+        }
+    };
     let when = match &f.when {
-        Some(w) => match compile(w, "when") {
+        Some(w) => match compile(w, "when").and_then(|e| typed(e, "when", "bool")) {
             Ok(e) => Some(e),
             Err(e) => {
                 errors.push(e);
@@ -636,7 +678,7 @@ fn parse_campaign(
         PriorityFile::Fixed(p) => Some(Priority::Fixed(*p)),
         PriorityFile::Expr(s) => {
             let spanned = Spanned::new(f.priority.span(), s.clone());
-            match compile(&spanned, "priority") {
+            match compile(&spanned, "priority").and_then(|e| typed(e, "priority", "integer")) {
                 Ok(e) => Some(Priority::Expr(e)),
                 Err(e) => {
                     errors.push(e);
@@ -669,7 +711,7 @@ fn parse_campaign(
         errors.push(err(h.span(), "holdout", "a percentage: 0 to 100".into()));
     }
     let goal = match f.goal {
-        Some(g) => match parse_duration(g.window.get_ref()) {
+        Some(g) => match parse_duration(g.window.get_ref()).and_then(positive) {
             Ok(w) => Some(Goal {
                 event: g.event,
                 window_ms: w,
@@ -766,6 +808,63 @@ goal = { event = "Advisor Meeting Booked", window = "14d" }
             firing: &firing,
         });
         assert_eq!(r.qualifies(c, &mut s), Ok(true));
+    }
+
+    #[test]
+    fn a_window_of_nothing_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), POLICIES_FILE, POLICIES);
+        write(
+            d.path(),
+            "bad.toml",
+            &GOOD.replace("window = \"14d\"", "window = \"0s\""),
+        );
+        let e = RuleSet::load(d.path()).unwrap_err();
+        assert_eq!(e.0[0].field.as_deref(), Some("goal.window"), "{e}");
+        assert!(e.0[0].message.contains("longer than 0s"), "{e}");
+    }
+
+    #[test]
+    fn expressions_of_the_wrong_type_are_refused_at_load() {
+        for (from, to, field, says) in [
+            (
+                "priority = 60",
+                "priority = '\"high\"'",
+                "priority",
+                "gives string",
+            ),
+            (
+                "priority = 60",
+                "priority = \"1.5 * 2.0\"",
+                "priority",
+                "gives f64",
+            ),
+            (
+                "when = \"properties.amount >= 20000\"",
+                "when = \"42\"",
+                "when",
+                "gives i64",
+            ),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            write(d.path(), POLICIES_FILE, POLICIES);
+            assert!(GOOD.contains(from), "{from}");
+            write(d.path(), "bad.toml", &GOOD.replace(from, to));
+            let e = RuleSet::load(d.path()).unwrap_err();
+            assert_eq!(e.0.len(), 1, "{e}");
+            assert_eq!(e.0[0].field.as_deref(), Some(field), "{e}");
+            assert!(e.0[0].line.is_some(), "{e}");
+            assert!(e.0[0].message.contains(says), "{e}");
+        }
+        // One that depends on the data is left to run time.
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), POLICIES_FILE, POLICIES);
+        write(
+            d.path(),
+            "ok.toml",
+            &GOOD.replace("priority = 60", "priority = \"firing.rank\""),
+        );
+        assert!(RuleSet::load(d.path()).is_ok());
     }
 
     #[test]

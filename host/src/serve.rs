@@ -75,14 +75,27 @@ pub struct Shared {
     pub deliver: std::sync::Mutex<Option<Sender<deliver::Input>>>,
 }
 
-/// Runs the server on `listener` until `shutdown` resolves, then drains:
-/// requests in flight are answered, accepted events decided, their
-/// changes flushed, and due deliveries attempted (up to
-/// `server.shutdown_grace`).
+/// [`run_with`], telling no one when it is ready.
 pub async fn run(
     cfg: Config,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    run_with(cfg, listener, shutdown, |_| {}).await
+}
+
+/// Runs the server on `listener` until `shutdown` resolves, then drains:
+/// requests in flight are answered, accepted events decided, their
+/// changes flushed, and due deliveries attempted (up to
+/// `server.shutdown_grace`).
+///
+/// `ready` is called with the address once start-up cannot fail any more
+/// (store open, generation loaded, recovery done), just before serving.
+pub async fn run_with(
+    cfg: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), ServeError> {
     let workers = match cfg.server.workers {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -261,10 +274,13 @@ pub async fn run(
     let addr = listener.local_addr().map_err(io("listener"))?;
     tracing::info!(%addr, workers, clock = ?cfg.server.clock, "nudge serving");
     let app = crate::api::router(shared.clone());
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(io("http server"));
+    let limits = crate::listener::Limits {
+        max_connections: cfg.server.max_connections,
+        header_read_timeout: cfg.server.header_read_timeout.0,
+        idle_timeout: cfg.server.idle_timeout.0,
+    };
+    ready(addr);
+    crate::listener::serve(listener, app, limits, shutdown).await;
 
     // Drain, in order. No generation changes from here on.
     tracing::info!("shutting down: draining accepted events");
@@ -299,7 +315,7 @@ pub async fn run(
     }
     store.flush()?;
     tracing::info!("stopped");
-    served
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

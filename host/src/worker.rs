@@ -679,6 +679,9 @@ impl Worker {
                 Ok(None) => {}
                 Err(e) => {
                     self.stats.rule_errors += 1;
+                    if let Some(m) = &self.metrics {
+                        m.rule_error(&c.id);
+                    }
                     tracing::warn!(campaign = %c.id, customer, "rule did not evaluate: {e}");
                 }
             }

@@ -32,6 +32,35 @@
 //! contract (`wit/since_v0.1.0/nudge.wit`). Built natively it does nothing,
 //! and [`testing::TestHost`] runs the same code in unit tests.
 //!
+//! # The sandbox
+//!
+//! A plugin runs under WASI with no files, no network and no environment
+//! but its manifest's `[config]` ([`config`]). What that means for code:
+//!
+//! - Time: WASI clocks read zero; use [`Ctx::now_ms`] (event time in replay
+//!   and on the event clock, the wall clock live). A sleep returns at once;
+//!   a loop that waits for the clock to move never ends and hits the
+//!   call's deadline.
+//! - Randomness (`wasi:random`, what `getrandom` and `rand` read) comes
+//!   from a generator the host seeds per call from the plugin, the
+//!   customer, the call's time and the event's `messageId` (or the timer's
+//!   key), and `HashMap`s are keyed from a fixed seed: the same input
+//!   gives the same output in every replay.
+//! - Not deterministic, so keep decisions off them: whether a call near its
+//!   deadline finishes (that depends on the machine), and anything kept in
+//!   globals between calls (one instance serves many customers, in an
+//!   order that depends on the host's worker count). Keep what must last
+//!   in [`Ctx::set`].
+//! - stdout and stderr go to the host's log, cut to the call's log budget;
+//!   prefer [`Ctx::log`].
+//! - Budgets (the operator's `[limits]`, lowered by the manifest's own):
+//!   bytes returned, state written per call and kept per customer, log
+//!   bytes, operations per call; a timer must be due at least the minimum
+//!   delay (1 s by default) after the call's time. Going over one fails
+//!   the call (its firings, state and timer changes are dropped) and
+//!   counts as the plugin's fault. The README's "What a plugin may do"
+//!   lists every limit and its default.
+//!
 //! # Layout
 //!
 //! - `value`: [`Value`] and [`Fields`], the JSON-like data plugins read.
