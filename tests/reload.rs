@@ -722,3 +722,30 @@ fn a_grant_for_a_plugin_that_is_not_loaded_is_an_error_naming_it() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn start_up_rebuilds_from_the_archive_after_the_rules_folder_moved() {
+    let f = Folders::new();
+    let server = Server::start(f.config());
+    let first = active(&server);
+    send(&server, "even-2", 2, false);
+    assert_eq!(sent(&server), 1.0);
+    server.stop().unwrap();
+    // The operator points the server at a new rules folder whose files are
+    // broken: start-up falls back to the generation active last, rebuilt
+    // from the archive alone (its policies.toml included).
+    let moved = tempfile::tempdir().unwrap();
+    std::fs::write(moved.path().join("policies.toml"), "[channels.log]\n").unwrap();
+    std::fs::write(moved.path().join("echo.toml"), "id = \"echo\"\ntrigger = {").unwrap();
+    let mut cfg = f.config();
+    cfg.server.rules = moved.path().to_owned();
+    let server = Server::start(cfg);
+    assert_eq!(active(&server), first, "the archived generation runs");
+    send(&server, "even-4", 4, false);
+    assert_eq!(
+        sent(&server),
+        1.0,
+        "and decides: a new process, a new count"
+    );
+    server.stop().unwrap();
+}

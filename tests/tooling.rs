@@ -52,25 +52,35 @@ fn write_events(dir: &Path, lines: &[&str]) -> std::path::PathBuf {
 
 #[test]
 fn a_new_trigger_plugin_builds_tests_and_runs_against_events() {
+    // Outside this repository and without --sdk: the binary writes its own
+    // SDK into the crate, so the crate builds wherever it is moved.
     let dir = tempfile::tempdir().unwrap();
-    let sdk = root().join("sdk");
+    let made = tempfile::tempdir().unwrap();
     let out = nudge(
-        &[
-            "plugin",
-            "new",
-            "--kind",
-            "trigger",
-            "big-order",
-            "--sdk",
-            sdk.to_str().unwrap(),
-        ],
-        dir.path(),
+        &["plugin", "new", "--kind", "trigger", "big-order"],
+        made.path(),
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let crate_dir = dir.path().join("big-order");
-    for f in ["Cargo.toml", "src/lib.rs", "nudge-plugin.toml"] {
+    std::fs::rename(made.path().join("big-order"), &crate_dir).unwrap();
+    for f in [
+        "Cargo.toml",
+        "src/lib.rs",
+        "nudge-plugin.toml",
+        "nudge-sdk/Cargo.toml",
+        "nudge-sdk/wit/since_v0.1.0/nudge.wit",
+    ] {
         assert!(crate_dir.join(f).is_file(), "{f} missing");
     }
+    let manifest = std::fs::read_to_string(crate_dir.join("Cargo.toml")).unwrap();
+    assert!(
+        manifest.contains(r#"nudge-sdk = { path = "nudge-sdk" }"#),
+        "{manifest}"
+    );
+    assert!(
+        !manifest.contains(made.path().to_str().unwrap()),
+        "{manifest}"
+    );
     // Creating it twice is refused, not overwritten.
     let again = nudge(
         &["plugin", "new", "--kind", "trigger", "big-order"],

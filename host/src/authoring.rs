@@ -29,8 +29,77 @@ pub enum Kind {
 
 const TARGET: &str = "wasm32-wasip2";
 
-/// The SDK crate to depend on: `--sdk`, else an `sdk/` folder holding
-/// `nudge-sdk` in `dir` or one of its parents (this repository's layout).
+/// The SDK this binary was built with, file by file: `nudge plugin new`
+/// writes it into the new crate when no `--sdk` is given, so a team's
+/// plugin repository builds anywhere, with the contract this host speaks.
+const SDK_FILES: &[(&str, &str)] = &[
+    ("src/lib.rs", include_str!("../../sdk/src/lib.rs")),
+    ("src/ctx.rs", include_str!("../../sdk/src/ctx.rs")),
+    ("src/guest.rs", include_str!("../../sdk/src/guest.rs")),
+    ("src/testing.rs", include_str!("../../sdk/src/testing.rs")),
+    ("src/types.rs", include_str!("../../sdk/src/types.rs")),
+    ("src/value.rs", include_str!("../../sdk/src/value.rs")),
+    (
+        "wit/since_v0.1.0/nudge.wit",
+        include_str!("../../sdk/wit/since_v0.1.0/nudge.wit"),
+    ),
+];
+
+/// The vendored SDK's manifest: the workspace's inherited settings spelled
+/// out, the same dependencies.
+fn sdk_manifest() -> String {
+    format!(
+        r#"[package]
+name = "nudge-sdk"
+description = "Write Nudge plugins in Rust (vendored by `nudge plugin new`, nudge {version})"
+version = "{version}"
+edition = "2021"
+license = "Apache-2.0"
+publish = false
+
+[dependencies]
+serde = {{ version = "1", features = ["derive"] }}
+serde_json = "1"
+
+[target.'cfg(target_arch = "wasm32")'.dependencies]
+wit-bindgen = {{ version = "0.61", default-features = false, features = ["macros", "realloc", "std"] }}
+"#,
+        version = env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Writes the SDK into `dir` (a new folder).
+fn vendor_sdk(dir: &Path) -> anyhow::Result<()> {
+    for (rel, text) in SDK_FILES {
+        let p = dir.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    let p = dir.join("Cargo.toml");
+    std::fs::write(&p, sdk_manifest()).with_context(|| format!("writing {}", p.display()))
+}
+
+/// `to` relative to the folder `from` (both absolute), so a crate that
+/// points at an SDK beside it still builds once the two move together.
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let from: Vec<_> = from.components().collect();
+    let to_c: Vec<_> = to.components().collect();
+    let common = from.iter().zip(&to_c).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..from.len() {
+        out.push("..");
+    }
+    for c in &to_c[common..] {
+        out.push(c);
+    }
+    out
+}
+
+/// An `sdk/` folder holding `nudge-sdk` in `dir` or one of its parents
+/// (this repository's layout).
 fn find_sdk(dir: &Path) -> Option<PathBuf> {
     let dir = std::fs::canonicalize(dir).ok()?;
     dir.ancestors().find_map(|a| {
@@ -260,13 +329,26 @@ pub fn new_plugin(
         bail!("{} already exists", root.display());
     }
     let sdk = match sdk {
-        Some(s) => std::fs::canonicalize(s).with_context(|| format!("--sdk {}", s.display()))?,
-        None => find_sdk(dir).context(
-            "cannot find the nudge-sdk crate (an sdk/ folder above this one); pass --sdk PATH",
-        )?,
+        Some(s) => {
+            Some(std::fs::canonicalize(s).with_context(|| format!("--sdk {}", s.display()))?)
+        }
+        None => find_sdk(dir),
     };
     std::fs::create_dir_all(root.join("src"))
         .with_context(|| format!("creating {}", root.display()))?;
+    // The SDK as a path relative to the crate: this repository's, or the
+    // one `--sdk` names, or else a copy of the binary's own inside the crate.
+    let sdk_path = match sdk {
+        Some(s) => {
+            let here =
+                std::fs::canonicalize(&root).with_context(|| format!("{}", root.display()))?;
+            relative(&here, &s)
+        }
+        None => {
+            vendor_sdk(&root.join("nudge-sdk"))?;
+            PathBuf::from("nudge-sdk")
+        }
+    };
     let serde = if kind == Kind::Channel {
         "serde_json = \"1\"\n"
     } else {
@@ -294,7 +376,7 @@ nudge-sdk = {{ path = "{}" }}
 opt-level = "s"
 strip = true
 "#,
-        sdk.display()
+        sdk_path.display()
     );
     let write = |rel: &str, text: &str| -> anyhow::Result<()> {
         let p = root.join(rel);

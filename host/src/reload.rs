@@ -339,7 +339,9 @@ impl Snapshot {
         Snapshot::finish(files, errors, sources)
     }
 
-    /// A generation's files as archived in the store.
+    /// A generation's files as archived in the store, placed in the folders
+    /// configured now: the archive holds every byte a generation needs, so
+    /// it rebuilds after the folders moved too.
     fn archived(
         store: &Store,
         record: &GenerationRecord,
@@ -350,10 +352,22 @@ impl Snapshot {
             let Some(bytes) = store.meta(&format!("{BLOB_PREFIX}{}", f.sha256))? else {
                 return Err(ReloadError::Unavailable(record.number));
             };
+            let recorded = PathBuf::from(&f.path);
+            let dir = match (&f.role, &sources.plugins) {
+                (Role::Rule, _) => Some(sources.rules.as_path()),
+                (Role::Plugin | Role::Manifest, PluginSource::Dir(d)) => Some(d.as_path()),
+                (_, PluginSource::Embedded) => None,
+            };
+            let path = match (dir, recorded.file_name()) {
+                (Some(d), Some(name)) => d.join(name),
+                _ => recorded,
+            };
+            let mut record = f.clone();
+            record.path = path.display().to_string();
             files.push(SourceFile {
-                path: PathBuf::from(&f.path),
+                path,
                 bytes: Ok(bytes),
-                record: f.clone(),
+                record,
             });
         }
         Ok(Snapshot::finish(files, Vec::new(), sources))

@@ -62,14 +62,24 @@ use serde_json::{Map, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    // Not a `#[from]`/source: the message already holds sled's, and a
+    // source would print it a second time in an error chain.
     #[error("store: {0}")]
-    Sled(#[from] sled::Error),
+    Sled(sled::Error),
+    #[error("store {path}: {error}")]
+    Open { path: String, error: sled::Error },
     #[error("store: corrupt {what} for customer {customer:?}: {problem}")]
     Corrupt {
         what: &'static str,
         customer: String,
         problem: String,
     },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> StoreError {
+        StoreError::Sled(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -326,7 +336,7 @@ fn parse_queue_key(k: &[u8], trigger: &[u8]) -> Option<DueTimer> {
     })
 }
 
-fn open_db(config: sled::Config) -> Result<sled::Db> {
+fn open_db(path: &Path, config: sled::Config) -> Result<sled::Db> {
     let config = config.flush_every_ms(Some(1000));
     // sled releases its file lock when its last background thread ends,
     // shortly after the previous handle in this process dropped: wait a
@@ -342,7 +352,12 @@ fn open_db(config: sled::Config) -> Result<sled::Db> {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            other => return Ok(other?),
+            other => {
+                return other.map_err(|error| StoreError::Open {
+                    path: path.display().to_string(),
+                    error,
+                })
+            }
         }
     }
 }
@@ -359,10 +374,12 @@ impl Store {
         let shards = shards.max(1);
         // Durability comes from `persist` + `flush`; the background flush
         // only bounds how much a crash can lose between them.
-        let db = open_db(sled::Config::new().path(dir).cache_capacity(512 << 20))?;
+        let db = open_db(dir, sled::Config::new().path(dir).cache_capacity(512 << 20))?;
+        let inbox_dir = dir.join("inbox");
         let inbox = open_db(
+            &inbox_dir,
             sled::Config::new()
-                .path(dir.join("inbox"))
+                .path(&inbox_dir)
                 .cache_capacity(64 << 20),
         )?;
         let mut timers = vec![BTreeMap::new(); shards];

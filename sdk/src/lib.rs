@@ -92,6 +92,11 @@ pub const MINUTE: i64 = 60 * SECOND;
 pub const HOUR: i64 = 60 * MINUTE;
 pub const DAY: i64 = 24 * HOUR;
 
+/// How long after the call's time a timer must fall due at the soonest,
+/// by default (the operator's `min_timer_delay`): one due earlier fails the
+/// call, since a timer re-armed at its own due time would fire for ever.
+pub const MIN_TIMER_DELAY: i64 = SECOND;
+
 /// A setting from the plugin's manifest (`[config]`), as the operator
 /// granted it. Plugins have no other environment.
 pub fn config(key: &str) -> Option<String> {

@@ -13,6 +13,9 @@ pub struct TestHost {
     /// Pending timers: key → due time.
     pub timers: BTreeMap<String, i64>,
     pub logs: Vec<(Level, String)>,
+    /// A timer refused during the call in progress (due too soon), as the
+    /// host refuses it: the call then fails.
+    refused: Option<String>,
 }
 
 impl Host for TestHost {
@@ -26,6 +29,16 @@ impl Host for TestHost {
         self.state.remove(key);
     }
     fn timer_set(&mut self, key: &str, due_ms: i64) {
+        if due_ms < self.now_ms.saturating_add(crate::MIN_TIMER_DELAY) {
+            self.refused.get_or_insert_with(|| {
+                format!(
+                    "timers.set({key:?}): due at {due_ms}, earlier than the call's time {} plus the minimum delay of {} ms",
+                    self.now_ms,
+                    crate::MIN_TIMER_DELAY
+                )
+            });
+            return;
+        }
         self.timers.insert(key.to_owned(), due_ms);
     }
     fn timer_cancel(&mut self, key: &str) {
@@ -44,6 +57,14 @@ impl TestHost {
         Self::default()
     }
 
+    /// Fails the call that just ran if the host would have.
+    fn check(&mut self) -> Result<(), String> {
+        match self.refused.take() {
+            Some(m) => Err(m),
+            None => Ok(()),
+        }
+    }
+
     /// Runs the trigger on one event, first firing timers due at or before
     /// the event's time as the host would. Returns every firing, timers'
     /// first, each with the time it fired.
@@ -55,6 +76,7 @@ impl TestHost {
         let mut out = self.advance::<T>(event.ts, customer)?;
         self.now_ms = event.ts;
         let firings = T::on_event(&mut Ctx::new(self), event, customer)?;
+        self.check()?;
         out.extend(firings.into_iter().map(|f| (event.ts, f)));
         Ok(out)
     }
@@ -76,8 +98,55 @@ impl TestHost {
             self.timers.remove(&key);
             self.now_ms = due;
             let firings = T::on_timer(&mut Ctx::new(self), &key, customer)?;
+            self.check()?;
             out.extend(firings.into_iter().map(|f| (due, f)));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EventKind, Fields, TriggerInfo};
+
+    /// Re-arms its timer at its own due time, for ever if let.
+    struct Loop;
+
+    impl Trigger for Loop {
+        fn info() -> TriggerInfo {
+            TriggerInfo::new("loop", "0.1.0")
+        }
+        fn on_event(ctx: &mut Ctx, ev: &Event, _c: &Customer) -> Result<Vec<Firing>, String> {
+            ctx.set_timer("t", ev.ts + crate::MINUTE);
+            Ok(vec![])
+        }
+        fn on_timer(ctx: &mut Ctx, key: &str, _c: &Customer) -> Result<Vec<Firing>, String> {
+            let now = ctx.now_ms();
+            ctx.set_timer(key, now);
+            Ok(vec![Firing::new("x")])
+        }
+    }
+
+    #[test]
+    fn a_timer_due_too_soon_fails_the_call_as_the_host_does() {
+        let mut host = TestHost::new();
+        let c = Customer {
+            id: "c".into(),
+            traits: Fields::new(),
+        };
+        let ev = Event {
+            message_id: "m".into(),
+            customer_id: "c".into(),
+            kind: EventKind::Track,
+            name: "E".into(),
+            ts: 0,
+            properties: Fields::new(),
+            traits: Fields::new(),
+        };
+        host.event::<Loop>(&ev, &c).unwrap();
+        let e = host.advance::<Loop>(crate::HOUR, &c).unwrap_err();
+        assert!(e.contains("minimum delay"), "{e}");
+        assert!(host.timers.is_empty(), "the loop ended");
     }
 }
