@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nudge::plugins::Limits;
 use nudge::replay::{self, Options, PluginSource, Summary};
-use nudge_integration_tests::{cache_dir, fixture, root, test_plugin};
+use nudge_integration_tests::{cache_dir, copy_examples, fixture, test_plugin};
 
 /// The first lines of seed1: enough deposits to hit the faulty plugin a few
 /// hundred times, few enough that a deadline per call stays cheap.
@@ -18,15 +18,7 @@ const LINES: usize = 3000;
 fn setup(dir: &Path, fault: Option<&str>) -> (PathBuf, PathBuf) {
     let plugins = dir.join("plugins");
     let rules = dir.join("rules");
-    std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::create_dir_all(&rules).unwrap();
-    for (name, bytes, _manifest) in nudge::embedded::EMBEDDED {
-        std::fs::write(plugins.join(format!("{name}.wasm")), bytes).unwrap();
-    }
-    for e in std::fs::read_dir(root().join("rules")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, rules.join(p.file_name().unwrap())).unwrap();
-    }
+    copy_examples(&plugins, &rules);
     if let Some(fault) = fault {
         std::fs::copy(test_plugin(fault), plugins.join(format!("{fault}.wasm"))).unwrap();
         // Highest priority, agent channel (no consent needed): if it ever

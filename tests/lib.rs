@@ -20,6 +20,22 @@ pub fn test_plugin(name: &str) -> PathBuf {
     Path::new(env!("NUDGE_TEST_PLUGINS")).join(format!("{name}.wasm"))
 }
 
+/// Fills `plugins` with the example plugins (as `NAME.wasm`) and `rules`
+/// with a copy of the example campaigns, creating both folders.
+pub fn copy_examples(plugins: &Path, rules: &Path) {
+    std::fs::create_dir_all(plugins).expect("plugins folder");
+    std::fs::create_dir_all(rules).expect("rules folder");
+    for (name, bytes, _manifest) in nudge::embedded::EMBEDDED {
+        std::fs::write(plugins.join(format!("{name}.wasm")), bytes).expect("example plugin");
+    }
+    for e in std::fs::read_dir(root().join("rules"))
+        .expect("rules")
+        .flatten()
+    {
+        std::fs::copy(e.path(), rules.join(e.file_name())).expect("example rule");
+    }
+}
+
 /// The compiled-plugin cache shared by the tests, so each plugin is
 /// compiled once per build rather than once per test.
 pub fn cache_dir() -> PathBuf {

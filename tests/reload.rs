@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use nudge::event::now_ms;
 use nudge_integration_tests::*;
 use serde_json::{json, Value};
 
@@ -80,13 +81,6 @@ impl Folders {
         cfg.reload.rescan = nudge::config::Dur(Duration::ZERO);
         cfg
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 fn ping(customer: &str, id: &str, n: i64, ts: i64, boom: bool) -> Value {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nudge::plugins::Limits;
 use nudge::replay::{self, Options, PluginSource, Summary};
-use nudge_integration_tests::{cache_dir, fixture, root, test_plugin};
+use nudge_integration_tests::{cache_dir, copy_examples, fixture, test_plugin};
 
 /// Enough of seed1 for a few dozen deposits per run.
 const LINES: usize = 3000;
@@ -56,15 +56,7 @@ fn options(dir: &Path, label: &str, s: &Setup) -> Options {
     let sub = dir.join(label);
     let plugins = sub.join("plugins");
     let rules = sub.join("rules");
-    std::fs::create_dir_all(&plugins).unwrap();
-    std::fs::create_dir_all(&rules).unwrap();
-    for (name, bytes, _manifest) in nudge::embedded::EMBEDDED {
-        std::fs::write(plugins.join(format!("{name}.wasm")), bytes).unwrap();
-    }
-    for e in std::fs::read_dir(root().join("rules")).unwrap() {
-        let p = e.unwrap().path();
-        std::fs::copy(&p, rules.join(p.file_name().unwrap())).unwrap();
-    }
+    copy_examples(&plugins, &rules);
     if let Some(mode) = s.mode {
         std::fs::copy(test_plugin("hostile"), plugins.join("hostile.wasm")).unwrap();
         std::fs::write(

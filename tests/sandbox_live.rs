@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use nudge::event::now_ms;
 use nudge_integration_tests::*;
 use serde_json::{json, Value};
 
@@ -71,13 +72,6 @@ fn config(f: &Folders) -> nudge::config::Config {
     cfg.reload.debounce = nudge::config::Dur(Duration::from_millis(50));
     cfg.reload.rescan = nudge::config::Dur(Duration::ZERO);
     cfg
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// Sends `n` even Pings for different customers in one batch.

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
+use nudge::event::now_ms;
 use nudge::store::Store;
 use nudge_integration_tests::*;
 use serde_json::{json, Value};
@@ -13,13 +14,6 @@ use serde_json::{json, Value};
 const WRITE_KEY: &str = "wk_test";
 const AUTH: &str = "Bearer wk_test";
 const API_TOKEN: &str = "Bearer api_test";
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 fn ts(ms: i64) -> String {
     nudge::event::format_ts(ms)

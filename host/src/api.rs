@@ -211,7 +211,8 @@ pub(crate) fn check_api(
     headers: &HeaderMap,
     need: Role,
 ) -> Result<Caller, Box<Response>> {
-    let tokens = s.cfg.api.all_tokens();
+    // Legacy plain tokens were folded into `token` at start-up.
+    let tokens = &s.cfg.api.token;
     if tokens.is_empty() {
         return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
@@ -225,7 +226,7 @@ pub(crate) fn check_api(
         )));
     };
     let mut found = None;
-    for t in &tokens {
+    for t in tokens {
         if ingest::constant_time_eq(t.secret.as_bytes(), given.as_bytes()) {
             found = Some(t);
         }

@@ -92,11 +92,15 @@ pub async fn run(
 /// `ready` is called with the address once start-up cannot fail any more
 /// (store open, generation loaded, recovery done), just before serving.
 pub async fn run_with(
-    cfg: Config,
+    mut cfg: Config,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), ServeError> {
+    // Plain legacy tokens become named operator tokens once, here, rather
+    // than on every request.
+    cfg.api.token = cfg.api.all_tokens();
+    cfg.api.tokens.clear();
     let workers = match cfg.server.workers {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
         n => n,

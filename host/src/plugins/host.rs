@@ -32,9 +32,6 @@ pub struct Call {
     ops: usize,
     /// State bytes written so far (keys and values).
     state_bytes: usize,
-    /// Sizes of stored values this call has read (`None`: absent), so the
-    /// quota need not read them again.
-    stored_sizes: HashMap<String, Option<usize>>,
     /// Log bytes written so far through `log`, and bytes dropped past the
     /// budget.
     log_bytes: usize,
@@ -109,22 +106,7 @@ impl Call {
             .plugin_state(&self.customer, &self.plugin, key)
             .map_err(|e| wasmtime::format_err!("state.get({key:?}): {e}"));
         self.host_time += t.elapsed();
-        if let Ok(v) = &v {
-            self.stored_sizes
-                .insert(key.to_owned(), v.as_ref().map(Vec::len));
-        }
         v
-    }
-
-    /// The size of the stored value of `key`, read once per call.
-    fn stored_size(&mut self, key: &str) -> Result<Option<usize>, String> {
-        if let Some(&n) = self.stored_sizes.get(key) {
-            return Ok(n);
-        }
-        Ok(self
-            .stored(key)
-            .map_err(|e| e.to_string())?
-            .map(|v| v.len()))
     }
 
     /// After a successful call that wrote state: the bytes the plugin now
@@ -143,7 +125,7 @@ impl Call {
         let mut total = before;
         let keys: Vec<String> = self.state.keys().cloned().collect();
         for k in keys {
-            let old = self.stored_size(&k)?;
+            let old = self.stored(&k).map_err(|e| e.to_string())?.map(|v| v.len());
             total -= old.map_or(0, |n| (k.len() + n) as i64);
             total += self.state[&k]
                 .as_ref()
