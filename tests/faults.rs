@@ -64,6 +64,7 @@ fn run(dir: &Path, fault: Option<&str>, deadline: Duration) -> (Summary, String)
             ..Limits::default()
         },
         workers: 2,
+        budget: nudge::store::Budget::default(),
     };
     let summary = replay::run(&opts).unwrap();
     let decisions = std::fs::read_to_string(&opts.decisions).unwrap();

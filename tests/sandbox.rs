@@ -78,6 +78,7 @@ fn options(dir: &Path, label: &str, s: &Setup) -> Options {
         progress: false,
         limits: s.limits.clone(),
         workers: 2,
+        budget: nudge::store::Budget::default(),
     }
 }
 

@@ -87,6 +87,9 @@ enum Command {
         /// per CPU.
         #[arg(long)]
         workers: Option<usize>,
+        /// MiB the store's caches share (as `[store] memory_mib`).
+        #[arg(long, default_value_t = crate::store::Budget::DEFAULT_MIB)]
+        memory_mib: usize,
         #[command(flatten)]
         sources: Sources,
     },
@@ -419,9 +422,11 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
             skip_invalid,
             quiet,
             workers,
+            memory_mib,
             sources,
         } => {
             let opts = replay::Options {
+                budget: crate::store::Budget::mib(memory_mib),
                 events: events.clone(),
                 decisions,
                 report,

@@ -63,6 +63,7 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: Server,
+    pub store: StoreConfig,
     pub ingest: Ingest,
     pub api: Api,
     pub limits: PluginLimits,
@@ -98,6 +99,25 @@ pub struct Server {
     /// A connection that moves no byte for this long is closed (idle
     /// keep-alive, a client stalled halfway through a request).
     pub idle_timeout: Dur,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// MiB that every cache of the store shares (sled's page caches, the
+    /// read cache, decoded traits, the in-memory timer queue, changes not
+    /// yet persisted). The process's resident memory is this plus the
+    /// plugins' instances (`[limits] memory_mib` each) plus requests in
+    /// flight; it does not grow with customers or events.
+    pub memory_mib: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            memory_mib: crate::store::Budget::DEFAULT_MIB,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -521,8 +541,10 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let c = Config::parse(&path, &text).unwrap();
         assert_eq!(c.server.listen.port(), 8080);
+        assert_eq!(c.store.memory_mib, crate::store::Budget::DEFAULT_MIB);
         for section in [
             "[server]",
+            "[store]",
             "[ingest]",
             "[api]",
             "[limits]",

@@ -78,6 +78,8 @@ pub struct Options {
     pub limits: Limits,
     /// Worker threads; customers are sharded over them.
     pub workers: usize,
+    /// What the store's caches may hold.
+    pub budget: crate::store::Budget,
 }
 
 /// What a replay did.
@@ -200,7 +202,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         }
     };
     let shards = opts.workers.max(1);
-    let store = Store::open_sharded(&data_dir, shards)?;
+    let store = Store::open_with(&data_dir, shards, opts.budget)?;
 
     let size = std::fs::metadata(&opts.events)
         .map_err(io(&opts.events))?
@@ -258,7 +260,9 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
             .name("nudge-persist".into())
             .spawn(move || -> Result<(), StoreError> {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    if store.pending_len() >= PERSIST_KEYS {
+                    if store.pending_len() >= PERSIST_KEYS
+                        || store.pending_bytes() >= store.budget().unpersisted()
+                    {
                         store.persist()?;
                     } else {
                         std::thread::sleep(Duration::from_millis(10));

@@ -113,7 +113,11 @@ pub async fn run_with(
         Some(d) => PluginSource::Dir(d.clone()),
         None => PluginSource::Embedded,
     };
-    let store = Store::open_sharded(&cfg.server.data, workers)?;
+    let store = Store::open_with(
+        &cfg.server.data,
+        workers,
+        crate::store::Budget::mib(cfg.store.memory_mib),
+    )?;
     let metrics = Arc::new(Metrics::new());
     let controls = Arc::new(Controls::new(
         QuarantinePolicy {

@@ -28,7 +28,14 @@
 //! read consults first, and [`Store::persist`] writes that layer to sled as
 //! one atomic batch (group commit): a crash loses whole events since the last
 //! persist, never part of one. The timer queue is also kept in memory
-//! (loaded at open) so the next due timer is found without a scan.
+//! (loaded at open, [`queue`]) so the next due timer is found without a scan.
+//!
+//! # Memory
+//!
+//! Every cache the store keeps (sled's, the read cache, the inbox's, the
+//! timer queue's, and the workers' decoded traits) is a share of one
+//! [`Budget`] (`[store] memory_mib`), so what a process holds does not
+//! grow with the number of customers, events or pending timers.
 //!
 //! # Acknowledged events
 //!
@@ -59,6 +66,76 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+mod queue;
+use queue::TimerQueue;
+
+/// The store's memory budget and how it is shared out: a quarter for
+/// sled's page cache, smaller shares for the caches of our own, a little
+/// for changes not yet persisted, and a third left for what sled holds
+/// while it applies a batch of them ([`Budget::unpersisted`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// Bytes in all.
+    pub total: usize,
+}
+
+impl Budget {
+    /// `[store] memory_mib` when unset.
+    pub const DEFAULT_MIB: usize = 512;
+
+    pub fn mib(mib: usize) -> Budget {
+        Budget {
+            total: mib.max(16) << 20,
+        }
+    }
+
+    fn share(&self, percent: usize) -> usize {
+        self.total / 100 * percent
+    }
+
+    /// sled's page cache of the customer store.
+    pub fn sled_cache(&self) -> usize {
+        // sled refuses a cache under 256 bytes; a tiny budget (tests)
+        // still gets a working one.
+        self.share(25).max(1 << 20)
+    }
+
+    /// sled's page cache of the inbox (serve only).
+    pub fn inbox_cache(&self) -> usize {
+        self.share(5).max(1 << 20)
+    }
+
+    /// The write-back layer's cache of values read or persisted.
+    pub fn read_cache(&self) -> usize {
+        self.share(15)
+    }
+
+    /// The workers' decoded traits, all workers together.
+    pub fn traits_cache(&self) -> usize {
+        self.share(10)
+    }
+
+    /// The in-memory timer queues, all shards together.
+    pub fn timers(&self) -> usize {
+        self.share(10)
+    }
+
+    /// Committed changes not yet persisted, before the persister should
+    /// write them out. Small, because applying a batch costs sled many
+    /// times its size until it ends (it holds one epoch guard for the whole
+    /// batch, so every node version it replaces stays allocated): 50 MiB
+    /// of changes took 2 GiB of RSS, 12 MiB about 300 MiB.
+    pub fn unpersisted(&self) -> usize {
+        self.share(2)
+    }
+}
+
+impl Default for Budget {
+    fn default() -> Budget {
+        Budget::mib(Budget::DEFAULT_MIB)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -127,18 +204,22 @@ pub struct DueTimer {
     pub trigger: String,
 }
 
-/// Bytes of values the read cache holds before it starts over.
-const CLEAN_CACHE_BYTES: usize = 256 << 20;
+/// What a key and value cost in a hash map besides their bytes.
+const ENTRY_OVERHEAD: usize = 64;
+
+fn entry_cost(k: &[u8], v: &Option<Vec<u8>>) -> usize {
+    k.len() + v.as_ref().map_or(0, Vec::len) + ENTRY_OVERHEAD
+}
 
 impl Pending {
     fn cache(&mut self, k: Vec<u8>, v: Option<Vec<u8>>) {
-        if self.clean_bytes > CLEAN_CACHE_BYTES {
+        if self.clean_bytes > self.budget.read_cache() {
             // Starting over is crude but cheap, and only this process
             // writes the store, so correctness never depends on the cache.
             self.clean.clear();
             self.clean_bytes = 0;
         }
-        self.clean_bytes += k.len() + v.as_ref().map_or(0, Vec::len) + 64;
+        self.clean_bytes += entry_cost(&k, &v);
         self.clean.insert(k, v);
     }
 }
@@ -156,10 +237,12 @@ pub struct Store {
 type KeyValues = HashMap<Vec<u8>, Option<Vec<u8>>>;
 
 /// Committed changes not yet persisted, a read cache, and the timer queue.
-#[derive(Default)]
 struct Pending {
+    budget: Budget,
     /// key → value (`None`: deleted) since the last persist.
     dirty: KeyValues,
+    /// What `dirty` costs, as [`entry_cost`] counts.
+    dirty_bytes: usize,
     /// Changes being written to sled by a `persist` in progress: still
     /// read from here until sled has them.
     persisting: Option<Arc<KeyValues>>,
@@ -167,8 +250,8 @@ struct Pending {
     /// this process writes the store, so it never goes stale.
     clean: KeyValues,
     clean_bytes: usize,
-    /// Every pending timer, per shard: queue key → trigger id.
-    timers: Vec<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// The pending timers, per shard: queue key → trigger id.
+    timers: Vec<TimerQueue>,
     /// Queue keys created since the last persist (so not in sled): one
     /// removed again before the persist need not be written at all.
     fresh: std::collections::HashSet<Vec<u8>>,
@@ -363,26 +446,32 @@ fn open_db(path: &Path, config: sled::Config) -> Result<sled::Db> {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `dir`, with one timer queue.
+    /// Opens (creating if needed) the store in `dir`, with one timer queue
+    /// and the default budget.
     pub fn open(dir: &Path) -> Result<Store> {
-        Store::open_sharded(dir, 1)
+        Store::open_with(dir, 1, Budget::default())
     }
 
     /// Opens the store with the timer queue split into `shards` by customer
-    /// ([`shard_of`]), one per worker.
-    pub fn open_sharded(dir: &Path, shards: usize) -> Result<Store> {
+    /// ([`shard_of`]), one per worker, its caches within `budget`.
+    pub fn open_with(dir: &Path, shards: usize, budget: Budget) -> Result<Store> {
         let shards = shards.max(1);
         // Durability comes from `persist` + `flush`; the background flush
         // only bounds how much a crash can lose between them.
-        let db = open_db(dir, sled::Config::new().path(dir).cache_capacity(512 << 20))?;
+        let db = open_db(
+            dir,
+            sled::Config::new()
+                .path(dir)
+                .cache_capacity(budget.sled_cache() as u64),
+        )?;
         let inbox_dir = dir.join("inbox");
         let inbox = open_db(
             &inbox_dir,
             sled::Config::new()
                 .path(&inbox_dir)
-                .cache_capacity(64 << 20),
+                .cache_capacity(budget.inbox_cache() as u64),
         )?;
-        let mut timers = vec![BTreeMap::new(); shards];
+        let mut timers = vec![TimerQueue::new(budget.timers() / shards); shards];
         for kv in db.scan_prefix(b"T") {
             let (k, v) = kv?;
             let shard = queue_shard(&k, shards);
@@ -392,10 +481,26 @@ impl Store {
             db,
             inbox,
             pending: Arc::new(Mutex::new(Pending {
+                budget,
+                dirty: KeyValues::new(),
+                dirty_bytes: 0,
+                persisting: None,
+                clean: KeyValues::new(),
+                clean_bytes: 0,
                 timers,
-                ..Pending::default()
+                fresh: Default::default(),
             })),
         })
+    }
+
+    /// The budget the store was opened with.
+    pub fn budget(&self) -> Budget {
+        self.lock().budget
+    }
+
+    /// How many timer queues (worker shards) it was opened with.
+    pub fn shards(&self) -> usize {
+        self.lock().timers.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, Pending> {
@@ -468,8 +573,15 @@ impl Store {
 
     /// The earliest pending timer of `shard`, if any.
     pub fn first_timer(&self, shard: usize) -> Result<Option<DueTimer>> {
-        let pending = self.lock();
-        let Some((k, v)) = pending.timers.get(shard).and_then(|t| t.iter().next()) else {
+        let mut pending = self.lock();
+        if pending
+            .timers
+            .get(shard)
+            .is_some_and(TimerQueue::needs_refill)
+        {
+            self.refill_timers(&mut pending, shard)?;
+        }
+        let Some((k, v)) = pending.timers.get(shard).and_then(TimerQueue::first) else {
             return Ok(None);
         };
         parse_queue_key(k, v)
@@ -479,6 +591,77 @@ impl Store {
                 customer: String::new(),
                 problem: format!("{k:?}"),
             })
+    }
+
+    /// Reads back the timers of `shard` past its queue's horizon: sled's,
+    /// under what is being persisted, under what is committed. Rare (once
+    /// per budget's worth of timers fired), and the lock is held so that
+    /// nothing commits in between.
+    fn refill_timers(&self, pending: &mut Pending, shard: usize) -> Result<()> {
+        let shards = pending.timers.len();
+        let Some(horizon) = pending.timers[shard].horizon().map(<[u8]>::to_vec) else {
+            return Ok(());
+        };
+        let later = |k: &[u8]| k.first() == Some(&b'T') && k > &horizon[..];
+        // Changes not yet in sled override it, deletions included.
+        let mut overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        let layers = pending
+            .persisting
+            .iter()
+            .map(|p| p.as_ref())
+            .chain([&pending.dirty]);
+        for layer in layers {
+            for (k, v) in layer.iter() {
+                if later(k) && queue_shard(k, shards) == shard {
+                    overlay.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let mut added = overlay
+            .iter()
+            .filter_map(|(k, v)| Some((k, v.as_ref()?)))
+            .peekable();
+        // Collected in key order until past the queue's budget (refill
+        // takes what fits), so a million timers on disk are not all read.
+        let budget = pending.budget.timers() / shards;
+        let (mut merged, mut bytes, mut read) = (Vec::new(), 0, 0);
+        fn take(merged: &mut Vec<(Vec<u8>, Vec<u8>)>, bytes: &mut usize, k: Vec<u8>, v: Vec<u8>) {
+            *bytes += k.len() + v.len() + ENTRY_OVERHEAD;
+            merged.push((k, v));
+        }
+        let mut full = false;
+        let range = (
+            std::ops::Bound::Excluded(horizon),
+            std::ops::Bound::Unbounded,
+        );
+        for kv in self.db.range::<Vec<u8>, _>(range) {
+            let (k, v) = kv?;
+            if k.first() != Some(&b'T') {
+                break;
+            }
+            if queue_shard(&k, shards) != shard || overlay.contains_key(k.as_ref()) {
+                continue;
+            }
+            while let Some((ak, av)) = added.next_if(|(ak, _)| ak.as_slice() < k.as_ref()) {
+                take(&mut merged, &mut bytes, ak.clone(), av.clone());
+            }
+            read += 1;
+            take(&mut merged, &mut bytes, k.to_vec(), v.to_vec());
+            if bytes > budget {
+                full = true;
+                break;
+            }
+        }
+        // Keys committed past everything sled holds; when the budget
+        // stopped the scan, later ones stay out (past the new horizon).
+        if !full {
+            for (k, v) in added {
+                take(&mut merged, &mut bytes, k.clone(), v.clone());
+            }
+        }
+        tracing::debug!(shard, read, "timer queue read back");
+        pending.timers[shard].refill(merged.into_iter(), !full);
+        Ok(())
     }
 
     /// Applies one event's (or one timer's) changes atomically: every later
@@ -494,7 +677,7 @@ impl Store {
                 let queue = &mut pending.timers[queue_shard(&k, shards)];
                 match &v {
                     Some(v) => {
-                        if queue.insert(k.clone(), v.clone()).is_none()
+                        if queue.insert(k.clone(), v.clone())
                             && !pending.dirty.contains_key(&k)
                             && !pending
                                 .persisting
@@ -507,19 +690,29 @@ impl Store {
                     None => {
                         queue.remove(&k);
                         if pending.fresh.remove(&k) {
-                            pending.dirty.remove(&k);
+                            if let Some(old) = pending.dirty.remove(&k) {
+                                pending.dirty_bytes -= entry_cost(&k, &old);
+                            }
                             continue;
                         }
                     }
                 };
             }
-            pending.dirty.insert(k, v);
+            pending.dirty_bytes += entry_cost(&k, &v);
+            if let Some(old) = pending.dirty.insert(k.clone(), v) {
+                pending.dirty_bytes -= entry_cost(&k, &old);
+            }
         }
     }
 
     /// Number of keys committed but not yet persisted.
     pub fn pending_len(&self) -> usize {
         self.lock().dirty.len()
+    }
+
+    /// Bytes committed but not yet persisted (keys, values and overhead).
+    pub fn pending_bytes(&self) -> usize {
+        self.lock().dirty_bytes
     }
 
     /// Writes everything committed so far to sled as one atomic batch, and
@@ -533,6 +726,7 @@ impl Store {
                 return Ok(Persisted::default());
             }
             let dirty = Arc::new(std::mem::take(&mut pending.dirty));
+            pending.dirty_bytes = 0;
             pending.persisting = Some(dirty.clone());
             pending.fresh.clear();
             dirty
@@ -554,8 +748,12 @@ impl Store {
         let dirty = Arc::try_unwrap(dirty).unwrap_or_else(|shared| (*shared).clone());
         if let Err(e) = applied {
             // Not written: back to dirty, under anything committed since.
+            let pending = &mut *pending;
             for (k, v) in dirty {
-                pending.dirty.entry(k).or_insert(v);
+                if let std::collections::hash_map::Entry::Vacant(e) = pending.dirty.entry(k) {
+                    pending.dirty_bytes += entry_cost(e.key(), &v);
+                    e.insert(v);
+                }
             }
             return Err(e.into());
         }
@@ -1009,8 +1207,13 @@ mod tests {
         fn store_matches_model(
             batches in prop::collection::vec(prop::collection::vec(op(), 1..6), 1..12),
             persist_every in 1..4usize,
+            // From a timer queue that holds one timer to one that holds
+            // all: the queue reads back what its budget dropped.
+            budget in prop_oneof![0..4000usize, Just(Budget::default().total)],
         ) {
-            let (dir, mut s) = open();
+            let dir = tempfile::tempdir().unwrap();
+            let budget = Budget { total: budget };
+            let mut s = Store::open_with(dir.path(), 1, budget).unwrap();
             let mut state: HashMap<(String, String, String), Vec<u8>> = HashMap::new();
             let mut touched = std::collections::HashSet::new();
             let mut timers: HashMap<(String, String), i64> = HashMap::new();
@@ -1057,7 +1260,7 @@ mod tests {
             // Everything persisted reads back the same after a reopen.
             s.flush().unwrap();
             drop(s);
-            s = Store::open(dir.path()).unwrap();
+            s = Store::open_with(dir.path(), 1, budget).unwrap();
             for ((cu, p, k), v) in &state {
                 prop_assert_eq!(s.plugin_state(cu, p, k).unwrap(), Some(v.clone()));
             }

@@ -146,8 +146,56 @@ pub const LATE_MS: i64 = 1000;
 /// How long a due timer of a quarantined plugin is put off each time.
 const QUARANTINE_HOLD_MS: i64 = 60_000;
 
-/// Customers whose decoded traits a worker keeps.
-const TRAITS_CACHE: usize = 1_000_000;
+/// Decoded traits of a shard's customers, up to a byte budget (its share
+/// of [`crate::store::Budget::traits_cache`]); starts over when full.
+struct TraitsCache {
+    map: HashMap<String, Arc<Map<String, Value>>>,
+    bytes: usize,
+    budget: usize,
+}
+
+/// About what a decoded JSON value holds in memory: its text plus the
+/// headers of the strings, vectors and map nodes that own it.
+fn approx_bytes(v: &Value) -> usize {
+    48 + match v {
+        Value::String(s) => s.len(),
+        Value::Array(a) => a.iter().map(approx_bytes).sum(),
+        Value::Object(o) => o.iter().map(|(k, v)| 24 + k.len() + approx_bytes(v)).sum(),
+        _ => 0,
+    }
+}
+
+impl TraitsCache {
+    fn new(budget: usize) -> TraitsCache {
+        TraitsCache {
+            map: HashMap::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    fn get(&self, customer: &str) -> Option<&Arc<Map<String, Value>>> {
+        self.map.get(customer)
+    }
+
+    fn insert(&mut self, customer: &str, traits: Arc<Map<String, Value>>) {
+        let cost = 64
+            + customer.len()
+            + traits
+                .iter()
+                .map(|(k, v)| 24 + k.len() + approx_bytes(v))
+                .sum::<usize>();
+        if self.bytes + cost > self.budget {
+            // Crude but cheap; the store's read cache still has the bytes.
+            self.map.clear();
+            self.bytes = 0;
+        }
+        // A replaced entry's bytes stay counted until the next start-over:
+        // an overestimate, never an overrun.
+        self.bytes += cost;
+        self.map.insert(customer.to_owned(), traits);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -164,7 +212,7 @@ pub struct Worker {
     instances: Instances,
     /// Decoded traits of this shard's customers; the worker is their only
     /// writer, so the cache never goes stale.
-    traits: HashMap<String, Arc<Map<String, Value>>>,
+    traits: TraitsCache,
     /// Conversions found so far (drained by the caller).
     pub conversions: Vec<Conversion>,
     /// Earliest pending timer (a lower bound: it may have been cancelled).
@@ -202,11 +250,12 @@ impl Worker {
     /// The worker of `shard` (use 0 with a store opened unsharded).
     pub fn new(store: Store, runtime: Arc<Runtime>, shard: usize) -> Result<Worker, WorkerError> {
         let next_due = store.first_timer(shard)?.map(|t| t.due);
+        let traits = TraitsCache::new(store.budget().traits_cache() / store.shards());
         Ok(Worker {
             store,
             shard,
             instances: Instances::new(runtime),
-            traits: HashMap::new(),
+            traits,
             conversions: Vec::new(),
             next_due,
             stats: Stats::default(),
@@ -370,10 +419,7 @@ impl Worker {
             return Ok(t.clone());
         }
         let t = Arc::new(self.store.traits(customer)?);
-        if self.traits.len() >= TRAITS_CACHE {
-            self.traits.clear();
-        }
-        self.traits.insert(customer.to_owned(), t.clone());
+        self.traits.insert(customer, t.clone());
         Ok(t)
     }
 
@@ -528,7 +574,7 @@ impl Worker {
                     traits.insert(k.clone(), v.clone());
                 }
                 changes.set_traits(&ev.customer, &traits);
-                self.traits.insert(ev.customer.clone(), Arc::new(traits));
+                self.traits.insert(&ev.customer, Arc::new(traits));
                 IDENTIFY
             }
             Kind::Track => ev.name.as_str(),
