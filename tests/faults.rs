@@ -74,7 +74,11 @@ fn run(dir: &Path, fault: Option<&str>, deadline: Duration) -> (Summary, String)
 fn check(fault: &str, kind: &str, deadline: Duration) {
     let dir = tempfile::tempdir().unwrap();
     let (healthy, want) = run(dir.path(), None, deadline);
-    assert!(healthy.stats.faults.is_empty());
+    assert!(
+        healthy.stats.faults.is_empty(),
+        "the healthy baseline faulted: {:?}",
+        healthy.stats.fault_log
+    );
     assert!(
         want.lines().count() > 50,
         "the healthy baseline decides something"

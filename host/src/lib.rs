@@ -68,6 +68,7 @@ pub mod replay;
 pub mod report;
 pub mod rules;
 pub mod serve;
+pub mod spill;
 pub mod store;
 pub mod worker;
 

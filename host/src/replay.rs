@@ -17,8 +17,9 @@ use crate::intake::{self, Admitted, Clock, Dedupe};
 use crate::plugins::{Limits, PluginError, Runtime};
 use crate::reload::{load_once, Sources};
 use crate::report::{self, Row};
+use crate::spill;
 use crate::store::{shard_of, Store, StoreError};
-use crate::worker::{Conversion, Decision, Stats, Worker, WorkerError};
+use crate::worker::{Conversion, Stats, Worker, WorkerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -43,6 +44,8 @@ pub enum ReplayError {
     Worker(#[from] WorkerError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Spill(#[from] crate::spill::SpillError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ReplayError + '_ {
@@ -227,13 +230,27 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         .spawn(move || read_lines(path, tx))
         .map_err(io(Path::new("reader thread")))?;
 
-    type WorkerResult = Result<(Vec<Decision>, Vec<Conversion>, Stats), WorkerError>;
+    // Decisions go to sorted runs on the output's disk (not in memory, not
+    // a small /tmp), merged into the output at the end.
+    let out_dir = opts
+        .decisions
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let spill_dir = tempfile::Builder::new()
+        .prefix(".nudge-decisions-")
+        .tempdir_in(out_dir)
+        .map_err(io(out_dir))?;
+
+    type WorkerResult = Result<(spill::Runs, Vec<Conversion>, Stats), ReplayError>;
     let mut senders = Vec::with_capacity(shards);
     let mut workers: Vec<std::thread::JoinHandle<WorkerResult>> = Vec::with_capacity(shards);
     for shard in 0..shards {
         let (wtx, wrx) = mpsc::sync_channel::<Vec<Event>>(8);
         let mut worker = Worker::new(store.clone(), runtime.clone(), shard)?;
         let gen = gen.clone();
+        let mut spilled = spill::Writer::new(spill_dir.path(), shard, spill::RUN_BYTES);
         let handle = std::thread::Builder::new()
             .name(format!("nudge-worker-{shard}"))
             .spawn(move || {
@@ -241,9 +258,16 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
                 for chunk in wrx {
                     for ev in chunk {
                         worker.handle(&gen, &ev, &mut out)?;
+                        for d in out.drain(..) {
+                            spilled.push(d)?;
+                        }
                     }
                 }
-                Ok((out, std::mem::take(&mut worker.conversions), worker.stats))
+                Ok((
+                    spilled.finish(),
+                    std::mem::take(&mut worker.conversions),
+                    worker.stats,
+                ))
             })
             .map_err(io(Path::new("worker thread")))?;
         senders.push(wtx);
@@ -346,19 +370,19 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     drop(senders);
     // On an early stop the reader sees the closed channel and ends.
     let _ = reader.join();
-    let mut decisions: Vec<Decision> = Vec::new();
+    let mut runs = Vec::new();
     let mut conversions: Vec<Conversion> = Vec::new();
     let mut stats = Stats::default();
     for w in workers {
         match w.join() {
             Ok(Ok((d, c, s))) => {
-                decisions.extend(d);
+                runs.push(d);
                 conversions.extend(c);
                 stats.merge(s);
             }
             Ok(Err(e)) => {
                 if result.is_ok() {
-                    result = Err(e.into());
+                    result = Err(e);
                 }
             }
             Err(_) => {
@@ -386,31 +410,35 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     store.flush()?;
     let elapsed = start.elapsed();
 
-    decisions.sort_by(|a, b| {
-        (a.ts, a.customer.as_bytes(), a.campaign.as_bytes()).cmp(&(
-            b.ts,
-            b.customer.as_bytes(),
-            b.campaign.as_bytes(),
-        ))
-    });
-    let mut out = Vec::with_capacity(decisions.len() * 160);
-    for d in &decisions {
-        out.extend_from_slice(&d.to_json());
-        out.push(b'\n');
-    }
-    write_file(&opts.decisions, &out)?;
     let converted = conversions
         .iter()
         .map(|c| (c.ts, c.customer.as_str(), c.campaign.as_str()))
         .collect();
-    let rows = report::build(&gen.rules, &decisions, &converted);
+    let mut tally = report::Tally::new(&gen.rules);
+    let mut decisions = 0u64;
+    let file = std::fs::File::create(&opts.decisions).map_err(io(&opts.decisions))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut written = Ok(());
+    spill::merge(runs, |d| {
+        decisions += 1;
+        tally.add(d, &converted);
+        // An output error stops writing; it is reported after the merge.
+        if written.is_ok() {
+            written = w.write_all(&d.to_json()).and_then(|()| w.write_all(b"\n"));
+        }
+        Ok(())
+    })?;
+    written
+        .and_then(|()| w.flush())
+        .map_err(io(&opts.decisions))?;
+    let rows = tally.rows();
     write_file(&opts.report, report::to_jsonl(&rows).as_bytes())?;
     Ok(Summary {
         events: stats.events,
         skipped,
         duplicates,
         skipped_lines,
-        decisions: decisions.len() as u64,
+        decisions,
         elapsed,
         stats,
         report: rows,

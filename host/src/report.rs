@@ -49,21 +49,42 @@ pub fn build(
     decisions: &[Decision],
     converted: &HashSet<(i64, &str, &str)>,
 ) -> Vec<Row> {
-    let mut rows: Vec<Row> = rules
-        .campaigns
-        .iter()
-        .map(|c| Row {
-            campaign: c.id.clone(),
-            ..Row::default()
-        })
-        .collect();
-    rows.sort_by(|a, b| a.campaign.cmp(&b.campaign));
+    let mut tally = Tally::new(rules);
     for d in decisions {
-        let Ok(i) = rows.binary_search_by(|r| r.campaign.as_str().cmp(&d.campaign)) else {
-            continue;
+        tally.add(d, converted);
+    }
+    tally.rows()
+}
+
+/// The report counted one decision at a time, so that a replay need not
+/// hold its decisions.
+pub struct Tally {
+    rows: Vec<Row>,
+}
+
+impl Tally {
+    pub fn new(rules: &RuleSet) -> Tally {
+        let mut rows: Vec<Row> = rules
+            .campaigns
+            .iter()
+            .map(|c| Row {
+                campaign: c.id.clone(),
+                ..Row::default()
+            })
+            .collect();
+        rows.sort_by(|a, b| a.campaign.cmp(&b.campaign));
+        Tally { rows }
+    }
+
+    pub fn add(&mut self, d: &Decision, converted: &HashSet<(i64, &str, &str)>) {
+        let Ok(i) = self
+            .rows
+            .binary_search_by(|r| r.campaign.as_str().cmp(&d.campaign))
+        else {
+            return;
         };
         let conv = u64::from(converted.contains(&(d.ts, d.customer.as_str(), d.campaign.as_str())));
-        let r = &mut rows[i];
+        let r = &mut self.rows[i];
         match d.outcome {
             Outcome::Sent => {
                 r.sent += 1;
@@ -79,7 +100,11 @@ pub fn build(
             Outcome::SuppressedArbitration => r.suppressed_arbitration += 1,
         }
     }
-    rows
+
+    /// Every campaign's row, sorted by campaign id.
+    pub fn rows(self) -> Vec<Row> {
+        self.rows
+    }
 }
 
 /// JSON Lines, one row per campaign.
