@@ -16,6 +16,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use crate::event::{format_ts, Event};
+use crate::store::{Store, StoreError};
 
 /// The text of one line: without its line break, and without the
 /// byte-order mark if it is the file's first line.
@@ -135,12 +136,22 @@ fn outlier(late: &Event, next: &Event) -> String {
 }
 
 /// `messageId`s seen within a window of event time. Ids are kept as
-/// 128-bit hashes, so memory is 24 bytes an event of the window.
+/// 128-bit hashes, 56 bytes an id in memory; past `budget` bytes the older
+/// half moves to the store ([`Store::spill_ids`]) and ids not found in
+/// memory are looked up there, so memory stays bounded however many ids
+/// the window holds (13M events in 3 days of a million customers).
 pub struct Dedupe {
     window_ms: i64,
     seen: HashMap<u128, i64>,
     order: VecDeque<(i64, u128)>,
+    max_entries: usize,
+    store: Option<Store>,
+    spilled: bool,
 }
+
+/// What one id costs in memory: the map's entry and control byte at its
+/// load factor, and the queue's entry.
+const ID_BYTES: usize = 56;
 
 fn id_hash(id: &str) -> u128 {
     // SipHash with fixed keys, twice: stable across runs and platforms.
@@ -154,18 +165,34 @@ fn id_hash(id: &str) -> u128 {
 }
 
 impl Dedupe {
+    /// A window held in memory only.
     pub fn new(window_ms: i64) -> Dedupe {
         Dedupe {
             window_ms,
             seen: HashMap::new(),
             order: VecDeque::new(),
+            max_entries: usize::MAX,
+            store: None,
+            spilled: false,
         }
     }
 
+    /// A window of at most `budget` bytes in memory, the rest in `store`
+    /// (whose ids of earlier runs are forgotten first).
+    pub fn spilling(window_ms: i64, budget: usize, store: Store) -> Result<Dedupe, StoreError> {
+        store.forget_spilled_ids()?;
+        Ok(Dedupe {
+            max_entries: (budget / ID_BYTES).max(16),
+            store: Some(store),
+            ..Dedupe::new(window_ms)
+        })
+    }
+
     /// True the first time `id` is seen within the window before `ts`.
-    pub fn first(&mut self, id: &str, ts: i64) -> bool {
+    pub fn first(&mut self, id: &str, ts: i64) -> Result<bool, StoreError> {
+        let cutoff = ts.saturating_sub(self.window_ms);
         while let Some(&(t, h)) = self.order.front() {
-            if t >= ts.saturating_sub(self.window_ms) {
+            if t >= cutoff {
                 break;
             }
             self.order.pop_front();
@@ -175,11 +202,41 @@ impl Dedupe {
         }
         let h = id_hash(id);
         if self.seen.contains_key(&h) {
-            return false;
+            return Ok(false);
+        }
+        if let (true, Some(store)) = (self.spilled, &self.store) {
+            // Spilled ids are never deleted; one outside the window is
+            // simply not a duplicate.
+            if store.spilled_id(h)?.is_some_and(|t| t >= cutoff) {
+                return Ok(false);
+            }
         }
         self.seen.insert(h, ts);
         self.order.push_back((ts, h));
-        true
+        if self.seen.len() > self.max_entries {
+            self.spill()?;
+        }
+        Ok(true)
+    }
+
+    /// Moves the older half of the ids in memory to the store.
+    fn spill(&mut self) -> Result<(), StoreError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let mut out = Vec::with_capacity(self.seen.len() / 2);
+        while self.seen.len() > self.max_entries / 2 {
+            let Some((t, h)) = self.order.pop_front() else {
+                break;
+            };
+            if self.seen.get(&h) == Some(&t) {
+                self.seen.remove(&h);
+                out.push((h, t));
+            }
+        }
+        store.spill_ids(&out)?;
+        self.spilled = true;
+        Ok(())
     }
 }
 
@@ -259,13 +316,42 @@ mod tests {
     #[test]
     fn duplicates_within_the_window_are_dropped() {
         let mut d = Dedupe::new(100);
-        assert!(d.first("a", 0));
-        assert!(!d.first("a", 50));
-        assert!(d.first("b", 60));
-        assert!(!d.first("a", 100));
+        assert!(d.first_ok("a", 0));
+        assert!(!d.first_ok("a", 50));
+        assert!(d.first_ok("b", 60));
+        assert!(!d.first_ok("a", 100));
         // Past the window, an id counts as new again (as in the server).
-        assert!(d.first("a", 201));
-        assert!(!d.first("a", 202));
-        assert!(d.first("b", 202));
+        assert!(d.first_ok("a", 201));
+        assert!(!d.first_ok("a", 202));
+        assert!(d.first_ok("b", 202));
+    }
+
+    impl Dedupe {
+        fn first_ok(&mut self, id: &str, ts: i64) -> bool {
+            self.first(id, ts).expect("store")
+        }
+    }
+
+    #[test]
+    fn ids_spilled_to_the_store_are_still_duplicates_within_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // 16 ids in memory at most: the rest goes to the store.
+        let mut d = Dedupe::spilling(1000, 0, store.clone()).unwrap();
+        for n in 0..200 {
+            assert!(d.first_ok(&format!("m{n}"), n));
+        }
+        assert!(d.seen.len() <= 16, "{} ids in memory", d.seen.len());
+        for n in 0..200 {
+            assert!(!d.first_ok(&format!("m{n}"), 300), "m{n} is a duplicate");
+        }
+        // Outside the window, spilled or not, an id is new again.
+        assert!(d.first_ok("m0", 1001));
+        assert!(d.first_ok("m150", 1151));
+        assert!(!d.first_ok("m199", 1151));
+        // A new replay on the same store starts with no ids.
+        drop(d);
+        let mut d = Dedupe::spilling(1000, 0, store).unwrap();
+        assert!(d.first_ok("m5", 10));
     }
 }

@@ -302,7 +302,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     let mut skipped_lines = Vec::new();
     let mut duplicates = 0u64;
     let mut clock = Clock::default();
-    let mut dedupe = Dedupe::new(DEDUPE_WINDOW_MS);
+    let mut dedupe = Dedupe::spilling(DEDUPE_WINDOW_MS, opts.budget.ids(), store.clone())?;
     let mut admitted = Vec::with_capacity(CHUNK);
     let mut result = Ok(());
     let mut input_done = false;
@@ -327,8 +327,14 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         for (line, len, parsed) in chunk {
             bytes += len;
             match parsed {
-                Ok(ev) if !dedupe.first(&ev.message_id, ev.ts) => duplicates += 1,
-                Ok(ev) => clock.offer(line, ev, &mut admitted),
+                Ok(ev) => match dedupe.first(&ev.message_id, ev.ts) {
+                    Ok(true) => clock.offer(line, ev, &mut admitted),
+                    Ok(false) => duplicates += 1,
+                    Err(e) => {
+                        result = Err(e.into());
+                        break 'chunks;
+                    }
+                },
                 Err(message) => admitted.push(Admitted::Refused(line, message)),
             }
         }
