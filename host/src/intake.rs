@@ -16,7 +16,8 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
 use crate::event::{format_ts, Event};
-use crate::store::{Store, StoreError};
+use crate::seen::Spilled;
+use std::path::Path;
 
 /// The text of one line: without its line break, and without the
 /// byte-order mark if it is the file's first line.
@@ -136,17 +137,17 @@ fn outlier(late: &Event, next: &Event) -> String {
 }
 
 /// `messageId`s seen within a window of event time. Ids are kept as
-/// 128-bit hashes, 56 bytes an id in memory; past `budget` bytes the older
-/// half moves to the store ([`Store::spill_ids`]) and ids not found in
-/// memory are looked up there, so memory stays bounded however many ids
-/// the window holds (13M events in 3 days of a million customers).
+/// 128-bit hashes, 56 bytes an id in memory; past three quarters of
+/// `budget` the older half moves to disk ([`crate::seen`], behind a filter
+/// of the last quarter) and ids not found in memory are looked up there,
+/// so memory stays bounded however many ids the window holds (13M events
+/// in 3 days of a million customers).
 pub struct Dedupe {
     window_ms: i64,
     seen: HashMap<u128, i64>,
     order: VecDeque<(i64, u128)>,
     max_entries: usize,
-    store: Option<Store>,
-    spilled: bool,
+    spilled: Option<Spilled>,
 }
 
 /// What one id costs in memory: the map's entry and control byte at its
@@ -172,24 +173,22 @@ impl Dedupe {
             seen: HashMap::new(),
             order: VecDeque::new(),
             max_entries: usize::MAX,
-            store: None,
-            spilled: false,
+            spilled: None,
         }
     }
 
-    /// A window of at most `budget` bytes in memory, the rest in `store`
-    /// (whose ids of earlier runs are forgotten first).
-    pub fn spilling(window_ms: i64, budget: usize, store: Store) -> Result<Dedupe, StoreError> {
-        store.forget_spilled_ids()?;
-        Ok(Dedupe {
-            max_entries: (budget / ID_BYTES).max(16),
-            store: Some(store),
+    /// A window of about `budget` bytes in memory, the rest in files in
+    /// `dir` (removed when it drops).
+    pub fn spilling(window_ms: i64, budget: usize, dir: &Path) -> Dedupe {
+        Dedupe {
+            max_entries: (budget / 4 * 3 / ID_BYTES).max(16),
+            spilled: Some(Spilled::new(dir, budget / 4)),
             ..Dedupe::new(window_ms)
-        })
+        }
     }
 
     /// True the first time `id` is seen within the window before `ts`.
-    pub fn first(&mut self, id: &str, ts: i64) -> Result<bool, StoreError> {
+    pub fn first(&mut self, id: &str, ts: i64) -> std::io::Result<bool> {
         let cutoff = ts.saturating_sub(self.window_ms);
         while let Some(&(t, h)) = self.order.front() {
             if t >= cutoff {
@@ -204,10 +203,10 @@ impl Dedupe {
         if self.seen.contains_key(&h) {
             return Ok(false);
         }
-        if let (true, Some(store)) = (self.spilled, &self.store) {
+        if let Some(spilled) = &self.spilled {
             // Spilled ids are never deleted; one outside the window is
             // simply not a duplicate.
-            if store.spilled_id(h)?.is_some_and(|t| t >= cutoff) {
+            if spilled.get(h)?.is_some_and(|t| t >= cutoff) {
                 return Ok(false);
             }
         }
@@ -219,11 +218,11 @@ impl Dedupe {
         Ok(true)
     }
 
-    /// Moves the older half of the ids in memory to the store.
-    fn spill(&mut self) -> Result<(), StoreError> {
-        let Some(store) = &self.store else {
+    /// Moves the older half of the ids in memory to disk.
+    fn spill(&mut self) -> std::io::Result<()> {
+        if self.spilled.is_none() {
             return Ok(());
-        };
+        }
         let mut out = Vec::with_capacity(self.seen.len() / 2);
         while self.seen.len() > self.max_entries / 2 {
             let Some((t, h)) = self.order.pop_front() else {
@@ -234,8 +233,9 @@ impl Dedupe {
                 out.push((h, t));
             }
         }
-        store.spill_ids(&out)?;
-        self.spilled = true;
+        if let Some(spilled) = &mut self.spilled {
+            spilled.add(out)?;
+        }
         Ok(())
     }
 }
@@ -335,9 +335,8 @@ mod tests {
     #[test]
     fn ids_spilled_to_the_store_are_still_duplicates_within_the_window() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        // 16 ids in memory at most: the rest goes to the store.
-        let mut d = Dedupe::spilling(1000, 0, store.clone()).unwrap();
+        // 16 ids in memory at most: the rest goes to disk.
+        let mut d = Dedupe::spilling(1000, 0, dir.path());
         for n in 0..200 {
             assert!(d.first_ok(&format!("m{n}"), n));
         }
@@ -349,9 +348,11 @@ mod tests {
         assert!(d.first_ok("m0", 1001));
         assert!(d.first_ok("m150", 1151));
         assert!(!d.first_ok("m199", 1151));
-        // A new replay on the same store starts with no ids.
         drop(d);
-        let mut d = Dedupe::spilling(1000, 0, store).unwrap();
-        assert!(d.first_ok("m5", 10));
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "files left"
+        );
     }
 }

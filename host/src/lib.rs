@@ -67,6 +67,7 @@ pub mod remote;
 pub mod replay;
 pub mod report;
 pub mod rules;
+pub mod seen;
 pub mod serve;
 pub mod spill;
 pub mod store;

@@ -302,7 +302,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     let mut skipped_lines = Vec::new();
     let mut duplicates = 0u64;
     let mut clock = Clock::default();
-    let mut dedupe = Dedupe::spilling(DEDUPE_WINDOW_MS, opts.budget.ids(), store.clone())?;
+    let mut dedupe = Dedupe::spilling(DEDUPE_WINDOW_MS, opts.budget.ids(), spill_dir.path());
     let mut admitted = Vec::with_capacity(CHUNK);
     let mut result = Ok(());
     let mut input_done = false;
@@ -330,8 +330,11 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
                 Ok(ev) => match dedupe.first(&ev.message_id, ev.ts) {
                     Ok(true) => clock.offer(line, ev, &mut admitted),
                     Ok(false) => duplicates += 1,
-                    Err(e) => {
-                        result = Err(e.into());
+                    Err(source) => {
+                        result = Err(ReplayError::Io {
+                            path: spill_dir.path().to_owned(),
+                            source,
+                        });
                         break 'chunks;
                     }
                 },

@@ -121,8 +121,8 @@ impl Budget {
         self.share(10)
     }
 
-    /// Replay's window of message ids held in memory (the rest is in the
-    /// inbox's sled, which replay does not otherwise use).
+    /// Replay's window of message ids held in memory (the rest is on disk,
+    /// behind a filter that is part of this share).
     pub fn ids(&self) -> usize {
         self.share(10)
     }
@@ -236,8 +236,6 @@ pub struct Store {
     db: sled::Db,
     /// The live server's inbox and message ids (see the module docs).
     inbox: sled::Db,
-    /// Replay's `messageId` hashes past its memory (16 bytes → time).
-    ids: sled::Tree,
     pending: Arc<Mutex<Pending>>,
 }
 
@@ -485,11 +483,9 @@ impl Store {
             let shard = queue_shard(&k, shards);
             timers[shard].insert(k.to_vec(), v.to_vec());
         }
-        let ids = inbox.open_tree("replay-ids")?;
         Ok(Store {
             db,
             inbox,
-            ids,
             pending: Arc::new(Mutex::new(Pending {
                 budget,
                 dirty: KeyValues::new(),
@@ -1015,35 +1011,6 @@ impl Store {
             .scan_prefix(prefix)
             .map(|kv| Ok(kv?.1.to_vec()))
             .collect()
-    }
-
-    /// Forgets the message ids an earlier replay spilled.
-    pub fn forget_spilled_ids(&self) -> Result<()> {
-        self.ids.clear()?;
-        Ok(())
-    }
-
-    /// Keeps (id hash, time) pairs that replay's de-duplication window no
-    /// longer holds in memory. Not durable and not atomic (a replay that
-    /// stops starts over), so in batches of bounded size.
-    pub fn spill_ids(&self, ids: &[(u128, i64)]) -> Result<()> {
-        for part in ids.chunks(8192) {
-            let mut batch = sled::Batch::default();
-            for (h, t) in part {
-                batch.insert(&h.to_be_bytes()[..], &t.to_be_bytes()[..]);
-            }
-            self.ids.apply_batch(batch)?;
-        }
-        Ok(())
-    }
-
-    /// When a spilled id was seen.
-    pub fn spilled_id(&self, hash: u128) -> Result<Option<i64>> {
-        Ok(self
-            .ids
-            .get(hash.to_be_bytes())?
-            .and_then(|v| v.as_ref().try_into().ok())
-            .map(i64::from_be_bytes))
     }
 
     /// Every persisted decision in the log, in (time, customer, campaign)
