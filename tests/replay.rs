@@ -18,6 +18,7 @@ fn options(events: std::path::PathBuf, out: &std::path::Path) -> Options {
         limits: Limits::default(),
         workers: 2,
         budget: nudge::store::Budget::default(),
+        sort: false,
     }
 }
 
@@ -49,6 +50,34 @@ fn seed1_with(workers: usize) {
     let got = std::fs::read_to_string(&opts.report).unwrap();
     let want = std::fs::read_to_string(fixture("seed1/report.jsonl")).unwrap();
     assert_eq!(got, want);
+}
+
+#[test]
+fn sort_replays_a_shuffled_export_as_the_ordered_one() {
+    // seed1 is in (timestamp, messageId) order; shuffled, `--sort` must
+    // give back exactly its decisions (runs on disk are the unit test's).
+    let events = std::fs::read_to_string(fixture("seed1/events.jsonl")).unwrap();
+    let mut lines: Vec<&str> = events.lines().collect();
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for i in (1..lines.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        lines.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let shuffled = dir.path().join("shuffled.jsonl");
+    std::fs::write(&shuffled, lines.join("\n")).unwrap();
+    let mut opts = options(shuffled, dir.path());
+    opts.sort = true;
+    let summary = replay::run(&opts).unwrap();
+    assert_eq!(summary.events, 17977);
+    let got = std::fs::read(&opts.decisions).unwrap();
+    let want = std::fs::read(fixture("seed1/decisions.jsonl")).unwrap();
+    assert!(got == want, "a sorted replay of the shuffled file differs");
+    // Without --sort the same file is refused (events go backwards).
+    opts.sort = false;
+    assert!(replay::run(&opts).is_err());
 }
 
 #[test]

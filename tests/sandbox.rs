@@ -79,6 +79,7 @@ fn options(dir: &Path, label: &str, s: &Setup) -> Options {
         limits: s.limits.clone(),
         workers: 2,
         budget: nudge::store::Budget::default(),
+        sort: false,
     }
 }
 

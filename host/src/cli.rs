@@ -87,6 +87,10 @@ enum Command {
         /// per CPU.
         #[arg(long)]
         workers: Option<usize>,
+        /// Replay in (timestamp, messageId) order, for an export that is not
+        /// in time order (sorted on disk: memory stays bounded).
+        #[arg(long)]
+        sort: bool,
         /// MiB the store's caches share (as `[store] memory_mib`).
         #[arg(long, default_value_t = crate::store::Budget::DEFAULT_MIB)]
         memory_mib: usize,
@@ -422,10 +426,12 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
             skip_invalid,
             quiet,
             workers,
+            sort,
             memory_mib,
             sources,
         } => {
             let opts = replay::Options {
+                sort,
                 budget: crate::store::Budget::mib(memory_mib),
                 events: events.clone(),
                 decisions,

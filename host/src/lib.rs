@@ -69,6 +69,7 @@ pub mod report;
 pub mod rules;
 pub mod seen;
 pub mod serve;
+pub mod sort;
 pub mod spill;
 pub mod store;
 pub mod worker;

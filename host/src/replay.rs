@@ -83,6 +83,9 @@ pub struct Options {
     pub workers: usize,
     /// What the store's caches may hold.
     pub budget: crate::store::Budget,
+    /// Replay the events in (timestamp, messageId) order instead of file
+    /// order ([`crate::sort`]: an external sort, memory bounded).
+    pub sort: bool,
 }
 
 /// What a replay did.
@@ -133,6 +136,33 @@ const DEDUPE_WINDOW_MS: i64 = 7 * 86_400_000;
 
 /// Committed keys held in memory before they are written to sled.
 const PERSIST_KEYS: usize = 250_000;
+
+/// The lines of `path` in (timestamp, messageId) order, run files in `dir`.
+fn read_sorted(
+    path: PathBuf,
+    dir: PathBuf,
+    tx: mpsc::SyncSender<Result<Vec<Parsed>, ReplayError>>,
+) {
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut open = true;
+    let sorted = crate::sort::sorted(&path, &dir, crate::sort::RUN_BYTES, |p| {
+        chunk.push(p);
+        if chunk.len() == CHUNK {
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+            open = tx.send(Ok(full)).is_ok();
+        }
+        open
+    });
+    match sorted {
+        Err(source) => {
+            let _ = tx.send(Err(ReplayError::Io { path, source }));
+        }
+        Ok(()) if open && !chunk.is_empty() => {
+            let _ = tx.send(Ok(chunk));
+        }
+        Ok(()) => {}
+    }
+}
 
 fn read_lines(path: PathBuf, tx: mpsc::SyncSender<Result<Vec<Parsed>, ReplayError>>) {
     let file = match std::fs::File::open(&path) {
@@ -223,15 +253,8 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         .progress_chars("=> "),
     );
 
-    let (tx, rx) = mpsc::sync_channel(8);
-    let path = opts.events.clone();
-    let reader = std::thread::Builder::new()
-        .name("nudge-replay-reader".into())
-        .spawn(move || read_lines(path, tx))
-        .map_err(io(Path::new("reader thread")))?;
-
-    // Decisions go to sorted runs on the output's disk (not in memory, not
-    // a small /tmp), merged into the output at the end.
+    // Decisions (and with `--sort`, the input) go to sorted runs on the
+    // output's disk (not in memory, not a small /tmp), merged at the end.
     let out_dir = opts
         .decisions
         .parent()
@@ -242,6 +265,17 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         .prefix(".nudge-decisions-")
         .tempdir_in(out_dir)
         .map_err(io(out_dir))?;
+
+    let (tx, rx) = mpsc::sync_channel(8);
+    let path = opts.events.clone();
+    let sort_dir = opts.sort.then(|| spill_dir.path().to_owned());
+    let reader = std::thread::Builder::new()
+        .name("nudge-replay-reader".into())
+        .spawn(move || match sort_dir {
+            Some(dir) => read_sorted(path, dir, tx),
+            None => read_lines(path, tx),
+        })
+        .map_err(io(Path::new("reader thread")))?;
 
     type WorkerResult = Result<(spill::Runs, Vec<Conversion>, Stats), ReplayError>;
     let mut senders = Vec::with_capacity(shards);
@@ -377,7 +411,9 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         bar.inc(bytes);
     }
     drop(senders);
-    // On an early stop the reader sees the closed channel and ends.
+    // On an early stop the reader sees the closed channel and ends (it
+    // would block for ever on a full one still open).
+    drop(rx);
     let _ = reader.join();
     let mut runs = Vec::new();
     let mut conversions: Vec<Conversion> = Vec::new();
