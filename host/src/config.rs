@@ -108,7 +108,7 @@ pub struct StoreConfig {
     /// read cache, decoded traits, the in-memory timer queue, changes not
     /// yet persisted). The process's resident memory is this plus the
     /// plugins' instances (`[limits] memory_mib` each) plus requests in
-    /// flight; it does not grow with customers or events.
+    /// flight; it does not grow with customers or events. At least 16.
     pub memory_mib: usize,
 }
 

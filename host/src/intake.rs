@@ -14,10 +14,48 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
 
 use crate::event::{format_ts, Event};
 use crate::seen::Spilled;
-use std::path::Path;
+
+/// One input line as the reader hands it on: its number, its length in
+/// bytes, the event or why not.
+pub type Parsed = (usize, u64, Result<Event, String>);
+
+/// One line as an event, or why not; `None` for a blank line.
+pub fn parse_line(bytes: &[u8], first: bool) -> Option<Result<Event, String>> {
+    match line_text(bytes, first) {
+        Ok(text) if text.trim().is_empty() => None,
+        Ok(text) => Some(Event::parse(text).map_err(|e| e.to_string())),
+        Err(e) => Some(Err(e)),
+    }
+}
+
+/// Reads `path` and calls `each` with every line that is not blank: its
+/// number, its bytes (line break included) and [`parse_line`]'s answer.
+/// Stops early when `each` returns false.
+pub fn each_line(
+    path: &Path,
+    mut each: impl FnMut(usize, &[u8], Result<Event, String>) -> bool,
+) -> std::io::Result<()> {
+    let mut reader = BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+    let mut line = Vec::new();
+    let mut n = 0;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        n += 1;
+        if let Some(parsed) = parse_line(&line, n == 1) {
+            if !each(n, &line, parsed) {
+                return Ok(());
+            }
+        }
+    }
+}
 
 /// The text of one line: without its line break, and without the
 /// byte-order mark if it is the file's first line.
@@ -220,9 +258,9 @@ impl Dedupe {
 
     /// Moves the older half of the ids in memory to disk.
     fn spill(&mut self) -> std::io::Result<()> {
-        if self.spilled.is_none() {
+        let Some(spilled) = &mut self.spilled else {
             return Ok(());
-        }
+        };
         let mut out = Vec::with_capacity(self.seen.len() / 2);
         while self.seen.len() > self.max_entries / 2 {
             let Some((t, h)) = self.order.pop_front() else {
@@ -233,10 +271,7 @@ impl Dedupe {
                 out.push((h, t));
             }
         }
-        if let Some(spilled) = &mut self.spilled {
-            spilled.add(out)?;
-        }
-        Ok(())
+        spilled.add(out)
     }
 }
 
@@ -328,12 +363,12 @@ mod tests {
 
     impl Dedupe {
         fn first_ok(&mut self, id: &str, ts: i64) -> bool {
-            self.first(id, ts).expect("store")
+            self.first(id, ts).expect("spilled ids readable")
         }
     }
 
     #[test]
-    fn ids_spilled_to_the_store_are_still_duplicates_within_the_window() {
+    fn ids_spilled_to_disk_are_still_duplicates_within_the_window() {
         let dir = tempfile::tempdir().unwrap();
         // 16 ids in memory at most: the rest goes to disk.
         let mut d = Dedupe::spilling(1000, 0, dir.path());

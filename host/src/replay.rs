@@ -6,14 +6,14 @@
 //! ([`crate::intake`]: text, the clock, duplicates).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::event::Event;
-use crate::intake::{self, Admitted, Clock, Dedupe};
+use crate::intake::{self, Admitted, Clock, Dedupe, Parsed};
 use crate::plugins::{Limits, PluginError, Runtime};
 use crate::reload::{load_once, Sources};
 use crate::report::{self, Row};
@@ -126,8 +126,6 @@ impl Summary {
     }
 }
 
-type Parsed = (usize, u64, Result<Event, String>);
-
 const CHUNK: usize = 1024;
 
 /// How long a `messageId` is remembered, in event time: the live server's
@@ -137,15 +135,17 @@ const DEDUPE_WINDOW_MS: i64 = 7 * 86_400_000;
 /// Committed keys held in memory before they are written to sled.
 const PERSIST_KEYS: usize = 250_000;
 
-/// The lines of `path` in (timestamp, messageId) order, run files in `dir`.
-fn read_sorted(
+/// Runs `lines` (a reader that calls back with every line) and sends what
+/// it yields to `tx` in chunks of [`CHUNK`], then its error if it fails.
+/// Stops the reader once the receiver has gone.
+fn feed(
     path: PathBuf,
-    dir: PathBuf,
     tx: mpsc::SyncSender<Result<Vec<Parsed>, ReplayError>>,
+    lines: impl FnOnce(&mut dyn FnMut(Parsed) -> bool) -> std::io::Result<()>,
 ) {
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut open = true;
-    let sorted = crate::sort::sorted(&path, &dir, crate::sort::RUN_BYTES, |p| {
+    let read = lines(&mut |p| {
         chunk.push(p);
         if chunk.len() == CHUNK {
             let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
@@ -153,7 +153,7 @@ fn read_sorted(
         }
         open
     });
-    match sorted {
+    match read {
         Err(source) => {
             let _ = tx.send(Err(ReplayError::Io { path, source }));
         }
@@ -161,51 +161,6 @@ fn read_sorted(
             let _ = tx.send(Ok(chunk));
         }
         Ok(()) => {}
-    }
-}
-
-fn read_lines(path: PathBuf, tx: mpsc::SyncSender<Result<Vec<Parsed>, ReplayError>>) {
-    let file = match std::fs::File::open(&path) {
-        Ok(f) => f,
-        Err(e) => {
-            let _ = tx.send(Err(ReplayError::Io { path, source: e }));
-            return;
-        }
-    };
-    let mut reader = BufReader::with_capacity(1 << 20, file);
-    let mut chunk = Vec::with_capacity(CHUNK);
-    let mut line = Vec::new();
-    let mut n = 0;
-    loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) => break,
-            Ok(bytes) => {
-                n += 1;
-                let parsed = match intake::line_text(&line, n == 1) {
-                    Ok(text) if text.trim().is_empty() => continue,
-                    Ok(text) => Event::parse(text).map_err(|e| e.to_string()),
-                    Err(e) => Err(e),
-                };
-                chunk.push((n, bytes as u64, parsed));
-                if chunk.len() == CHUNK {
-                    let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
-                    if tx.send(Ok(full)).is_err() {
-                        return;
-                    }
-                }
-            }
-            Err(e) => {
-                let _ = tx.send(Err(ReplayError::Io {
-                    path: path.clone(),
-                    source: e,
-                }));
-                return;
-            }
-        }
-    }
-    if !chunk.is_empty() {
-        let _ = tx.send(Ok(chunk));
     }
 }
 
@@ -271,9 +226,12 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     let sort_dir = opts.sort.then(|| spill_dir.path().to_owned());
     let reader = std::thread::Builder::new()
         .name("nudge-replay-reader".into())
-        .spawn(move || match sort_dir {
-            Some(dir) => read_sorted(path, dir, tx),
-            None => read_lines(path, tx),
+        .spawn(move || {
+            let file = path.clone();
+            feed(path, tx, |each| match sort_dir {
+                Some(dir) => crate::sort::sorted(&file, &dir, crate::sort::RUN_BYTES, each),
+                None => intake::each_line(&file, |n, raw, p| each((n, raw.len() as u64, p))),
+            })
         })
         .map_err(io(Path::new("reader thread")))?;
 

@@ -50,8 +50,9 @@ impl Spilled {
         }
     }
 
-    fn probes(&self, hash: u128) -> impl Iterator<Item = (usize, u64)> + '_ {
-        let bits = (self.bloom.len() * 64) as u64;
+    /// The filter's (word, bit mask) for `hash`, of a filter of `words`.
+    fn probes(words: usize, hash: u128) -> impl Iterator<Item = (usize, u64)> {
+        let bits = (words * 64) as u64;
         // The hash is uniform already: four 32-bit slices of it, mixed
         // with the high half, are the probe positions.
         let (lo, hi) = (hash as u64, (hash >> 64) as u64);
@@ -86,8 +87,7 @@ impl Spilled {
         w.flush()?;
         drop(w);
         for (h, _) in &ids {
-            let probes: Vec<_> = self.probes(*h).collect();
-            for (word, mask) in probes {
+            for (word, mask) in Spilled::probes(self.bloom.len(), *h) {
                 self.bloom[word] |= mask;
             }
         }
@@ -102,7 +102,7 @@ impl Spilled {
 
     /// The latest time `hash` was spilled with, if it was.
     pub fn get(&self, hash: u128) -> std::io::Result<Option<i64>> {
-        if !self.probes(hash).all(|(w, m)| self.bloom[w] & m != 0) {
+        if !Spilled::probes(self.bloom.len(), hash).all(|(w, m)| self.bloom[w] & m != 0) {
             return Ok(None);
         }
         // Newest run first: an id spilled twice (seen again after its

@@ -8,20 +8,14 @@
 //! not parse have no timestamp to sort by: they are handed on at once, so
 //! a replay without `--skip-invalid` stops before sorting the rest.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use crate::event::Event;
-use crate::intake;
+use crate::intake::{self, Parsed};
 
 /// Bytes of lines buffered before a run is written.
 pub const RUN_BYTES: usize = 64 << 20;
-
-/// One input line: its number, its length in bytes, the event or why not.
-pub type Parsed = (usize, u64, Result<Event, String>);
 
 struct Line {
     ts: i64,
@@ -81,45 +75,44 @@ pub fn sorted(
     run_bytes: usize,
     mut each: impl FnMut(Parsed) -> bool,
 ) -> std::io::Result<()> {
-    let mut reader = BufReader::with_capacity(1 << 20, File::open(path)?);
     let (mut buf, mut bytes, mut runs) = (Vec::new(), 0, Vec::new());
-    let mut raw = Vec::new();
-    let mut n = 0;
-    loop {
-        raw.clear();
-        if reader.read_until(b'\n', &mut raw)? == 0 {
-            break;
-        }
-        n += 1;
-        let parsed = match intake::line_text(&raw, n == 1) {
-            Ok(text) if text.trim().is_empty() => continue,
-            Ok(text) => Event::parse(text).map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        match parsed {
-            Ok(ev) => {
-                bytes += raw.len() + ev.message_id.len() + 64;
-                buf.push(Line {
-                    ts: ev.ts,
-                    id: ev.message_id,
-                    n,
-                    raw: raw.clone(),
-                });
-                if bytes >= run_bytes {
-                    runs.push(write_run(dir, runs.len(), &mut buf)?);
-                    bytes = 0;
+    let mut failed = None;
+    let mut stopped = false;
+    intake::each_line(path, |n, raw, parsed| match parsed {
+        Ok(ev) => {
+            bytes += raw.len() + ev.message_id.len() + 64;
+            buf.push(Line {
+                ts: ev.ts,
+                id: ev.message_id,
+                n,
+                raw: raw.to_vec(),
+            });
+            if bytes >= run_bytes {
+                bytes = 0;
+                match write_run(dir, runs.len(), &mut buf) {
+                    Ok(p) => runs.push(p),
+                    Err(e) => {
+                        failed = Some(e);
+                        return false;
+                    }
                 }
             }
-            Err(e) => {
-                if !each((n, raw.len() as u64, Err(e))) {
-                    return Ok(());
-                }
-            }
+            true
         }
+        Err(e) => {
+            stopped = !each((n, raw.len() as u64, Err(e)));
+            !stopped
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if stopped {
+        return Ok(());
     }
     // Every run but the last is on disk; the last is merged from memory.
     buf.sort_by(|a, b| a.key().cmp(&b.key()));
-    let mut sources: Vec<Box<dyn Iterator<Item = std::io::Result<Line>>>> = Vec::new();
+    let mut sources: Vec<crate::spill::Sorted<'_, Line, std::io::Error>> = Vec::new();
     for p in &runs {
         let mut r = BufReader::with_capacity(256 << 10, File::open(p)?);
         sources.push(Box::new(std::iter::from_fn(move || {
@@ -127,45 +120,22 @@ pub fn sorted(
         })));
     }
     sources.push(Box::new(buf.into_iter().map(Ok)));
-    let mut heads: Vec<Option<Line>> = Vec::new();
-    let mut heap = BinaryHeap::new();
-    for (i, s) in sources.iter_mut().enumerate() {
-        let head = s.next().transpose()?;
-        if let Some(l) = &head {
-            heap.push(Reverse((l.ts, l.id.clone(), l.n, i)));
-        }
-        heads.push(head);
-    }
-    let mut result = Ok(());
-    while let Some(Reverse((_, _, _, i))) = heap.pop() {
-        if let Some(l) = heads[i].take() {
+    let merged = crate::spill::kmerge(
+        sources,
+        |l| (l.ts, l.id.clone(), l.n),
+        |l| {
             // Parsed again: keeping events rather than bytes in the runs
-            // would need a second encoding of events.
-            let len = l.raw.len() as u64;
-            let parsed = intake::line_text(&l.raw, l.n == 1)
-                .and_then(|t| Event::parse(t).map_err(|e| e.to_string()));
-            if !each((l.n, len, parsed)) {
-                break;
-            }
-        }
-        match sources[i].next().transpose() {
-            Ok(next) => {
-                if let Some(l) = &next {
-                    heap.push(Reverse((l.ts, l.id.clone(), l.n, i)));
-                }
-                heads[i] = next;
-            }
-            Err(e) => {
-                result = Err(e);
-                break;
-            }
-        }
-    }
-    drop(sources);
+            // would need a second encoding of events. Blank lines were
+            // never buffered.
+            let parsed = intake::parse_line(&l.raw, l.n == 1)
+                .unwrap_or_else(|| Err("blank line".to_owned()));
+            Ok(each((l.n, l.raw.len() as u64, parsed)))
+        },
+    );
     for p in runs {
         let _ = std::fs::remove_file(p);
     }
-    result
+    merged
 }
 
 #[cfg(test)]

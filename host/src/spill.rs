@@ -156,18 +156,39 @@ fn decode(r: &mut impl Read) -> std::io::Result<Option<Decision>> {
     }))
 }
 
-enum Source {
-    File(PathBuf, BufReader<File>),
-    Memory(std::vec::IntoIter<Decision>),
-}
+/// A sorted source for [`kmerge`].
+pub type Sorted<'a, T, E> = Box<dyn Iterator<Item = Result<T, E>> + 'a>;
 
-impl Source {
-    fn next(&mut self) -> Result<Option<Decision>, SpillError> {
-        match self {
-            Source::File(path, r) => decode(r).map_err(err(path)),
-            Source::Memory(it) => Ok(it.next()),
+/// Merges `sources`, each sorted by `key`, calling `each` with their items
+/// in key order (equal keys: the earlier source first) until it returns
+/// false. The k-way merge of every external sort here.
+pub fn kmerge<T, K: Ord, E>(
+    mut sources: Vec<Sorted<'_, T, E>>,
+    key: impl Fn(&T) -> K,
+    mut each: impl FnMut(T) -> Result<bool, E>,
+) -> Result<(), E> {
+    let mut heads: Vec<Option<T>> = Vec::with_capacity(sources.len());
+    let mut heap = BinaryHeap::new();
+    for (i, s) in sources.iter_mut().enumerate() {
+        let head = s.next().transpose()?;
+        if let Some(h) = &head {
+            heap.push(Reverse((key(h), i)));
         }
+        heads.push(head);
     }
+    while let Some(Reverse((_, i))) = heap.pop() {
+        if let Some(item) = heads[i].take() {
+            if !each(item)? {
+                return Ok(());
+            }
+        }
+        let next = sources[i].next().transpose()?;
+        if let Some(h) = &next {
+            heap.push(Reverse((key(h), i)));
+        }
+        heads[i] = next;
+    }
+    Ok(())
 }
 
 /// Calls `each` with every decision of `runs` (one per worker, any
@@ -176,50 +197,36 @@ pub fn merge(
     runs: Vec<Runs>,
     mut each: impl FnMut(&Decision) -> Result<(), SpillError>,
 ) -> Result<(), SpillError> {
-    let mut sources = Vec::new();
+    let mut sources: Vec<Sorted<'_, Decision, SpillError>> = Vec::new();
     let mut files = Vec::new();
+    let mut opened = Ok(());
     for r in runs {
         for path in r.files {
-            let f = File::open(&path).map_err(err(&path))?;
             files.push(path.clone());
-            sources.push(Source::File(path, BufReader::with_capacity(64 << 10, f)));
+            match File::open(&path) {
+                Ok(f) => {
+                    let mut f = BufReader::with_capacity(64 << 10, f);
+                    sources.push(Box::new(std::iter::from_fn(move || {
+                        decode(&mut f).map_err(err(&path)).transpose()
+                    })));
+                }
+                Err(e) => opened = Err(err(&path)(e)),
+            }
         }
-        sources.push(Source::Memory(r.tail.into_iter()));
+        // A worker's runs, then its tail: ties keep the order it wrote.
+        sources.push(Box::new(r.tail.into_iter().map(Ok)));
     }
-    // Heads of every source, smallest key first; ties by source index,
-    // which is the order one worker wrote them in.
-    type Head = Reverse<((i64, Vec<u8>, Vec<u8>), usize)>;
-    let mut heads: Vec<Option<Decision>> = Vec::with_capacity(sources.len());
-    let mut heap: BinaryHeap<Head> = BinaryHeap::new();
-    let head_key = |d: &Decision| {
-        (
-            d.ts,
-            d.customer.as_bytes().to_vec(),
-            d.campaign.as_bytes().to_vec(),
+    let merged = opened.and_then(|()| {
+        kmerge(
+            sources,
+            |d| (d.ts, d.customer.clone(), d.campaign.clone()),
+            |d| each(&d).map(|()| true),
         )
-    };
-    for (i, s) in sources.iter_mut().enumerate() {
-        let d = s.next()?;
-        if let Some(d) = &d {
-            heap.push(Reverse((head_key(d), i)));
-        }
-        heads.push(d);
-    }
-    while let Some(Reverse((_, i))) = heap.pop() {
-        if let Some(d) = heads[i].take() {
-            each(&d)?;
-        }
-        let next = sources[i].next()?;
-        if let Some(d) = &next {
-            heap.push(Reverse((head_key(d), i)));
-        }
-        heads[i] = next;
-    }
-    drop(sources);
+    });
     for f in files {
         let _ = std::fs::remove_file(f);
     }
-    Ok(())
+    merged
 }
 
 #[cfg(test)]

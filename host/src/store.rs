@@ -425,8 +425,11 @@ fn parse_queue_key(k: &[u8], trigger: &[u8]) -> Option<DueTimer> {
     })
 }
 
-fn open_db(path: &Path, config: sled::Config) -> Result<sled::Db> {
-    let config = config.flush_every_ms(Some(1000));
+fn open_db(path: &Path, cache_bytes: usize) -> Result<sled::Db> {
+    let config = sled::Config::new()
+        .path(path)
+        .cache_capacity(cache_bytes as u64)
+        .flush_every_ms(Some(1000));
     // sled releases its file lock when its last background thread ends,
     // shortly after the previous handle in this process dropped: wait a
     // little for it rather than fail a restart.
@@ -464,19 +467,8 @@ impl Store {
         let shards = shards.max(1);
         // Durability comes from `persist` + `flush`; the background flush
         // only bounds how much a crash can lose between them.
-        let db = open_db(
-            dir,
-            sled::Config::new()
-                .path(dir)
-                .cache_capacity(budget.sled_cache() as u64),
-        )?;
-        let inbox_dir = dir.join("inbox");
-        let inbox = open_db(
-            &inbox_dir,
-            sled::Config::new()
-                .path(&inbox_dir)
-                .cache_capacity(budget.inbox_cache() as u64),
-        )?;
+        let db = open_db(dir, budget.sled_cache())?;
+        let inbox = open_db(&dir.join("inbox"), budget.inbox_cache())?;
         let mut timers = vec![TimerQueue::new(budget.timers() / shards); shards];
         for kv in db.scan_prefix(b"T") {
             let (k, v) = kv?;
@@ -632,7 +624,7 @@ impl Store {
         let budget = pending.budget.timers() / shards;
         let (mut merged, mut bytes, mut read) = (Vec::new(), 0, 0);
         fn take(merged: &mut Vec<(Vec<u8>, Vec<u8>)>, bytes: &mut usize, k: Vec<u8>, v: Vec<u8>) {
-            *bytes += k.len() + v.len() + ENTRY_OVERHEAD;
+            *bytes += queue::cost(&k, &v);
             merged.push((k, v));
         }
         let mut full = false;

@@ -160,9 +160,13 @@ fn approx_bytes(v: &Value) -> usize {
     48 + match v {
         Value::String(s) => s.len(),
         Value::Array(a) => a.iter().map(approx_bytes).sum(),
-        Value::Object(o) => o.iter().map(|(k, v)| 24 + k.len() + approx_bytes(v)).sum(),
+        Value::Object(o) => map_bytes(o),
         _ => 0,
     }
+}
+
+fn map_bytes(m: &Map<String, Value>) -> usize {
+    m.iter().map(|(k, v)| 24 + k.len() + approx_bytes(v)).sum()
 }
 
 impl TraitsCache {
@@ -179,12 +183,7 @@ impl TraitsCache {
     }
 
     fn insert(&mut self, customer: &str, traits: Arc<Map<String, Value>>) {
-        let cost = 64
-            + customer.len()
-            + traits
-                .iter()
-                .map(|(k, v)| 24 + k.len() + approx_bytes(v))
-                .sum::<usize>();
+        let cost = 64 + customer.len() + map_bytes(&traits);
         if self.bytes + cost > self.budget {
             // Crude but cheap; the store's read cache still has the bytes.
             self.map.clear();

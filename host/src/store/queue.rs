@@ -15,7 +15,8 @@ use std::collections::BTreeMap;
 /// and two vector headers.
 const ENTRY_OVERHEAD: usize = 64;
 
-fn cost(k: &[u8], v: &[u8]) -> usize {
+/// What one timer costs the queue's budget.
+pub(super) fn cost(k: &[u8], v: &[u8]) -> usize {
     k.len() + v.len() + ENTRY_OVERHEAD
 }
 
