@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `c` customer `\0` `t` | traits, JSON object |
 //! | `c` customer `\0` `h` | decision history (frequency, contact policy), JSON |
-//! | `c` customer `\0` `s` len plugin key | plugin state bytes |
+//! | `c` customer `\0` `p` len plugin | the plugin's state for the customer, one [`StateRecord`] |
 //! | `c` customer `\0` `m` len plugin key | pending timer: due (8 bytes) + trigger id |
 //! | `T` due customer `\0` len plugin key | timer queue, ordered by (due, customer) |
 //! | `D` ts customer `\0` campaign | decision log, ordered as the output |
@@ -16,6 +16,7 @@
 //! | `O` delivery id | outbox: a `sent` decision's delivery, until delivered |
 //! | `L` delivery id | dead letters: deliveries that failed for good |
 //! | `A` customer `\0` action id | the contact centre's action queue |
+//! | `F` | the store's format ([`FORMAT`]); older stores are converted at open |
 //!
 //! Customer ids never contain NUL (ingest refuses them), so `\0` ends them and
 //! byte order of keys is the order of (time, customer id). Times are encoded
@@ -68,7 +69,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 mod queue;
+mod state;
 use queue::TimerQueue;
+pub use state::StateRecord;
 
 /// The store's memory budget and how it is shared out: a quarter for
 /// sled's page cache, smaller shares for the caches of our own, a little
@@ -151,6 +154,8 @@ pub enum StoreError {
     Sled(sled::Error),
     #[error("store {path}: {error}")]
     Open { path: String, error: sled::Error },
+    #[error("store {path}: written in format {found}, newer than this nudge reads ({FORMAT}): run a newer nudge")]
+    Newer { path: String, found: u8 },
     #[error("store: corrupt {what} for customer {customer:?}: {problem}")]
     Corrupt {
         what: &'static str,
@@ -425,6 +430,31 @@ fn parse_queue_key(k: &[u8], trigger: &[u8]) -> Option<DueTimer> {
     })
 }
 
+/// The layout this build writes. 2: plugin state as one record per plugin
+/// and customer ([`StateRecord`]); 1 (no `F` key): one key per state key.
+const FORMAT: u8 = 2;
+const FORMAT_KEY: &[u8] = b"F";
+
+/// Converts a store written in an older format to [`FORMAT`].
+fn upgrade(db: &sled::Db, dir: &Path) -> Result<()> {
+    match db.get(FORMAT_KEY)?.as_deref() {
+        Some([f]) if *f == FORMAT => return Ok(()),
+        Some([f]) if *f > FORMAT => {
+            return Err(StoreError::Newer {
+                path: dir.display().to_string(),
+                found: *f,
+            })
+        }
+        _ => {}
+    }
+    let records = state::migrate(db)?;
+    if records > 0 {
+        tracing::info!(path = %dir.display(), records, "plugin state converted to one record per plugin and customer");
+    }
+    db.insert(FORMAT_KEY, &[FORMAT])?;
+    Ok(())
+}
+
 fn open_db(path: &Path, cache_bytes: usize) -> Result<sled::Db> {
     let config = sled::Config::new()
         .path(path)
@@ -468,6 +498,7 @@ impl Store {
         // Durability comes from `persist` + `flush`; the background flush
         // only bounds how much a crash can lose between them.
         let db = open_db(dir, budget.sled_cache())?;
+        upgrade(&db, dir)?;
         let inbox = open_db(&dir.join("inbox"), budget.inbox_cache())?;
         let mut timers = vec![TimerQueue::new(budget.timers() / shards); shards];
         for kv in db.scan_prefix(b"T") {
@@ -550,8 +581,24 @@ impl Store {
         }
     }
 
+    /// Everything `plugin` keeps for `customer`.
+    pub fn plugin_record(&self, customer: &str, plugin: &str) -> Result<StateRecord> {
+        match self.get(&plugin_key(customer, b'p', plugin, ""))? {
+            None => Ok(StateRecord::default()),
+            Some(v) => StateRecord::decode(&v).map_err(|problem| StoreError::Corrupt {
+                what: "plugin state",
+                customer: customer.into(),
+                problem: format!("plugin {plugin:?}: {problem}"),
+            }),
+        }
+    }
+
+    /// One key of what `plugin` keeps for `customer`.
     pub fn plugin_state(&self, customer: &str, plugin: &str, key: &str) -> Result<Option<Vec<u8>>> {
-        self.get(&plugin_key(customer, b's', plugin, key))
+        Ok(self
+            .plugin_record(customer, plugin)?
+            .get(key)
+            .map(<[u8]>::to_vec))
     }
 
     pub fn timer(&self, customer: &str, plugin: &str, key: &str) -> Result<Option<Timer>> {
@@ -665,12 +712,13 @@ impl Store {
     /// Applies one event's (or one timer's) changes atomically: every later
     /// read sees all of them. They reach disk at the next [`Store::persist`].
     pub fn commit(&self, changes: Changes) {
-        if changes.ops.is_empty() {
+        let ops = changes.into_ops();
+        if ops.is_empty() {
             return;
         }
         let mut pending = self.lock();
         let shards = pending.timers.len();
-        for (k, v) in changes.ops {
+        for (k, v) in ops {
             if k.first() == Some(&b'T') {
                 let queue = &mut pending.timers[queue_shard(&k, shards)];
                 match &v {
@@ -1018,6 +1066,9 @@ impl Store {
 #[derive(Default)]
 pub struct Changes {
     ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// Plugin state records touched, by key: encoded at commit, so two
+    /// calls of one plugin for one event both count.
+    records: Vec<(Vec<u8>, StateRecord)>,
 }
 
 impl Changes {
@@ -1044,12 +1095,36 @@ impl Changes {
         self.put(customer_key(customer, b'h'), v);
     }
 
-    pub fn plugin_state(&mut self, customer: &str, plugin: &str, key: &str, value: Option<&[u8]>) {
-        let k = plugin_key(customer, b's', plugin, key);
-        match value {
-            Some(v) => self.put(k, v.to_vec()),
-            None => self.del(k),
+    /// Sets what `plugin` keeps for `customer` to `after`: the stored
+    /// record with a call's `edits` (key → new value, `None` deletes)
+    /// applied. When these changes already hold a record for the plugin and
+    /// customer (an earlier call for the same event), the edits are applied
+    /// to that one instead, so neither call's writes are lost.
+    pub fn plugin_state<'a>(
+        &mut self,
+        customer: &str,
+        plugin: &str,
+        after: StateRecord,
+        edits: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) {
+        let k = plugin_key(customer, b'p', plugin, "");
+        match self.records.iter_mut().find(|(rk, _)| *rk == k) {
+            Some((_, record)) => {
+                for (key, value) in edits {
+                    record.set(key, value.map(<[u8]>::to_vec));
+                }
+            }
+            None => self.records.push((k, after)),
         }
+    }
+
+    /// Every write, the state records encoded last.
+    fn into_ops(mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        for (k, record) in std::mem::take(&mut self.records) {
+            let v = (!record.is_empty()).then(|| record.encode());
+            self.ops.push((k, v));
+        }
+        self.ops
     }
 
     /// Replaces timer `old` (as currently stored) with `new`.
@@ -1163,7 +1238,7 @@ mod tests {
         {
             let s = Store::open(dir.path()).unwrap();
             let mut c = Changes::new();
-            c.plugin_state("u", "p", "k", Some(b"v"));
+            set_state(&s, &mut c, "u", "p", "k", Some(b"v"));
             let mut traits = Map::new();
             traits.insert("email".into(), "a@b".into());
             c.set_traits("u", &traits);
@@ -1173,6 +1248,90 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.plugin_state("u", "p", "k").unwrap(), Some(b"v".to_vec()));
         assert_eq!(s.traits("u").unwrap()["email"], "a@b");
+    }
+
+    /// One state write as a call makes it: on the stored record, unless
+    /// `c` already holds one.
+    fn set_state(s: &Store, c: &mut Changes, cu: &str, p: &str, k: &str, v: Option<&[u8]>) {
+        let mut after = s.plugin_record(cu, p).unwrap();
+        after.set(k, v.map(<[u8]>::to_vec));
+        c.plugin_state(cu, p, after, [(k, v)]);
+    }
+
+    #[test]
+    fn a_store_of_the_old_format_is_converted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // Format 1: one key per state key, a size key, no `F`.
+            let db = open_db(dir.path(), 1 << 20).unwrap();
+            let old = |c: &str, p: &str, k: &str| plugin_key(c, b's', p, k);
+            db.insert(old("u1", "p", "a"), &b"1"[..]).unwrap();
+            db.insert(old("u1", "p", "b"), &b"22"[..]).unwrap();
+            db.insert(old("u1", "p", "\0bytes"), &5i64.to_le_bytes()[..])
+                .unwrap();
+            db.insert(old("u1", "q", "a"), &b"q"[..]).unwrap();
+            db.insert(old("u2", "p", ""), &b"empty key"[..]).unwrap();
+            db.insert(customer_key("u1", b't'), &b"{}"[..]).unwrap();
+            // More records than one conversion batch holds.
+            for i in 0..12_000 {
+                db.insert(old(&format!("v{i:05}"), "p", "k"), &b"x"[..])
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.plugin_state("u1", "p", "a").unwrap(), Some(b"1".to_vec()));
+        assert_eq!(
+            s.plugin_state("u1", "p", "b").unwrap(),
+            Some(b"22".to_vec())
+        );
+        assert_eq!(s.plugin_record("u1", "p").unwrap().bytes(), 1 + 1 + 1 + 2);
+        assert_eq!(s.plugin_record("u1", "p").unwrap().len(), 2);
+        assert_eq!(s.plugin_state("u1", "q", "a").unwrap(), Some(b"q".to_vec()));
+        assert_eq!(
+            s.plugin_state("u2", "p", "").unwrap(),
+            Some(b"empty key".to_vec())
+        );
+        assert_eq!(
+            s.plugin_state("v11999", "p", "k").unwrap(),
+            Some(b"x".to_vec())
+        );
+        assert_eq!(
+            s.plugin_state("v00000", "p", "k").unwrap(),
+            Some(b"x".to_vec())
+        );
+        let left =
+            s.db.scan_prefix(b"c")
+                .keys()
+                .filter(|k| {
+                    k.as_ref()
+                        .is_ok_and(|k| k.windows(2).any(|w| w == [0, b's']))
+                })
+                .count();
+        assert_eq!(left, 0, "old state keys left behind");
+        assert_eq!(s.traits("u1").unwrap(), Map::new());
+        drop(s);
+        // A store of a newer format is refused, naming it.
+        {
+            let db = open_db(dir.path(), 1 << 20).unwrap();
+            db.insert(FORMAT_KEY, &[FORMAT + 1]).unwrap();
+            db.flush().unwrap();
+        }
+        let e = Store::open(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("format 3") && e.contains("newer"), "{e}");
+    }
+
+    #[test]
+    fn two_calls_of_one_plugin_for_one_event_both_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut c = Changes::new();
+        set_state(&s, &mut c, "u", "p", "a", Some(b"1"));
+        set_state(&s, &mut c, "u", "p", "b", Some(b"2"));
+        set_state(&s, &mut c, "u", "p", "a", None);
+        s.commit(c);
+        assert_eq!(s.plugin_state("u", "p", "a").unwrap(), None);
+        assert_eq!(s.plugin_state("u", "p", "b").unwrap(), Some(b"2".to_vec()));
     }
 
     #[derive(Clone, Debug)]
@@ -1225,13 +1384,13 @@ mod tests {
                     match op {
                         Op::Set(cu, p, k, v) => {
                             let key = (format!("c{cu}"), format!("p{p}"), format!("k{k}"));
-                            c.plugin_state(&key.0, &key.1, &key.2, Some(&v));
+                            set_state(&s, &mut c, &key.0, &key.1, &key.2, Some(&v));
                             touched.insert(key.clone());
                             state.insert(key, v);
                         }
                         Op::Del(cu, p, k) => {
                             let key = (format!("c{cu}"), format!("p{p}"), format!("k{k}"));
-                            c.plugin_state(&key.0, &key.1, &key.2, None);
+                            set_state(&s, &mut c, &key.0, &key.1, &key.2, None);
                             state.remove(&key);
                             touched.insert(key);
                         }

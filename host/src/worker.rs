@@ -431,8 +431,9 @@ impl Worker {
         trigger: &str,
         fx: Effects,
     ) -> Result<(), WorkerError> {
-        for (key, value) in &fx.state {
-            changes.plugin_state(customer, plugin, key, value.as_deref());
+        if let Some(record) = fx.record {
+            let edits = fx.state.iter().map(|(k, v)| (k.as_str(), v.as_deref()));
+            changes.plugin_state(customer, plugin, record, edits);
         }
         // The last change of each key is what stands.
         let mut timers: BTreeMap<&str, Option<i64>> = BTreeMap::new();

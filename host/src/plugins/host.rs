@@ -11,7 +11,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::sandbox::{Output, Seeds};
 use super::v0_1_0;
 use super::Limits;
-use crate::store::Store;
+use crate::store::{StateRecord, Store};
 
 /// One pending timer change collected during a call.
 pub type TimerOps = Vec<(String, Option<i64>)>;
@@ -24,6 +24,9 @@ pub struct Call {
     pub customer: String,
     pub now: i64,
     pub(super) store: Option<Store>,
+    /// What the plugin keeps for the customer, read at its first state
+    /// access in the call.
+    record: Option<StateRecord>,
     /// State writes: key → new value (`None` = deleted).
     pub state: HashMap<String, Option<Vec<u8>>>,
     /// Timer changes in call order: key → new due (`None` = cancelled).
@@ -55,10 +58,6 @@ fn over(msg: String) -> wasmtime::Error {
 
 /// Longest state or timer key.
 const MAX_KEY: usize = 1024;
-
-/// The state key under which the host keeps how many bytes of state a
-/// plugin holds for a customer. Plugin keys cannot start with NUL.
-pub(super) const STATE_SIZE_KEY: &str = "\0bytes";
 
 fn check_key(what: &str, key: &str) -> wasmtime::Result<()> {
     if key.len() > MAX_KEY {
@@ -97,56 +96,54 @@ impl Call {
         Ok(())
     }
 
-    fn stored(&mut self, key: &str) -> wasmtime::Result<Option<Vec<u8>>> {
-        let Some(store) = &self.store else {
-            return Ok(None);
-        };
-        let t = Instant::now();
-        let v = store
-            .plugin_state(&self.customer, &self.plugin, key)
-            .map_err(|e| wasmtime::format_err!("state.get({key:?}): {e}"));
-        self.host_time += t.elapsed();
-        v
+    /// The plugin's stored state for the customer (read once per call).
+    fn record(&mut self) -> wasmtime::Result<&mut StateRecord> {
+        if self.record.is_none() {
+            let record = match &self.store {
+                None => StateRecord::default(),
+                Some(store) => {
+                    let t = Instant::now();
+                    let r = store
+                        .plugin_record(&self.customer, &self.plugin)
+                        .map_err(|e| wasmtime::format_err!("state: {e}"));
+                    self.host_time += t.elapsed();
+                    r?
+                }
+            };
+            self.record = Some(record);
+        }
+        Ok(self.record.get_or_insert_default())
     }
 
-    /// After a successful call that wrote state: the bytes the plugin now
-    /// keeps for the customer, checked against the quota and recorded
-    /// under [`STATE_SIZE_KEY`] with the call's other writes.
-    pub(super) fn settle_quota(&mut self) -> Result<(), String> {
+    fn stored(&mut self, key: &str) -> wasmtime::Result<Option<Vec<u8>>> {
+        Ok(self.record()?.get(key).map(<[u8]>::to_vec))
+    }
+
+    /// After a successful call that wrote state: the state the plugin now
+    /// keeps for the customer, checked against the quota. `None` when the
+    /// call wrote nothing.
+    pub(super) fn settle_quota(&mut self) -> Result<Option<StateRecord>, String> {
         if self.state.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        let before = self
-            .stored(STATE_SIZE_KEY)
-            .ok()
-            .flatten()
-            .and_then(|v| v.try_into().ok())
-            .map_or(0, i64::from_le_bytes);
-        let mut total = before;
-        let keys: Vec<String> = self.state.keys().cloned().collect();
-        for k in keys {
-            let old = self.stored(&k).map_err(|e| e.to_string())?.map(|v| v.len());
-            total -= old.map_or(0, |n| (k.len() + n) as i64);
-            total += self.state[&k]
-                .as_ref()
-                .map_or(0, |v| (k.len() + v.len()) as i64);
+        let quota = self.limits.state_quota;
+        let customer = self.customer.clone();
+        let edits = std::mem::take(&mut self.state);
+        let record = self.record().map_err(|e| e.to_string())?;
+        let before = record.bytes();
+        for (k, v) in &edits {
+            record.set(k, v.clone());
         }
-        // Keys written before the quota was counted are not in the total.
-        let total = total.max(0);
-        if total == before {
-            return Ok(());
-        }
-        if total as usize > self.limits.state_quota {
+        let total = record.bytes();
+        self.state = edits;
+        // Only growth is refused: a plugin over a quota lowered since
+        // may still shrink its state.
+        if total > quota && total > before {
             return Err(format!(
-                "state quota: the plugin would keep {total} bytes for customer {:?}, over the {}-byte quota",
-                self.customer, self.limits.state_quota
+                "state quota: the plugin would keep {total} bytes for customer {customer:?}, over the {quota}-byte quota"
             ));
         }
-        self.state.insert(
-            STATE_SIZE_KEY.to_owned(),
-            Some(total.to_le_bytes().to_vec()),
-        );
-        Ok(())
+        Ok(self.record.take())
     }
 
     /// `message` cut to the longest log line, within the call's log budget.

@@ -18,6 +18,7 @@ use super::v0_1_0::{
     treatment_to_wit, types as wit,
 };
 use crate::event::{Event, Kind};
+use crate::store::StateRecord;
 
 /// An event and customer converted once, for every plugin that sees them.
 pub struct CallInput {
@@ -68,7 +69,11 @@ pub struct Instances {
 
 /// What a trigger call asked for, to commit if the caller accepts it.
 pub struct Effects {
+    /// State writes: key → new value (`None` = deleted).
     pub state: HashMap<String, Option<Vec<u8>>>,
+    /// The plugin's state for the customer with those writes applied
+    /// (`None` when the call wrote none).
+    pub record: Option<StateRecord>,
     pub timers: TimerOps,
 }
 
@@ -164,11 +169,12 @@ impl Instances {
                         call.limits.max_output
                     )));
                 }
-                call.settle_quota().map_err(Fault::Limit)?;
+                let record = call.settle_quota().map_err(Fault::Limit)?;
                 Ok((
                     v,
                     Effects {
                         state: call.state,
+                        record,
                         timers: call.timers,
                     },
                 ))
