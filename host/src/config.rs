@@ -87,6 +87,11 @@ pub struct Server {
     /// Worker threads; 0: one per CPU.
     pub workers: usize,
     pub clock: Clock,
+    /// How long each event is held after it arrives, so that events whose
+    /// requests overtook each other are still decided in timestamp order
+    /// (`reorder`). Unset: 50ms on the wall clock, 5s on the event clock.
+    /// "0s": decide in arrival order.
+    pub reorder_window: Option<Dur>,
     pub log_format: LogFormat,
     /// How long graceful shutdown waits for deliveries in flight.
     pub shutdown_grace: Dur,
@@ -99,6 +104,24 @@ pub struct Server {
     /// A connection that moves no byte for this long is closed (idle
     /// keep-alive, a client stalled halfway through a request).
     pub idle_timeout: Dur,
+}
+
+impl Server {
+    /// The reorder window in force: the configured one, or the clock's
+    /// default.
+    pub fn reorder_window(&self) -> Duration {
+        self.reorder_window.map_or(
+            match self.clock {
+                // Real-time decisions stay within tens of milliseconds;
+                // enough for the requests of one SDK flush.
+                Clock::Wall => Duration::from_millis(50),
+                // A backfill through concurrent SDK batches, retries after
+                // a 503 included; what is held is the rate times this.
+                Clock::Event => Duration::from_secs(5),
+            },
+            |d| d.0,
+        )
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -393,6 +416,7 @@ impl Default for Server {
             cache: ".nudge-cache".into(),
             workers: 0,
             clock: Clock::Wall,
+            reorder_window: None,
             log_format: LogFormat::Text,
             shutdown_grace: Dur(Duration::from_secs(10)),
             max_connections: 1024,

@@ -108,6 +108,8 @@ pub struct Recovered {
     pub groups: Groups,
     /// Durable watermarks, virtual shard → seq.
     pub watermarks: HashMap<usize, u64>,
+    /// Events decided above their shard's watermark: (virtual shard, seq).
+    pub above: Vec<(usize, u64)>,
 }
 
 /// Reads the inbox at start-up: the events acknowledged but not decided
@@ -115,6 +117,7 @@ pub struct Recovered {
 pub fn recover(store: &Store) -> Result<Recovered, crate::store::StoreError> {
     let state = store.inbox()?;
     let marks: HashMap<usize, u64> = state.watermarks.iter().copied().collect();
+    let above: HashSet<(usize, u64)> = state.above.iter().copied().collect();
     let last_seq = state
         .groups
         .iter()
@@ -137,7 +140,7 @@ pub fn recover(store: &Store) -> Result<Recovered, crate::store::StoreError> {
                 }
             };
             let v = vshard_of(&event.customer);
-            if marks.get(&v).is_some_and(|w| seq <= *w) {
+            if marks.get(&v).is_some_and(|w| seq <= *w) || above.contains(&(v, seq)) {
                 continue;
             }
             last.insert(v, seq);
@@ -158,6 +161,7 @@ pub fn recover(store: &Store) -> Result<Recovered, crate::store::StoreError> {
         next_seq: last_seq.map_or(0, |s| s + 1),
         groups,
         watermarks: marks,
+        above: state.above,
     })
 }
 
@@ -529,5 +533,106 @@ mod tests {
         // are found again, whatever the next start runs with.
         let again = recover(&store).unwrap();
         assert_eq!(again.work.len(), want.len());
+    }
+
+    #[test]
+    fn events_decided_above_the_watermark_are_not_decided_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // One customer, so one virtual shard: seqs 0..4, decided out of
+        // order (held and released by timestamp): 2 and 3 first.
+        let raw: Vec<Vec<u8>> = (0..4)
+            .map(|i| {
+                format!(r#"{{"type":"track","event":"E","userId":"u","messageId":"m{i}","timestamp":"2026-01-01T00:00:0{i}Z"}}"#).into_bytes()
+            })
+            .collect();
+        let entries: Vec<(u64, String)> = (0..4).map(|i| (i, format!("m{i}"))).collect();
+        let entries: Vec<(u64, &str, &[u8])> = entries
+            .iter()
+            .zip(&raw)
+            .map(|((s, id), r)| (*s, id.as_str(), r.as_slice()))
+            .collect();
+        store.append_inbox(&entries, 0).unwrap();
+        let v = vshard_of("u");
+        let mut held = crate::reorder::Reorder::new(crate::reorder::Policy {
+            clock: crate::config::Clock::Event,
+            window: std::time::Duration::ZERO,
+            max_held: 100,
+        });
+        let now = std::time::Instant::now();
+        for seq in 0..4 {
+            let event = Event::parse(std::str::from_utf8(&raw[seq as usize]).unwrap()).unwrap();
+            held.push(
+                Work {
+                    seq,
+                    event,
+                    received: None,
+                },
+                now,
+            );
+        }
+        for seq in [2, 3] {
+            let m = held.decided(v, seq);
+            let mut c = crate::store::Changes::new();
+            if let Some(w) = m.watermark {
+                c.inbox_watermark(m.vshard, w);
+            }
+            if let Some(s) = m.above {
+                c.inbox_above(m.vshard, s, false);
+            }
+            store.commit(c);
+        }
+        store.flush().unwrap();
+        // A crash here: 0 and 1 are still to decide, 2 and 3 are not.
+        let r = recover(&store).unwrap();
+        let got: Vec<&str> = r.work.iter().map(|w| w.event.message_id.as_str()).collect();
+        assert_eq!(got, ["m0", "m1"]);
+        assert_eq!(r.above.len(), 2);
+        // Once 0 and 1 are decided the watermark stands at 1 (only what
+        // this run received counts: a recovered event not yet received
+        // must never be passed), and the records above it stay until a
+        // later event of the shard takes the watermark past them.
+        let mut held = crate::reorder::Reorder::new(crate::reorder::Policy {
+            clock: crate::config::Clock::Event,
+            window: std::time::Duration::ZERO,
+            max_held: 100,
+        });
+        held.restore_above(v, r.above.iter().map(|(_, s)| *s));
+        for w in r.work {
+            held.push(w, now);
+        }
+        let commit = |m: crate::reorder::InboxMark| {
+            let mut c = crate::store::Changes::new();
+            if let Some(w) = m.watermark {
+                c.inbox_watermark(m.vshard, w);
+            }
+            for &s in &m.forget {
+                c.inbox_above(m.vshard, s, true);
+            }
+            store.commit(c);
+            (m.watermark, m.forget)
+        };
+        assert_eq!(commit(held.decided(v, 0)), (Some(0), vec![]));
+        assert_eq!(commit(held.decided(v, 1)), (Some(1), vec![]));
+        store.flush().unwrap();
+        let again = recover(&store).unwrap();
+        assert!(again.work.is_empty());
+        assert_eq!(again.above.len(), 2);
+        let event = Event::parse(
+            r#"{"type":"track","event":"E","userId":"u","messageId":"m4","timestamp":"2026-01-01T00:00:09Z"}"#,
+        )
+        .unwrap();
+        held.push(
+            Work {
+                seq: 4,
+                event,
+                received: None,
+            },
+            now,
+        );
+        assert_eq!(commit(held.decided(v, 4)), (Some(4), vec![2, 3]));
+        store.flush().unwrap();
+        let again = recover(&store).unwrap();
+        assert!(again.work.is_empty() && again.above.is_empty());
     }
 }

@@ -24,6 +24,8 @@
 //! - [`config`]: `nudge serve`'s TOML configuration.
 //! - [`ingest`]: Segment-compatible requests: auth, gzip, limits, validation.
 //! - [`inbox`]: durable acknowledgement by group commit, de-duplication.
+//! - [`reorder`]: each serve worker's hold on accepted events, released in
+//!   event-time order; the inbox marks that keep that crash-safe.
 //! - [`intake`]: what a replay admits from its file: text, the clock, duplicates.
 //! - [`serve`]: the live server's threads, start-up recovery and shutdown.
 //! - [`listener`]: accepting HTTP connections: limits, timeouts, back-off.
@@ -64,6 +66,7 @@ pub mod metrics;
 pub mod plugins;
 pub mod reload;
 pub mod remote;
+pub mod reorder;
 pub mod replay;
 pub mod report;
 pub mod rules;

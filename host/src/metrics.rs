@@ -34,6 +34,8 @@ pub struct Metrics {
     rejected: Family<Labels, Counter>,
     pub timers_fired: Counter,
     pub timers_late: Counter,
+    pub events_late: Counter,
+    pub events_held: Gauge<i64, AtomicI64>,
     decisions: Family<Labels, Counter>,
     deliveries: Family<Labels, Counter>,
     plugin_faults: Family<Labels, Counter>,
@@ -70,6 +72,8 @@ impl Metrics {
             rejected: Family::default(),
             timers_fired: Counter::default(),
             timers_late: Counter::default(),
+            events_late: Counter::default(),
+            events_held: Gauge::default(),
             decisions: Family::default(),
             deliveries: Family::default(),
             plugin_faults: Family::default(),
@@ -125,6 +129,16 @@ impl Metrics {
             "timers_late",
             "Timers fired more than a second after they fell due (e.g. after downtime)",
             m.timers_late.clone(),
+        );
+        registry.register(
+            "events_late",
+            "Events that arrived after what they should have preceded was decided (see server.reorder_window): decided on arrival and marked",
+            m.events_late.clone(),
+        );
+        registry.register(
+            "events_held",
+            "Acknowledged events held for event-time order, not yet decided",
+            m.events_held.clone(),
         );
         registry.register("decisions", "Decisions, by outcome", m.decisions.clone());
         registry.register(

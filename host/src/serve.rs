@@ -14,13 +14,14 @@ use crate::config::{Clock, Config};
 use crate::controls::{Controls, QuarantinePolicy};
 use crate::deliver::{self, Deliverer};
 use crate::event::now_ms;
-use crate::generation::Current;
+use crate::generation::{Current, Generation};
 use crate::inbox::{Groups, Inbox, Work};
 use crate::metrics::Metrics;
 use crate::plugins::Runtime;
 use crate::reload::{Reloader, Sources};
+use crate::reorder::{Policy, Released, Reorder};
 use crate::replay::PluginSource;
-use crate::store::{shard_of, Store};
+use crate::store::{shard_of, vshard_of, Store};
 use crate::worker::Worker;
 
 #[derive(Debug, thiserror::Error)]
@@ -152,6 +153,8 @@ pub async fn run_with(
     }
     let inflight = Arc::new(AtomicUsize::new(0));
 
+    let recovered = crate::inbox::recover(&store)?;
+
     // Workers.
     let mut senders = Vec::with_capacity(workers);
     let mut worker_threads = Vec::with_capacity(workers);
@@ -168,17 +171,28 @@ pub async fn run_with(
         worker.controls = Some(controls.clone());
         let (current, inflight, metrics) = (current.clone(), inflight.clone(), metrics.clone());
         let clock = cfg.server.clock;
+        let mut held = Reorder::new(Policy {
+            clock,
+            window: cfg.server.reorder_window(),
+            // Under ingest's in-flight bound, so a full buffer releases
+            // rather than ingest refusing.
+            max_held: (cfg.ingest.max_inflight_events / (2 * workers)).max(1),
+        });
+        for &(v, seq) in &recovered.above {
+            if v % workers == shard {
+                held.restore_above(v, [seq]);
+            }
+        }
         worker_threads.push(
             std::thread::Builder::new()
                 .name(format!("nudge-worker-{shard}"))
-                .spawn(move || work(worker, rx, current, clock, inflight, metrics))
+                .spawn(move || work(worker, rx, current, clock, held, inflight, metrics))
                 .map_err(io("worker thread"))?,
         );
         senders.push(tx);
     }
 
     // Events acknowledged before a crash and not decided: first in line.
-    let recovered = crate::inbox::recover(&store)?;
     if !recovered.work.is_empty() {
         tracing::info!(
             events = recovered.work.len(),
@@ -348,70 +362,99 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// One worker's loop: takes what ingest accepted into its reorder buffer,
+/// decides what the buffer releases, and runs timers on its clock.
 fn work(
     mut worker: Worker,
     rx: Receiver<Work>,
     current: Arc<Current>,
     clock: Clock,
+    mut held: Reorder,
     inflight: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
 ) {
     let mut out = Vec::new();
+    let mut decide = |worker: &mut Worker, held: &mut Reorder, gen: &Generation, r: Released| {
+        let ev = &r.work.event;
+        let mark = held.decided(vshard_of(&ev.customer), r.work.seq);
+        if let Some(late_ms) = r.late_ms {
+            metrics.events_late.inc();
+            tracing::warn!(message_id = %ev.message_id, customer = %ev.customer, late_ms, "event arrived late: decided on arrival");
+        }
+        let mut result = Ok(());
+        if clock == Clock::Event {
+            result = worker.run_timers(gen, ev.ts, &mut out);
+        }
+        let result =
+            result.and_then(|_| worker.handle_event(gen, ev, Some(&mark), r.late_ms, &mut out));
+        if let Err(e) = result {
+            // Not committed: the event stays in the inbox and is decided
+            // again at the next start.
+            tracing::error!(message_id = %ev.message_id, customer = %ev.customer, "event not decided: {e}");
+        }
+        out.clear();
+        inflight.fetch_sub(1, Ordering::AcqRel);
+        metrics.events_processed.inc();
+        if let Some(at) = r.work.received {
+            metrics
+                .event_to_decision_seconds
+                .observe(at.elapsed().as_secs_f64());
+        }
+    };
+    let mut timer_out = Vec::new();
+    let mut counted = 0;
     loop {
-        let wait = match (clock, worker.next_due()) {
+        let mut wait = match (clock, worker.next_due()) {
             (Clock::Wall, Some(due)) => {
                 Duration::from_millis((due - now_ms()).clamp(0, IDLE.as_millis() as i64) as u64)
             }
             _ => IDLE,
         };
+        if let Some(w) = held.next_wake(Instant::now()) {
+            wait = wait.min(w);
+        }
         let received = rx.recv_timeout(wait);
         // Loaded after the wait: an event that arrives after a swap is
         // decided by the new generation.
         let gen = current.load();
         worker.begin(&gen);
-        match received {
+        let stopping = match received {
             Ok(first) => {
                 // Whatever else is queued goes in the same pass: one
                 // generation load and one timer check per pass, not per
                 // event.
-                let mut batch = vec![first];
-                batch.extend(rx.try_iter().take(BATCH - 1));
-                if clock == Clock::Wall {
-                    if let Err(e) = worker.run_timers(&gen, now_ms(), &mut out) {
-                        tracing::error!("timers not run: {e}");
+                let now = Instant::now();
+                for w in std::iter::once(first).chain(rx.try_iter().take(BATCH - 1)) {
+                    if let Some(late) = held.push(w, now) {
+                        decide(&mut worker, &mut held, &gen, late);
                     }
                 }
-                for w in batch {
-                    let mut result = Ok(());
-                    if clock == Clock::Event {
-                        result = worker.run_timers(&gen, w.event.ts, &mut out);
-                    }
-                    let result = result
-                        .and_then(|_| worker.handle_event(&gen, &w.event, Some(w.seq), &mut out));
-                    if let Err(e) = result {
-                        // Not committed: the event stays in the inbox and
-                        // is decided again at the next start.
-                        tracing::error!(message_id = %w.event.message_id, customer = %w.event.customer, "event not decided: {e}");
-                    }
-                    out.clear();
-                    inflight.fetch_sub(1, Ordering::AcqRel);
-                    metrics.events_processed.inc();
-                    if let Some(r) = w.received {
-                        metrics
-                            .event_to_decision_seconds
-                            .observe(r.elapsed().as_secs_f64());
-                    }
-                }
+                false
             }
-            Err(RecvTimeoutError::Timeout) => {
-                if clock == Clock::Wall {
-                    if let Err(e) = worker.run_timers(&gen, now_ms(), &mut out) {
-                        tracing::error!("timers not run: {e}");
-                    }
-                    out.clear();
-                }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        if clock == Clock::Wall {
+            if let Err(e) = worker.run_timers(&gen, now_ms(), &mut timer_out) {
+                tracing::error!("timers not run: {e}");
             }
-            Err(RecvTimeoutError::Disconnected) => return,
+            timer_out.clear();
+        }
+        let now = Instant::now();
+        while let Some(r) = held.pop(now) {
+            decide(&mut worker, &mut held, &gen, r);
+        }
+        if stopping {
+            // Shutdown: what is held is decided now, in order.
+            for r in held.drain() {
+                decide(&mut worker, &mut held, &gen, r);
+            }
+        }
+        let n = held.len() as i64;
+        metrics.events_held.inc_by(n - counted);
+        counted = n;
+        if stopping {
+            return;
         }
     }
 }

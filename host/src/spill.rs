@@ -153,6 +153,8 @@ fn decode(r: &mut impl Read) -> std::io::Result<Option<Decision>> {
         campaign: get_str(r)?,
         channel: get_str(r)?,
         trigger: get_str(r)?,
+        // Replay's decisions are never late.
+        late_ms: None,
     }))
 }
 
@@ -242,6 +244,7 @@ mod tests {
             outcome: Outcome::ALL[n % 6],
             channel: "email".into(),
             trigger: format!("m{n}"),
+            late_ms: None,
         }
     }
 

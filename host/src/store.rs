@@ -13,6 +13,7 @@
 //! | `D` ts customer `\0` campaign | decision log, ordered as the output |
 //! | `V` ts customer `\0` campaign | when that decision converted (its goal event's time) |
 //! | `W` vshard | inbox watermark: every event of the virtual shard up to it is decided |
+//! | `X` vshard seq | an event of the virtual shard decided above its watermark (held events were released out of arrival order) |
 //! | `O` delivery id | outbox: a `sent` decision's delivery, until delivered |
 //! | `L` delivery id | dead letters: deliveries that failed for good |
 //! | `A` customer `\0` action id | the contact centre's action queue |
@@ -334,6 +335,8 @@ pub struct InboxState {
     pub groups: Vec<(u64, InboxGroup)>,
     /// Virtual shard → last decided sequence number.
     pub watermarks: Vec<(usize, u64)>,
+    /// Events decided above their shard's watermark: (virtual shard, seq).
+    pub above: Vec<(usize, u64)>,
 }
 
 /// What a persist wrote that others wait for.
@@ -931,6 +934,16 @@ impl Store {
                 _ => return Err(corrupt("inbox watermark", &k)),
             }
         }
+        for k in self.db.scan_prefix(b"X").keys() {
+            let k = k?;
+            match (k.get(1..3), k.get(3..11)) {
+                (Some(v), Some(seq)) if k.len() == 11 => state.above.push((
+                    usize::from(u16::from_be_bytes([v[0], v[1]])),
+                    u64::from_be_bytes(seq.try_into().unwrap_or_default()),
+                )),
+                _ => return Err(corrupt("inbox record above the watermark", &k)),
+            }
+        }
         Ok(state)
     }
 
@@ -1170,6 +1183,19 @@ impl Changes {
     /// this one's effects included in this commit.
     pub fn inbox_watermark(&mut self, vshard: usize, seq: u64) {
         self.put(watermark_key(vshard).to_vec(), seq.to_be_bytes().to_vec());
+    }
+
+    /// Records event `seq` of `vshard` as decided although its watermark is
+    /// below it (`forget`: the watermark has passed it, the record goes).
+    pub fn inbox_above(&mut self, vshard: usize, seq: u64, forget: bool) {
+        let mut k = vec![b'X'];
+        k.extend_from_slice(&(vshard.min(u16::MAX as usize) as u16).to_be_bytes());
+        k.extend_from_slice(&seq.to_be_bytes());
+        if forget {
+            self.del(k)
+        } else {
+            self.put(k, Vec::new())
+        }
     }
 
     /// A delivery to make once this commit is durable.

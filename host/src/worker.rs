@@ -21,6 +21,7 @@ use crate::plugins::{
     Action, Call, CallInput, Effects, Fault, Firing, Instances, Plugin, Recipient, Runtime,
     Treatment,
 };
+use crate::reorder::InboxMark;
 use crate::rules::{EvalScope, Facts};
 use crate::store::{Changes, DueTimer, History, Store, StoreError, Timer};
 
@@ -34,6 +35,9 @@ pub struct Decision {
     pub channel: String,
     /// `messageId` of the triggering event.
     pub trigger: String,
+    /// Live server: the triggering event arrived this late (milliseconds
+    /// behind what was already decided; see `reorder`).
+    pub late_ms: Option<i64>,
 }
 
 /// The output shape, fields in the order of SPEC §4.
@@ -45,6 +49,8 @@ struct DecisionLine<'a> {
     outcome: &'static str,
     channel: &'a str,
     trigger: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    late_ms: Option<i64>,
 }
 
 impl Decision {
@@ -57,6 +63,7 @@ impl Decision {
             outcome: self.outcome.as_str(),
             channel: &self.channel,
             trigger: &self.trigger,
+            late_ms: self.late_ms,
         })
         .unwrap_or_default()
     }
@@ -226,6 +233,8 @@ pub struct Worker {
     pub metrics: Option<Arc<Metrics>>,
     /// How late the timer being handled fired (live only).
     late_ms: Option<i64>,
+    /// How late the event being handled arrived (live only).
+    event_late_ms: Option<i64>,
     /// Paused campaigns and quarantined plugins; faults are reported here.
     pub controls: Option<Arc<Controls>>,
     /// The controls as of this batch.
@@ -262,6 +271,7 @@ impl Worker {
             mark_late: false,
             metrics: None,
             late_ms: None,
+            event_late_ms: None,
             controls: None,
             view: Arc::new(View::default()),
             gen_number: 0,
@@ -299,7 +309,7 @@ impl Worker {
         out: &mut Vec<Decision>,
     ) -> Result<(), WorkerError> {
         self.run_timers(gen, ev.ts, out)?;
-        self.handle_event(gen, ev, None, out)
+        self.handle_event(gen, ev, None, None, out)
     }
 
     /// Fires every timer due at or before `now`, in (due, customer) order.
@@ -552,19 +562,30 @@ impl Worker {
     }
 
     /// Processes `ev` without firing timers first (the caller runs them on
-    /// its clock). `inbox`: the event's inbox sequence number, recorded as
-    /// decided in the same commit as its effects.
+    /// its clock). `inbox`: where the event's inbox shard stands once it is
+    /// decided, committed with its effects. `late_ms`: the event arrived
+    /// late, by this much (marked on its decisions).
     pub fn handle_event(
         &mut self,
         gen: &Generation,
         ev: &Event,
-        inbox: Option<u64>,
+        inbox: Option<&InboxMark>,
+        late_ms: Option<i64>,
         out: &mut Vec<Decision>,
     ) -> Result<(), WorkerError> {
         self.stats.events += 1;
+        self.event_late_ms = late_ms;
         let mut changes = Changes::new();
-        if let Some(seq) = inbox {
-            changes.inbox_watermark(crate::store::vshard_of(&ev.customer), seq);
+        if let Some(m) = inbox {
+            if let Some(w) = m.watermark {
+                changes.inbox_watermark(m.vshard, w);
+            }
+            if let Some(seq) = m.above {
+                changes.inbox_above(m.vshard, seq, false);
+            }
+            for &seq in &m.forget {
+                changes.inbox_above(m.vshard, seq, true);
+            }
         }
         let key = match ev.kind {
             Kind::Identify => {
@@ -801,6 +822,7 @@ impl Worker {
                 outcome: o,
                 channel: c.channel.to_owned(),
                 trigger: trigger.to_owned(),
+                late_ms: self.event_late_ms,
             };
             changes.decision(now, customer, c.campaign, d.to_json());
             out.push(d);
