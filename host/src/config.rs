@@ -89,7 +89,7 @@ pub struct Server {
     pub clock: Clock,
     /// How long each event is held after it arrives, so that events whose
     /// requests overtook each other are still decided in timestamp order
-    /// (`reorder`). Unset: 50ms on the wall clock, 5s on the event clock.
+    /// (`reorder`). Unset: 50ms on the wall clock, 10s on the event clock.
     /// "0s": decide in arrival order.
     pub reorder_window: Option<Dur>,
     pub log_format: LogFormat,
@@ -117,7 +117,7 @@ impl Server {
                 Clock::Wall => Duration::from_millis(50),
                 // A backfill through concurrent SDK batches, retries after
                 // a 503 included; what is held is the rate times this.
-                Clock::Event => Duration::from_secs(5),
+                Clock::Event => Duration::from_secs(10),
             },
             |d| d.0,
         )
