@@ -17,6 +17,13 @@ cat > "$work/bench-serve.toml" <<TOML
 [smtp]
 port = $port
 TOML
+# The same with the reorder window off: what holding events costs.
+cat > "$work/bench-serve-window0.toml" <<TOML
+[server]
+reorder_window = "0s"
+[smtp]
+port = $port
+TOML
 
 run() { # label, config, extra args...
   local label=$1 config=$2; shift 2
@@ -30,6 +37,7 @@ for i in $(seq "$runs"); do
   run floor-b500-c4 tests/fixtures/bench-floor/nudge.toml --events 300000 --batch 500 --connections 4
   run half-rate-b500-c4 "$work/bench-serve.toml" --events 200000 --batch 500 --connections 4 --rate 25000
   run half-rate-b100-c8 "$work/bench-serve.toml" --events 200000 --batch 100 --connections 8 --rate 25000
+  run half-rate-b100-c8-window0 "$work/bench-serve-window0.toml" --events 200000 --batch 100 --connections 8 --rate 25000
 done | python3 -c '
 import sys, json, statistics
 runs = {}
