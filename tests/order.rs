@@ -256,3 +256,56 @@ fn on_the_wall_clock_a_product_added_that_arrives_after_its_order_does_not_fire_
         "in arrival order the cart fires: {unheld:?}"
     );
 }
+
+#[test]
+fn with_late_refuse_ingest_answers_400_naming_the_late_event() {
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path(), Clock::Event);
+    cfg.server.reorder_window = Some(nudge::config::Dur(Duration::from_millis(100)));
+    cfg.server.late = nudge::config::Late::Refuse;
+    cfg.server.workers = 1;
+    let server = Server::start(cfg);
+    let t = 1_780_000_000_000;
+    let track = |id: &str, ts: i64| {
+        serde_json::to_vec(
+            &json!({"batch": [{"type": "track", "userId": "c-1", "messageId": id,
+            "event": "Login", "timestamp": nudge::event::format_ts(ts)}]}),
+        )
+        .unwrap()
+    };
+    let r = server.post("/v1/batch", Some(AUTH), &[], track("m-new", t + 3_600_000));
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_processed(&server, 1.0);
+    let r = server.post("/v1/batch", Some(AUTH), &[], track("m-old", t));
+    assert_eq!(r.status, 400, "{}", r.body);
+    let error = r.json()["error"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error.contains("\"m-old\"") && error.contains("server.late"),
+        "{error}"
+    );
+    assert_eq!(server.metric("nudge_events_late_total"), 1.0);
+    // A retry of the accepted one is acknowledged as a duplicate.
+    let r = server.post("/v1/batch", Some(AUTH), &[], track("m-new", t + 3_600_000));
+    assert_eq!(
+        (r.status, r.json()["duplicates"].clone()),
+        (200, json!(1)),
+        "{}",
+        r.body
+    );
+    server.stop().unwrap();
+    assert_eq!(
+        decisions(data.path())
+            .iter()
+            .filter(|d| d["trigger"] == "m-old")
+            .count(),
+        0
+    );
+    // On the wall clock ingest cannot tell: the setting is refused, named.
+    let e = nudge::config::Config::parse(
+        Path::new("nudge.toml"),
+        "[server]\nclock = \"wall\"\nlate = \"refuse\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("nudge.toml") && e.contains("late"), "{e}");
+}

@@ -175,6 +175,26 @@ async fn ingest(s: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body)
         Ok(p) => p,
         Err(e) => return ingest_error(&s, e),
     };
+    if s.cfg.server.late == crate::config::Late::Refuse {
+        for inc in &parsed.events {
+            let ev = &inc.event;
+            let late = s.watermarks.of(&ev.customer).filter(|w| ev.ts < *w);
+            // A retry of what was accepted is a duplicate, not late.
+            if let Some(w) = late.filter(|_| !s.store.seen_message(&ev.message_id).unwrap_or(false))
+            {
+                s.metrics.events_late.inc();
+                return ingest_error(
+                    &s,
+                    IngestError::Malformed(format!(
+                        "event {:?}: timestamp {} is before {}, up to which this server has already decided on the event clock (server.late = \"refuse\"): send history in timestamp order, or widen server.reorder_window",
+                        ev.message_id,
+                        crate::event::format_ts(ev.ts),
+                        crate::event::format_ts(w)
+                    )),
+                );
+            }
+        }
+    }
     s.metrics
         .events_unattributed
         .inc_by(parsed.unattributed as u64);

@@ -51,6 +51,20 @@ pub enum Clock {
     Event,
 }
 
+/// What becomes of a late event (`reorder`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Late {
+    /// Decided on arrival, counted, and marked `late_ms` in its decisions.
+    #[default]
+    Decide,
+    /// Refused at ingest (400 naming the event) when ingest can tell: on
+    /// the event clock, an event older than its worker's watermark. One
+    /// that becomes late between ingest and its worker is decided and
+    /// marked.
+    Refuse,
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -92,6 +106,10 @@ pub struct Server {
     /// (`reorder`). Unset: 50ms on the wall clock, 10s on the event clock.
     /// "0s": decide in arrival order.
     pub reorder_window: Option<Dur>,
+    /// An event older than what it should have preceded, already decided:
+    /// "decide" it on arrival, marked late, or (event clock only)
+    /// "refuse" it at ingest with 400 naming it.
+    pub late: Late,
     pub log_format: LogFormat,
     /// How long graceful shutdown waits for deliveries in flight.
     pub shutdown_grace: Dur,
@@ -417,6 +435,7 @@ impl Default for Server {
             workers: 0,
             clock: Clock::Wall,
             reorder_window: None,
+            late: Late::Decide,
             log_format: LogFormat::Text,
             shutdown_grace: Dur(Duration::from_secs(10)),
             max_connections: 1024,
@@ -507,6 +526,18 @@ impl Config {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let c: Config = Config::parse_toml(path, text)?;
+        if c.server.late == Late::Refuse && c.server.clock == Clock::Wall {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: String::new(),
+                message: "server.late = \"refuse\" needs clock = \"event\": on the wall clock an event is late only against its customer's last decided event, which ingest cannot see".into(),
+            });
+        }
+        Ok(c)
+    }
+
+    fn parse_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| {
             let line = e
                 .span()

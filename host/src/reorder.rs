@@ -16,6 +16,10 @@
 //! the earliest is released at once, so memory is bounded whatever the
 //! rate.
 //!
+//! The clock timers see is the watermark: on the event clock the
+//! timestamp of the event being released, on the wall clock now less the
+//! window, so a timer never fires ahead of an event still held.
+//!
 //! An event that should have come before something already decided is
 //! **late**: it is not held but handed back to be decided at once, and
 //! marked. On the event clock that is anything older than the worker's
@@ -36,6 +40,8 @@
 //! rest in the same order.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::Clock;
@@ -44,6 +50,33 @@ use crate::inbox::Work;
 /// Customers whose last released timestamp one worker remembers (wall
 /// clock), at most.
 pub const CUSTOMERS: usize = 200_000;
+
+/// Each worker's watermark (the latest timestamp it released), for
+/// ingest to refuse what is already late (`server.late = "refuse"`).
+#[derive(Clone)]
+pub struct Watermarks(Arc<[AtomicI64]>);
+
+impl Watermarks {
+    pub fn new(workers: usize) -> Watermarks {
+        Watermarks(
+            (0..workers.max(1))
+                .map(|_| AtomicI64::new(i64::MIN))
+                .collect(),
+        )
+    }
+
+    /// The watermark of the worker that decides `customer`.
+    pub fn of(&self, customer: &str) -> Option<i64> {
+        let w = self.0[crate::store::shard_of(customer, self.0.len())].load(Ordering::Acquire);
+        (w != i64::MIN).then_some(w)
+    }
+
+    pub fn set(&self, shard: usize, ts: i64) {
+        if let Some(w) = self.0.get(shard) {
+            w.fetch_max(ts, Ordering::AcqRel);
+        }
+    }
+}
 
 /// How a worker's events are held and released.
 #[derive(Clone, Copy, Debug)]
@@ -106,6 +139,8 @@ pub struct Reorder {
     held_seqs: HashMap<usize, BTreeSet<u64>>,
     highest: HashMap<usize, u64>,
     above: HashMap<usize, BTreeSet<u64>>,
+    /// Where this worker's watermark is published for ingest.
+    published: Option<(Watermarks, usize)>,
 }
 
 impl Reorder {
@@ -119,7 +154,13 @@ impl Reorder {
             held_seqs: HashMap::new(),
             highest: HashMap::new(),
             above: HashMap::new(),
+            published: None,
         }
+    }
+
+    /// Publishes the watermark as worker `shard`'s in `marks`.
+    pub fn publish(&mut self, marks: Watermarks, shard: usize) {
+        self.published = Some((marks, shard));
     }
 
     /// Sequence numbers decided above their shard's watermark before the
@@ -130,6 +171,10 @@ impl Reorder {
 
     pub fn len(&self) -> usize {
         self.held.len()
+    }
+
+    pub fn window(&self) -> Duration {
+        self.policy.window
     }
 
     pub fn is_empty(&self) -> bool {
@@ -190,6 +235,9 @@ impl Reorder {
 
     fn release(&mut self, key: &Key, work: &Work) {
         self.released = Some(self.released.map_or(key.ts, |r| r.max(key.ts)));
+        if let Some((marks, shard)) = &self.published {
+            marks.set(*shard, key.ts);
+        }
         if self.policy.clock == Clock::Wall {
             let last = self
                 .last

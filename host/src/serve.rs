@@ -19,7 +19,7 @@ use crate::inbox::{Groups, Inbox, Work};
 use crate::metrics::Metrics;
 use crate::plugins::Runtime;
 use crate::reload::{Reloader, Sources};
-use crate::reorder::{Policy, Released, Reorder};
+use crate::reorder::{Policy, Released, Reorder, Watermarks};
 use crate::replay::PluginSource;
 use crate::store::{shard_of, vshard_of, Store};
 use crate::worker::Worker;
@@ -73,6 +73,8 @@ pub struct Shared {
     pub current: Arc<Current>,
     pub reloader: Arc<Reloader>,
     pub ids: crate::ingest::MessageIds,
+    /// Each worker's event-time watermark (`server.late = "refuse"`).
+    pub watermarks: Watermarks,
     pub deliver: std::sync::Mutex<Option<Sender<deliver::Input>>>,
 }
 
@@ -155,6 +157,8 @@ pub async fn run_with(
 
     let recovered = crate::inbox::recover(&store)?;
 
+    let watermarks = Watermarks::new(workers);
+
     // Workers.
     let mut senders = Vec::with_capacity(workers);
     let mut worker_threads = Vec::with_capacity(workers);
@@ -170,6 +174,7 @@ pub async fn run_with(
         worker.metrics = Some(metrics.clone());
         worker.controls = Some(controls.clone());
         let (current, inflight, metrics) = (current.clone(), inflight.clone(), metrics.clone());
+        let marks = watermarks.clone();
         let clock = cfg.server.clock;
         let mut held = Reorder::new(Policy {
             clock,
@@ -178,6 +183,7 @@ pub async fn run_with(
             // rather than ingest refusing.
             max_held: (cfg.ingest.max_inflight_events / (2 * workers)).max(1),
         });
+        held.publish(marks, shard);
         for &(v, seq) in &recovered.above {
             if v % workers == shard {
                 held.restore_above(v, [seq]);
@@ -291,6 +297,7 @@ pub async fn run_with(
         current: current.clone(),
         reloader: reloader.clone(),
         ids: crate::ingest::MessageIds::new(),
+        watermarks,
         deliver: std::sync::Mutex::new(Some(deliver_tx)),
     });
     let addr = listener.local_addr().map_err(io("listener"))?;
@@ -403,10 +410,15 @@ fn work(
     };
     let mut timer_out = Vec::new();
     let mut counted = 0;
+    // Wall clock: timers run at now less the window, so a timer never
+    // fires ahead of an event that was sent before it fell due and is
+    // still held.
+    let hold = held.window().as_millis() as i64;
+    let timer_clock = || now_ms() - hold;
     loop {
         let mut wait = match (clock, worker.next_due()) {
             (Clock::Wall, Some(due)) => {
-                Duration::from_millis((due - now_ms()).clamp(0, IDLE.as_millis() as i64) as u64)
+                Duration::from_millis((due - timer_clock()).clamp(0, IDLE.as_millis() as i64) as u64)
             }
             _ => IDLE,
         };
@@ -435,7 +447,7 @@ fn work(
             Err(RecvTimeoutError::Disconnected) => true,
         };
         if clock == Clock::Wall {
-            if let Err(e) = worker.run_timers(&gen, now_ms(), &mut timer_out) {
+            if let Err(e) = worker.run_timers(&gen, timer_clock(), &mut timer_out) {
                 tracing::error!("timers not run: {e}");
             }
             timer_out.clear();
