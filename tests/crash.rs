@@ -488,20 +488,5 @@ fn sigkill_while_events_are_held_decides_each_once_in_time_order_after_restarts(
             .status();
         c.wait().unwrap();
     }
-    let got: Vec<u8> = Store::open(&dir.path().join("data"))
-        .unwrap()
-        .decisions()
-        .flat_map(|d| {
-            let mut d = d.unwrap();
-            d.push(b'\n');
-            d
-        })
-        .collect();
-    let want = std::fs::read(fixture("seed1/decisions.jsonl")).unwrap();
-    assert!(
-        got == want,
-        "after two kills the decisions differ from replay: {} vs {} lines",
-        String::from_utf8_lossy(&got).lines().count(),
-        String::from_utf8_lossy(&want).lines().count()
-    );
+    assert_decides_as_replay(&dir.path().join("data"), "after two kills");
 }

@@ -140,20 +140,22 @@ fn prepare_python() -> (PathBuf, Option<PathBuf>) {
         (lib.clone(), ("python3".into(), Some(lib.clone())))
     };
     std::fs::write(tmp.join("requirements.txt"), &wanted).expect("venv stamp");
-    if dest.exists() && !ready(&dest) {
-        // Made for other pins.
-        let _ = std::fs::remove_dir_all(&dest);
-    }
-    if std::fs::rename(&tmp, &dest).is_err() {
-        // Another test binary finished first: use its environment.
-        let _ = std::fs::remove_dir_all(&tmp);
-        assert!(
-            ready(&dest),
-            "cannot put the test peers in {}",
-            dest.display()
-        );
-    }
+    put_in_place(&tmp, &dest, ready, "the test peers");
     result
+}
+
+/// Moves an environment built beside its place (`tmp`) into it (`dest`),
+/// so a test binary running at the same time never sees half of one: one
+/// made for other pins is replaced, and when another binary got there
+/// first, its environment is used.
+fn put_in_place(tmp: &Path, dest: &Path, ready: impl Fn(&Path) -> bool, what: &str) {
+    if dest.exists() && !ready(dest) {
+        let _ = std::fs::remove_dir_all(dest);
+    }
+    if std::fs::rename(tmp, dest).is_err() {
+        let _ = std::fs::remove_dir_all(tmp);
+        assert!(ready(dest), "cannot put {what} in {}", dest.display());
+    }
 }
 
 /// The test's Node packages (real SDKs), pinned by their lockfile.
@@ -226,8 +228,9 @@ fn prepare_node() -> PathBuf {
             (bin.clone(), vec![bin, cli])
         }
     };
-    let stamp = dir.join("packages.stamp");
-    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+    let ready =
+        |d: &Path| std::fs::read_to_string(d.join("packages.stamp")).is_ok_and(|s| s == wanted);
+    if ready(&dir) {
         return node;
     }
     let tmp = target.join(format!("test-node.tmp{}", std::process::id()));
@@ -254,15 +257,7 @@ fn prepare_node() -> PathBuf {
         NODE_PACKAGES[0]
     );
     std::fs::write(tmp.join("packages.stamp"), &wanted).expect("node stamp");
-    let _ = std::fs::remove_dir_all(&dir);
-    if std::fs::rename(&tmp, &dir).is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        assert!(
-            std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted),
-            "cannot put the test SDKs in {}",
-            dir.display()
-        );
-    }
+    put_in_place(&tmp, &dir, ready, "the test SDKs");
     node
 }
 
@@ -546,6 +541,42 @@ pub fn decisions(data: &Path) -> Vec<serde_json::Value> {
         .decisions()
         .map(|d| serde_json::from_slice(&d.expect("decision")).expect("decision JSON"))
         .collect()
+}
+
+/// The decision log, byte for byte, as replay writes it.
+pub fn decision_log(data: &Path) -> Vec<u8> {
+    nudge::store::Store::open(data)
+        .expect("store")
+        .decisions()
+        .flat_map(|d| {
+            let mut d = d.expect("decision");
+            d.push(b'\n');
+            d
+        })
+        .collect()
+}
+
+/// Panics, naming the first decision that differs, unless the store in
+/// `data` decided seed1 exactly as replay does (`how`: what was tried).
+pub fn assert_decides_as_replay(data: &Path, how: &str) {
+    let got = decision_log(data);
+    let want = std::fs::read(fixture("seed1/decisions.jsonl")).expect("seed1 decisions");
+    if got != want {
+        let got = String::from_utf8_lossy(&got);
+        let want = String::from_utf8_lossy(&want);
+        let first = got
+            .lines()
+            .zip(want.lines())
+            .position(|(g, w)| g != w)
+            .unwrap_or(got.lines().count().min(want.lines().count()));
+        panic!(
+            "{how}: serve decided differently from replay ({} vs {} decisions); first difference at decision {first}:\n  got  {}\n  want {}",
+            got.lines().count(),
+            want.lines().count(),
+            got.lines().nth(first).unwrap_or("(none)"),
+            want.lines().nth(first).unwrap_or("(none)"),
+        );
+    }
 }
 
 /// A copy of the example rules in a temporary folder, to edit.

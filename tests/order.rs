@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use nudge::config::Clock;
 use nudge::event::now_ms;
-use nudge::store::Store;
 use nudge_integration_tests::*;
 use serde_json::{json, Value};
 
@@ -35,40 +34,6 @@ fn wait_processed(server: &Server, n: f64) {
     eventually(Duration::from_secs(120), "events to be decided", || {
         (server.metric("nudge_events_processed_total") >= n).then_some(())
     });
-}
-
-/// The decision log, byte for byte, as replay writes it.
-fn decision_log(data: &Path) -> Vec<u8> {
-    Store::open(data)
-        .unwrap()
-        .decisions()
-        .flat_map(|d| {
-            let mut d = d.unwrap();
-            d.push(b'\n');
-            d
-        })
-        .collect()
-}
-
-fn assert_decides_as_replay(data: &Path, how: &str) {
-    let got = decision_log(data);
-    let want = std::fs::read(fixture("seed1/decisions.jsonl")).unwrap();
-    if got != want {
-        let got = String::from_utf8_lossy(&got);
-        let want = String::from_utf8_lossy(&want);
-        let first = got
-            .lines()
-            .zip(want.lines())
-            .position(|(g, w)| g != w)
-            .unwrap_or(got.lines().count().min(want.lines().count()));
-        panic!(
-            "{how}: serve decided differently from replay ({} vs {} decisions); first difference at decision {first}:\n  got  {}\n  want {}",
-            got.lines().count(),
-            want.lines().count(),
-            got.lines().nth(first).unwrap_or("(none)"),
-            want.lines().nth(first).unwrap_or("(none)"),
-        );
-    }
 }
 
 /// seed1 through a real Node SDK with its defaults, to serve on the event

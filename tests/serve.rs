@@ -7,7 +7,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use nudge::event::now_ms;
-use nudge::store::Store;
 use nudge_integration_tests::*;
 use serde_json::{json, Value};
 
@@ -57,22 +56,7 @@ fn serve_and_replay_decide_identically() {
     }
     wait_processed(&server, lines.len() as f64);
     server.stop().unwrap();
-    let got: Vec<u8> = Store::open(data.path())
-        .unwrap()
-        .decisions()
-        .flat_map(|d| {
-            let mut d = d.unwrap();
-            d.push(b'\n');
-            d
-        })
-        .collect();
-    let want = std::fs::read(fixture("seed1/decisions.jsonl")).unwrap();
-    assert!(
-        got == want,
-        "serve decided differently from replay: {} vs {} bytes",
-        got.len(),
-        want.len()
-    );
+    assert_decides_as_replay(data.path(), "batches in order");
 }
 
 #[test]
