@@ -20,6 +20,7 @@
 //! - [`decide`]: the pure decision pipeline. No I/O.
 //! - [`worker`]: one event's way through the house.
 //! - [`report`]: goals, control vs treated, uplift.
+//! - [`stats`]: the statistics of a result: rates, intervals, SRM, verdicts.
 //! - [`replay`]: `nudge replay`, a file of events through a worker.
 //! - [`config`]: `nudge serve`'s TOML configuration.
 //! - [`ingest`]: Segment-compatible requests: auth, gzip, limits, validation.
@@ -74,6 +75,7 @@ pub mod seen;
 pub mod serve;
 pub mod sort;
 pub mod spill;
+pub mod stats;
 pub mod store;
 pub mod worker;
 
