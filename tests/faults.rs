@@ -66,6 +66,7 @@ fn run(dir: &Path, fault: Option<&str>, deadline: Duration) -> (Summary, String)
         workers: 2,
         budget: nudge::store::Budget::default(),
         sort: false,
+        measure: None,
     };
     let summary = replay::run(&opts).unwrap();
     let decisions = std::fs::read_to_string(&opts.decisions).unwrap();

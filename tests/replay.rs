@@ -19,6 +19,7 @@ fn options(events: std::path::PathBuf, out: &std::path::Path) -> Options {
         workers: 2,
         budget: nudge::store::Budget::default(),
         sort: false,
+        measure: None,
     }
 }
 

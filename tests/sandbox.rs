@@ -80,6 +80,7 @@ fn options(dir: &Path, label: &str, s: &Setup) -> Options {
         workers: 2,
         budget: nudge::store::Budget::default(),
         sort: false,
+        measure: None,
     }
 }
 

@@ -94,6 +94,12 @@ enum Command {
         /// MiB the store's caches share (as `[store] memory_mib`).
         #[arg(long, default_value_t = crate::store::Budget::DEFAULT_MIB)]
         memory_mib: usize,
+        /// Where to write each campaign's measured result: customers
+        /// treated and control, rates, the difference with its intervals,
+        /// incremental conversions and value, cost, net value, SRM, status,
+        /// funnel and timing (JSON Lines, one campaign a line).
+        #[arg(long)]
+        measure: Option<PathBuf>,
         #[command(flatten)]
         sources: Sources,
     },
@@ -428,10 +434,12 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
             workers,
             sort,
             memory_mib,
+            measure,
             sources,
         } => {
             let opts = replay::Options {
                 sort,
+                measure,
                 budget: crate::store::Budget::mib(memory_mib),
                 events: events.clone(),
                 decisions,
@@ -454,7 +462,7 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
             for ((plugin, kind), n) in &summary.stats.faults {
                 eprintln!("plugin {plugin}: {n} calls failed ({kind})");
             }
-            print!("{}", crate::report::to_table(&summary.report));
+            eprint!("{}", crate::measure::to_table(&summary.measures));
             eprintln!("{}", summary.line());
             Ok(())
         }

@@ -248,6 +248,7 @@ mod tests {
             ChannelPolicy {
                 consent_trait: Some("consent_email".into()),
                 plugin: None,
+                cost: 0.0,
             },
         );
         p.channels.insert(
@@ -255,6 +256,7 @@ mod tests {
             ChannelPolicy {
                 consent_trait: Some("consent_sms".into()),
                 plugin: None,
+                cost: 0.0,
             },
         );
         p.channels.insert("agent".into(), ChannelPolicy::default());

@@ -36,6 +36,8 @@
 //!   agent queue; retries and dead letters.
 //! - [`mail`]: the SMTP client (pooled, `TCP_NODELAY`).
 //! - [`manifest`]: what a plugin may ask the host to do.
+//! - [`measure`]: what every campaign achieved: uplift with intervals,
+//!   value, cost, the funnel, the timing of conversions.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`bench`]: `nudge bench`, the live server's load generator.
 //! - [`bench_reload`]: `nudge bench-reload`, what hot reload costs.
@@ -63,6 +65,7 @@ pub mod listener;
 pub mod logging;
 pub mod mail;
 pub mod manifest;
+pub mod measure;
 pub mod metrics;
 pub mod plugins;
 pub mod reload;

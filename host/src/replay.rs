@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::event::Event;
 use crate::intake::{self, Admitted, Clock, Dedupe, Parsed};
+use crate::measure::{self, Decided, Measure, Measurer};
 use crate::plugins::{Limits, PluginError, Runtime};
 use crate::reload::{load_once, Sources};
 use crate::report::{self, Row};
@@ -86,6 +87,9 @@ pub struct Options {
     /// Replay the events in (timestamp, messageId) order instead of file
     /// order ([`crate::sort`]: an external sort, memory bounded).
     pub sort: bool,
+    /// Where to write each campaign's measured result (JSON Lines,
+    /// [`crate::measure::Measure`]); `None`: not written.
+    pub measure: Option<PathBuf>,
 }
 
 /// What a replay did.
@@ -101,6 +105,8 @@ pub struct Summary {
     pub elapsed: Duration,
     pub stats: Stats,
     pub report: Vec<Row>,
+    /// Each campaign's result as of the last event of the input.
+    pub measures: Vec<Measure>,
 }
 
 impl Summary {
@@ -293,6 +299,8 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     let mut skipped = 0u64;
     let mut skipped_lines = Vec::new();
     let mut duplicates = 0u64;
+    // The measurement's as_of: the time of the last event of the input.
+    let mut as_of = i64::MIN;
     let mut clock = Clock::default();
     let mut dedupe = Dedupe::spilling(DEDUPE_WINDOW_MS, opts.budget.ids(), spill_dir.path());
     let mut admitted = Vec::with_capacity(CHUNK);
@@ -338,7 +346,10 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         }
         for a in admitted.drain(..) {
             match a {
-                Admitted::Event(ev) => per_shard[shard_of(&ev.customer, shards)].push(ev),
+                Admitted::Event(ev) => {
+                    as_of = as_of.max(ev.ts);
+                    per_shard[shard_of(&ev.customer, shards)].push(ev)
+                }
                 Admitted::Refused(line, message) if opts.skip_invalid => {
                     skipped += 1;
                     tracing::warn!(line, "skipped: {message}");
@@ -417,6 +428,19 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         .iter()
         .map(|c| (c.ts, c.customer.as_str(), c.campaign.as_str()))
         .collect();
+    let conversion: std::collections::HashMap<_, _> = conversions
+        .iter()
+        .map(|c| {
+            (
+                (c.ts, c.customer.as_str(), c.campaign.as_str()),
+                (c.at, c.value),
+            )
+        })
+        .collect();
+    let mut measurer = Measurer::new(&gen.rules, as_of, measure::Settings::default());
+    for (campaign, [fired, qualified]) in &stats.funnel {
+        measurer.add_funnel(campaign, *fired, *qualified);
+    }
     let mut tally = report::Tally::new(&gen.rules);
     let mut decisions = 0u64;
     let file = std::fs::File::create(&opts.decisions).map_err(io(&opts.decisions))?;
@@ -425,6 +449,15 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     spill::merge(runs, |d| {
         decisions += 1;
         tally.add(d, &converted);
+        measurer.add(&Decided {
+            ts: d.ts,
+            customer: &d.customer,
+            campaign: &d.campaign,
+            outcome: d.outcome,
+            conversion: conversion
+                .get(&(d.ts, d.customer.as_str(), d.campaign.as_str()))
+                .copied(),
+        });
         // An output error stops writing; it is reported after the merge.
         if written.is_ok() {
             written = w.write_all(&d.to_json()).and_then(|()| w.write_all(b"\n"));
@@ -436,6 +469,10 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         .map_err(io(&opts.decisions))?;
     let rows = tally.rows();
     write_file(&opts.report, report::to_jsonl(&rows).as_bytes())?;
+    let measures = measurer.rows();
+    if let Some(path) = &opts.measure {
+        write_file(path, measure::to_jsonl(&measures).as_bytes())?;
+    }
     Ok(Summary {
         events: stats.events,
         skipped,
@@ -445,6 +482,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         elapsed,
         stats,
         report: rows,
+        measures,
     })
 }
 

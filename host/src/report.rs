@@ -5,7 +5,6 @@
 //! against the customer's open decisions), so no event needs to be kept.
 
 use std::collections::HashSet;
-use std::fmt::Write as _;
 
 use serde::Serialize;
 
@@ -25,20 +24,6 @@ pub struct Row {
     pub suppressed_frequency: u64,
     pub suppressed_policy: u64,
     pub suppressed_arbitration: u64,
-}
-
-impl Row {
-    fn rate(n: u64, d: u64) -> Option<f64> {
-        (d > 0).then(|| n as f64 / d as f64)
-    }
-
-    /// Conversion rate of treated minus that of control, when both exist.
-    pub fn uplift(&self) -> Option<f64> {
-        Some(
-            Self::rate(self.sent_converted, self.sent)?
-                - Self::rate(self.control_converted, self.control)?,
-        )
-    }
 }
 
 /// Builds the report of `decisions` for every campaign in `rules` (zeros
@@ -114,37 +99,6 @@ pub fn to_jsonl(rows: &[Row]) -> String {
         // A struct of strings and integers always serialises.
         s.push_str(&serde_json::to_string(r).unwrap_or_default());
         s.push('\n');
-    }
-    s
-}
-
-/// A table a manager can read: reach, conversion of treated and control,
-/// and uplift.
-pub fn to_table(rows: &[Row]) -> String {
-    let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.1}%", v * 100.0));
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "{:<20} {:>7} {:>9} {:>7} {:>9} {:>8} {:>10}",
-        "campaign", "sent", "conv", "control", "conv", "uplift", "suppressed"
-    );
-    for r in rows {
-        let suppressed = r.suppressed_consent
-            + r.suppressed_frequency
-            + r.suppressed_policy
-            + r.suppressed_arbitration;
-        let _ = writeln!(
-            s,
-            "{:<20} {:>7} {:>9} {:>7} {:>9} {:>8} {:>10}",
-            r.campaign,
-            r.sent,
-            pct(Row::rate(r.sent_converted, r.sent)),
-            r.control,
-            pct(Row::rate(r.control_converted, r.control)),
-            r.uplift()
-                .map_or("-".to_string(), |u| format!("{:+.1}pt", u * 100.0)),
-            suppressed
-        );
     }
     s
 }

@@ -82,10 +82,13 @@ pub enum Priority {
     Expr(Expr),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Goal {
     pub event: String,
     pub window_ms: i64,
+    /// What a conversion is worth: an expression over the goal event
+    /// (`event.properties.total`) or a constant (`"250.0"`); none: 0.
+    pub value: Option<Expr>,
 }
 
 /// One campaign, validated and compiled.
@@ -113,9 +116,9 @@ pub struct Campaign {
     pub expires_ms: Option<i64>,
 }
 
-/// What a channel needs before anyone is contacted on it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// What a channel needs before anyone is contacted on it, and what a
+/// contact costs.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChannelPolicy {
     /// The trait that must be the JSON value `true`; none means no consent
     /// is needed (e.g. an agent's call list).
@@ -123,6 +126,9 @@ pub struct ChannelPolicy {
     /// The channel plugin that delivers on this channel (live server); none:
     /// decisions are made and recorded, nothing is sent.
     pub plugin: Option<String>,
+    /// What one `sent` contact costs (in the unit of the goals' values),
+    /// for net value; 0 when unset.
+    pub cost: f64,
 }
 
 /// At most `limit` `sent` decisions on `channels` together within `window`.
@@ -134,7 +140,7 @@ pub struct ContactPolicy {
     pub window_ms: i64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Policies {
     pub channels: BTreeMap<String, ChannelPolicy>,
     pub contact: Vec<ContactPolicy>,
@@ -242,15 +248,24 @@ enum PriorityFile {
 struct GoalFile {
     event: String,
     window: Spanned<String>,
+    value: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PoliciesFile {
     #[serde(default)]
-    channels: BTreeMap<String, ChannelPolicy>,
+    channels: BTreeMap<String, ChannelFile>,
     #[serde(default)]
     contact: Vec<ContactFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChannelFile {
+    consent_trait: Option<String>,
+    plugin: Option<String>,
+    cost: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -477,6 +492,30 @@ impl RuleSet {
         }
     }
 
+    /// What the goal event in `scope` is worth to campaign `c` (0 without
+    /// a `goal.value`). An error (a wrong type at run time, the operation
+    /// budget) is returned so the caller can report it.
+    pub fn goal_value(&self, c: &Campaign, scope: &mut EvalScope) -> Result<f64, String> {
+        let Some(e) = c.goal.as_ref().and_then(|g| g.value.as_ref()) else {
+            return Ok(0.0);
+        };
+        let v = self
+            .engine
+            .eval_ast_with_scope::<Dynamic>(&mut scope.scope, &e.ast)
+            .map_err(|err| format!("{}:{}: `goal.value`: {err}", c.file.display(), e.line))?;
+        match (v.as_float(), v.as_int()) {
+            (Ok(f), _) => Ok(f),
+            (_, Ok(i)) => Ok(i as f64),
+            _ if v.is_unit() => Ok(0.0),
+            _ => Err(format!(
+                "{}:{}: `goal.value` must give a number, but gave {}",
+                c.file.display(),
+                e.line,
+                v.type_name()
+            )),
+        }
+    }
+
     /// Goal event names of all campaigns.
     pub fn goal_events(&self) -> BTreeSet<String> {
         self.campaigns
@@ -533,10 +572,34 @@ fn toml_error(file: &Path, text: &str, e: toml::de::Error) -> Vec<RuleError> {
 fn parse_policies(file: &Path, text: &str) -> Result<Policies, Vec<RuleError>> {
     let p: PoliciesFile = toml::from_str(text).map_err(|e| toml_error(file, text, e))?;
     let mut errors = Vec::new();
+    let mut channels = BTreeMap::new();
+    for (name, ch) in p.channels {
+        let cost = match ch.cost {
+            Some(c) if !(c.get_ref().is_finite() && *c.get_ref() >= 0.0) => {
+                errors.push(RuleError {
+                    file: file.to_owned(),
+                    line: Some(line_of(text, c.span().start)),
+                    field: Some(format!("channels.{name}.cost")),
+                    message: "a cost per contact: a number, 0 or more".into(),
+                });
+                0.0
+            }
+            Some(c) => c.into_inner(),
+            None => 0.0,
+        };
+        channels.insert(
+            name,
+            ChannelPolicy {
+                consent_trait: ch.consent_trait,
+                plugin: ch.plugin,
+                cost,
+            },
+        );
+    }
     let mut contact = Vec::new();
     for c in p.contact {
         for ch in &c.channels {
-            if !p.channels.contains_key(ch) {
+            if !channels.contains_key(ch) {
                 errors.push(RuleError {
                     file: file.to_owned(),
                     line: Some(line_of(text, c.window.span().start)),
@@ -561,10 +624,7 @@ fn parse_policies(file: &Path, text: &str) -> Result<Policies, Vec<RuleError>> {
         }
     }
     if errors.is_empty() {
-        Ok(Policies {
-            channels: p.channels,
-            contact,
-        })
+        Ok(Policies { channels, contact })
     } else {
         Err(errors)
     }
@@ -643,6 +703,7 @@ fn parse_campaign(
             Ok(v) if v.is_unit() => None,
             Ok(v) if want == "bool" && !v.is_bool() => Some(v.type_name()),
             Ok(v) if want == "integer" && !v.is_int() => Some(v.type_name()),
+            Ok(v) if want == "number" && !(v.is_int() || v.is_float()) => Some(v.type_name()),
             _ => None,
         };
         match wrong {
@@ -653,10 +714,10 @@ fn parse_campaign(
                 field: Some(field.to_owned()),
                 message: format!(
                     "must give {}, but {:?} gives {}",
-                    if want == "bool" {
-                        "true or false"
-                    } else {
-                        "an integer"
+                    match want {
+                        "bool" => "true or false",
+                        "integer" => "an integer",
+                        _ => "a number",
                     },
                     e.source,
                     t.rsplit("::").next().unwrap_or(t)
@@ -715,6 +776,18 @@ fn parse_campaign(
             Ok(w) => Some(Goal {
                 event: g.event,
                 window_ms: w,
+                value: match &g.value {
+                    Some(v) => match compile(v, "goal.value")
+                        .and_then(|e| typed(e, "goal.value", "number"))
+                    {
+                        Ok(e) => Some(e),
+                        Err(e) => {
+                            errors.push(e);
+                            None
+                        }
+                    },
+                    None => None,
+                },
             }),
             Err(m) => {
                 errors.push(err(g.window.span(), "goal.window", m));
@@ -790,13 +863,10 @@ goal = { event = "Advisor Meeting Booked", window = "14d" }
         assert_eq!(r.campaigns.len(), 1);
         let c = &r.campaigns[0];
         assert_eq!(c.frequency_ms, 30 * 86_400_000);
-        assert_eq!(
-            c.goal,
-            Some(Goal {
-                event: "Advisor Meeting Booked".into(),
-                window_ms: 14 * 86_400_000
-            })
-        );
+        let goal = c.goal.as_ref().unwrap();
+        assert_eq!(goal.event, "Advisor Meeting Booked");
+        assert_eq!(goal.window_ms, 14 * 86_400_000);
+        assert!(goal.value.is_none());
         let ev = Event::parse(r#"{"messageId":"m","type":"track","userId":"u","timestamp":"2026-03-01T00:00:00Z","event":"Deposit Made","properties":{"amount":20000.0}}"#).unwrap();
         let traits = Map::new();
         let firing = Map::new();

@@ -11,7 +11,7 @@
 //! | `c` customer `\0` `m` len plugin key | pending timer: due (8 bytes) + trigger id |
 //! | `T` due customer `\0` len plugin key | timer queue, ordered by (due, customer) |
 //! | `D` ts customer `\0` campaign | decision log, ordered as the output |
-//! | `V` ts customer `\0` campaign | when that decision converted (its goal event's time) |
+//! | `V` ts customer `\0` campaign | when that decision converted (its goal event's time) and what it was worth (micro-units, i64) |
 //! | `W` vshard | inbox watermark: every event of the virtual shard up to it is decided |
 //! | `X` vshard seq | an event of the virtual shard decided above its watermark (held events were released out of arrival order) |
 //! | `O` delivery id | outbox: a `sent` decision's delivery, until delivered |
@@ -1168,15 +1168,17 @@ impl Changes {
     }
 
     /// Records that the decision (`ts`, `customer`, `campaign`) converted
-    /// at `at`.
-    pub fn conversion(&mut self, ts: i64, customer: &str, campaign: &str, at: i64) {
+    /// at `at`, worth `value` micro-units.
+    pub fn conversion(&mut self, ts: i64, customer: &str, campaign: &str, at: i64, value: i64) {
         let mut k = Vec::with_capacity(10 + customer.len() + campaign.len());
         k.push(b'V');
         k.extend_from_slice(&time_bytes(ts));
         k.extend_from_slice(customer.as_bytes());
         k.push(0);
         k.extend_from_slice(campaign.as_bytes());
-        self.put(k, time_bytes(at).to_vec());
+        let mut v = time_bytes(at).to_vec();
+        v.extend_from_slice(&value.to_be_bytes());
+        self.put(k, v);
     }
 
     /// Every inbox event of virtual shard `vshard` up to `seq` is decided,

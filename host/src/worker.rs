@@ -87,6 +87,8 @@ pub struct Conversion {
     pub campaign: String,
     /// When the goal event happened.
     pub at: i64,
+    /// What it was worth to the campaign (`goal.value`), in micro-units.
+    pub value: i64,
 }
 
 /// A plugin call that produced nothing, and why.
@@ -126,6 +128,9 @@ pub struct Stats {
     pub fault_log: Vec<FaultRecord>,
     /// Rule conditions or priorities that failed to evaluate.
     pub rule_errors: u64,
+    /// Campaign → [reached by a firing or event, `when` true]: the top of
+    /// its funnel.
+    pub funnel: BTreeMap<String, [u64; 2]>,
 }
 
 impl Stats {
@@ -138,6 +143,11 @@ impl Stats {
         self.timers_late += other.timers_late;
         self.decisions += other.decisions;
         self.rule_errors += other.rule_errors;
+        for (k, [f, q]) in other.funnel {
+            let e = self.funnel.entry(k).or_default();
+            e[0] += f;
+            e[1] += q;
+        }
         for (k, n) in other.faults {
             *self.faults.entry(k).or_default() += n;
         }
@@ -608,13 +618,19 @@ impl Worker {
             if let Some(converted) = decide::convert(&mut h, &ev.name, ev.ts) {
                 changes.set_history(&ev.customer, &h);
                 for o in converted {
-                    changes.conversion(o.ts, &ev.customer, &o.campaign, ev.ts);
-                    self.conversions.push(Conversion {
-                        ts: o.ts,
-                        customer: ev.customer.clone(),
-                        campaign: o.campaign,
-                        at: ev.ts,
-                    });
+                    let value = self.goal_value(gen, &o.campaign, ev)?;
+                    changes.conversion(o.ts, &ev.customer, &o.campaign, ev.ts, value);
+                    // Replay measures from these; the live server from
+                    // the store, so it keeps none (they would only grow).
+                    if !self.live {
+                        self.conversions.push(Conversion {
+                            ts: o.ts,
+                            customer: ev.customer.clone(),
+                            campaign: o.campaign,
+                            at: ev.ts,
+                            value,
+                        });
+                    }
                 }
             }
             history = Some(h);
@@ -700,6 +716,42 @@ impl Worker {
         Ok(())
     }
 
+    /// What goal event `ev` is worth to `campaign` (micro-units). A value
+    /// that does not evaluate counts as a rule error and as 0.
+    fn goal_value(
+        &mut self,
+        gen: &Generation,
+        campaign: &str,
+        ev: &Event,
+    ) -> Result<i64, WorkerError> {
+        let Some(c) = gen.rules.campaigns.iter().find(|c| c.id == campaign) else {
+            return Ok(0);
+        };
+        if c.goal.as_ref().is_none_or(|g| g.value.is_none()) {
+            return Ok(0);
+        }
+        let traits = self.traits(&ev.customer)?;
+        let firing = Map::new();
+        let mut scope = EvalScope::new(&Facts {
+            customer: &ev.customer,
+            now: ev.ts,
+            event: Some(ev),
+            traits: &traits,
+            firing: &firing,
+        });
+        match gen.rules.goal_value(c, &mut scope) {
+            Ok(v) => Ok(crate::stats::micros(v)),
+            Err(e) => {
+                self.stats.rule_errors += 1;
+                if let Some(m) = &self.metrics {
+                    m.rule_error(&c.id);
+                }
+                tracing::warn!(campaign = %c.id, customer = %ev.customer, "goal value did not evaluate: {e}");
+                Ok(0)
+            }
+        }
+    }
+
     /// Evaluates `when` and `priority` of `campaigns` for one firing.
     #[allow(clippy::too_many_arguments)]
     fn qualify(
@@ -737,6 +789,12 @@ impl Worker {
                 true => gen.rules.priority(c, &mut scope).map(Some),
                 false => Ok(None),
             });
+            let funnel = match self.stats.funnel.get_mut(&c.id) {
+                Some(f) => f,
+                None => self.stats.funnel.entry(c.id.clone()).or_default(),
+            };
+            funnel[0] += 1;
+            funnel[1] += u64::from(matches!(result, Ok(Some(_))));
             match result {
                 Ok(Some(priority)) => out.push(Qualified {
                     campaign: ci,

@@ -1,0 +1,478 @@
+//! What every campaign achieved: customers treated against control, with
+//! intervals, value, cost and net value, the funnel and the timing of
+//! conversions (`nudge replay --measure`).
+//!
+//! A `sent` or `control` decision at t is *matured* when t + the goal
+//! window ≤ as_of: only then is it known whether it converted, so only
+//! matured decisions enter the headline numbers; the others are counted as
+//! immature. The statistics themselves are in [`crate::stats`].
+//!
+//! # Layout
+//!
+//! - [`Measurer`]: fed every decision once (any order), with its
+//!   conversion; [`Measurer::rows`] gives one [`Measure`] per campaign.
+//! - [`Measure`]: one campaign's result, the JSON a page draws from.
+//! - [`to_jsonl`], [`to_table`]: the outputs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::decide::{fnv1a64, Outcome};
+use crate::event::format_ts;
+use crate::rules::RuleSet;
+use crate::stats::{self, ArmStats, Comparison, Interval, Status};
+
+const HOUR: i64 = 3_600_000;
+const DAY: i64 = 24 * HOUR;
+
+/// Points of the timing curve (time since the decision), up to the window.
+const TIMING: [(i64, &str); 9] = [
+    (HOUR, "1h"),
+    (6 * HOUR, "6h"),
+    (DAY, "1d"),
+    (2 * DAY, "2d"),
+    (3 * DAY, "3d"),
+    (7 * DAY, "7d"),
+    (14 * DAY, "14d"),
+    (30 * DAY, "30d"),
+    (90 * DAY, "90d"),
+];
+
+/// How a report is computed.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// N_tune of the always-valid interval.
+    pub n_tune: f64,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            n_tune: stats::DEFAULT_N_TUNE,
+        }
+    }
+}
+
+/// The funnel of one campaign: counts of every step.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Funnel {
+    /// A firing (or event) the campaign listens to reached it.
+    pub fired: u64,
+    /// Its `when` was true.
+    pub qualified: u64,
+    pub suppressed_consent: u64,
+    pub suppressed_frequency: u64,
+    pub suppressed_policy: u64,
+    pub suppressed_arbitration: u64,
+    pub sent: u64,
+    pub control: u64,
+    /// Matured decisions that converted, per arm.
+    pub converted_treated: u64,
+    pub converted_control: u64,
+}
+
+impl Funnel {
+    fn count(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Sent => self.sent += 1,
+            Outcome::Control => self.control += 1,
+            Outcome::SuppressedConsent => self.suppressed_consent += 1,
+            Outcome::SuppressedFrequency => self.suppressed_frequency += 1,
+            Outcome::SuppressedPolicy => self.suppressed_policy += 1,
+            Outcome::SuppressedArbitration => self.suppressed_arbitration += 1,
+        }
+    }
+}
+
+/// One day (UTC) of a campaign.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Day {
+    pub day: String,
+    #[serde(flatten)]
+    pub funnel: Funnel,
+}
+
+/// One point of the timing curve: the share of matured decisions that had
+/// converted within `after_ms` of being made.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TimingPoint {
+    pub after: String,
+    pub after_ms: i64,
+    pub treated: Option<f64>,
+    pub control: Option<f64>,
+}
+
+/// One campaign's result.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Measure {
+    pub campaign: String,
+    pub owner: String,
+    pub channel: String,
+    pub holdout: u32,
+    pub goal: Option<String>,
+    pub goal_window_ms: Option<i64>,
+    pub as_of: String,
+    pub customers_treated: u64,
+    pub customers_control: u64,
+    pub matured_decisions_treated: u64,
+    pub matured_decisions_control: u64,
+    pub immature_decisions_treated: u64,
+    pub immature_decisions_control: u64,
+    pub converted_treated: u64,
+    pub converted_control: u64,
+    pub rate_treated: Option<f64>,
+    pub rate_control: Option<f64>,
+    pub diff: Option<f64>,
+    pub diff_ci95: Option<Interval>,
+    pub diff_always_valid_ci95: Option<Interval>,
+    pub rel_lift: Option<f64>,
+    pub rel_lift_ci95: Option<Interval>,
+    pub incremental_conversions: Option<f64>,
+    pub incremental_conversions_ci95: Option<Interval>,
+    pub incremental_conversions_always_valid_ci95: Option<Interval>,
+    pub value_treated: f64,
+    pub value_control: f64,
+    pub value_rate_treated: Option<f64>,
+    pub value_rate_control: Option<f64>,
+    pub incremental_value: Option<f64>,
+    pub incremental_value_ci95: Option<Interval>,
+    pub incremental_value_always_valid_ci95: Option<Interval>,
+    /// Per-contact cost of the channel times matured treated decisions.
+    pub cost: f64,
+    pub net_value: Option<f64>,
+    pub net_value_ci95: Option<Interval>,
+    pub iroi: Option<f64>,
+    pub srm_chi2: Option<f64>,
+    pub srm_p: Option<f64>,
+    /// The holdout looks broken (p < 0.001).
+    pub srm_alert: bool,
+    pub status: Status,
+    pub funnel: Funnel,
+    pub timing: Vec<TimingPoint>,
+    pub daily: Vec<Day>,
+}
+
+/// One customer's matured decisions in one arm: (D, M, V in micro-units).
+#[derive(Clone, Copy, Default)]
+struct Unit {
+    d: u64,
+    m: u64,
+    v: i64,
+}
+
+#[derive(Default)]
+struct Acc {
+    funnel: Funnel,
+    daily: BTreeMap<i64, Funnel>,
+    /// Arm (0 treated, 1 control) and customer (a 64-bit hash: two
+    /// customers of a campaign collide with odds of about n²/2⁶⁵) → unit.
+    units: [HashMap<u64, Unit>; 2],
+    immature: [u64; 2],
+    /// Converted matured decisions per arm by timing bucket (index into
+    /// [`TIMING`] of the first point at or after the delay).
+    timing: [Vec<u64>; 2],
+}
+
+/// A decision as the measurement needs it.
+pub struct Decided<'a> {
+    pub ts: i64,
+    pub customer: &'a str,
+    pub campaign: &'a str,
+    pub outcome: Outcome,
+    /// When its goal event came, and what it was worth (micro-units).
+    pub conversion: Option<(i64, i64)>,
+}
+
+/// Collects every decision of a period and reports per campaign.
+pub struct Measurer<'r> {
+    rules: &'r RuleSet,
+    settings: Settings,
+    as_of: i64,
+    /// By campaign id; campaigns not in the rules are not measured.
+    accs: BTreeMap<String, Acc>,
+}
+
+impl<'r> Measurer<'r> {
+    /// Measures at `as_of` (ms): decisions matured by then count.
+    pub fn new(rules: &'r RuleSet, as_of: i64, settings: Settings) -> Measurer<'r> {
+        let accs = rules
+            .campaigns
+            .iter()
+            .map(|c| (c.id.clone(), Acc::default()))
+            .collect();
+        Measurer {
+            rules,
+            settings,
+            as_of,
+            accs,
+        }
+    }
+
+    /// Campaign `id` was reached by `fired` firings, `qualified` of which
+    /// passed its `when` (from the workers' counts).
+    pub fn add_funnel(&mut self, id: &str, fired: u64, qualified: u64) {
+        if let Some(acc) = self.accs.get_mut(id) {
+            acc.funnel.fired += fired;
+            acc.funnel.qualified += qualified;
+        }
+    }
+
+    pub fn add(&mut self, d: &Decided<'_>) {
+        let Some(campaign) = self.rules.campaigns.iter().find(|c| c.id == d.campaign) else {
+            return;
+        };
+        let window = campaign.goal.as_ref().map(|g| g.window_ms);
+        let Some(acc) = self.accs.get_mut(d.campaign) else {
+            return;
+        };
+        acc.funnel.count(d.outcome);
+        let day = acc.daily.entry(d.ts.div_euclid(DAY)).or_default();
+        day.count(d.outcome);
+        let arm = match d.outcome {
+            Outcome::Sent => 0,
+            Outcome::Control => 1,
+            _ => return,
+        };
+        // Without a goal nothing can convert: every decision counts as
+        // matured and unconverted, so reach is still reported.
+        let matured = window.is_none_or(|w| d.ts.saturating_add(w) <= self.as_of);
+        if !matured {
+            acc.immature[arm] += 1;
+            return;
+        }
+        let unit = acc.units[arm]
+            .entry(fnv1a64(&[d.customer.as_bytes()]))
+            .or_default();
+        unit.d += 1;
+        if let Some((at, value)) = d.conversion {
+            unit.m += 1;
+            unit.v = unit.v.saturating_add(value);
+            let delay = at - d.ts;
+            let bucket = TIMING
+                .iter()
+                .position(|(t, _)| delay <= *t)
+                .unwrap_or(TIMING.len());
+            let timing = &mut acc.timing[arm];
+            if timing.len() <= bucket {
+                timing.resize(bucket + 1, 0);
+            }
+            timing[bucket] += 1;
+            if arm == 0 {
+                acc.funnel.converted_treated += 1;
+                day.converted_treated += 1;
+            } else {
+                acc.funnel.converted_control += 1;
+                day.converted_control += 1;
+            }
+        }
+    }
+
+    /// Every campaign's result, sorted by campaign id.
+    pub fn rows(self) -> Vec<Measure> {
+        let Measurer {
+            rules,
+            settings,
+            as_of,
+            accs,
+        } = self;
+        rules
+            .campaigns
+            .iter()
+            .filter_map(|c| {
+                let acc = accs.get(&c.id)?;
+                let cost_per = rules
+                    .policies
+                    .channels
+                    .get(&c.channel)
+                    .map_or(0.0, |p| p.cost);
+                Some(measure(c, acc, cost_per, as_of, settings))
+            })
+            .collect()
+    }
+}
+
+fn arm_stats(units: &HashMap<u64, Unit>) -> ArmStats {
+    let mut s = ArmStats::default();
+    for u in units.values() {
+        s.add_customer(u.d, u.m, u.v);
+    }
+    s
+}
+
+fn measure(
+    c: &crate::rules::Campaign,
+    acc: &Acc,
+    cost_per: f64,
+    as_of: i64,
+    settings: Settings,
+) -> Measure {
+    let (t, k) = (arm_stats(&acc.units[0]), arm_stats(&acc.units[1]));
+    let units = t.n + k.n;
+    let conv = Comparison::new(t.conversion(), k.conversion(), t.d, units, settings.n_tune);
+    let value = Comparison::new(t.value(), k.value(), t.d, units, settings.n_tune);
+    let cost = cost_per * t.d as f64;
+    let net = value.incremental.map(|v| v - cost);
+    let (srm_chi2, srm_p) = match stats::srm(t.n, k.n, c.holdout_pct) {
+        Some((chi2, p)) => (Some(chi2), Some(p)),
+        None => (None, None),
+    };
+    let window = c.goal.as_ref().map(|g| g.window_ms);
+    let timing = window.map_or_else(Vec::new, |w| timing_curve(acc, w, t.d, k.d));
+    Measure {
+        campaign: c.id.clone(),
+        owner: c.owner.clone(),
+        channel: c.channel.clone(),
+        holdout: c.holdout_pct,
+        goal: c.goal.as_ref().map(|g| g.event.clone()),
+        goal_window_ms: window,
+        as_of: format_ts(as_of),
+        customers_treated: t.n,
+        customers_control: k.n,
+        matured_decisions_treated: t.d,
+        matured_decisions_control: k.d,
+        immature_decisions_treated: acc.immature[0],
+        immature_decisions_control: acc.immature[1],
+        converted_treated: t.m,
+        converted_control: k.m,
+        rate_treated: conv.rate_treated,
+        rate_control: conv.rate_control,
+        diff: conv.diff,
+        diff_ci95: conv.diff_ci95,
+        diff_always_valid_ci95: conv.diff_always_valid_ci95,
+        rel_lift: conv.rel_lift,
+        rel_lift_ci95: conv.rel_lift_ci95,
+        incremental_conversions: conv.incremental,
+        incremental_conversions_ci95: conv.incremental_ci95,
+        incremental_conversions_always_valid_ci95: conv.incremental_always_valid_ci95,
+        value_treated: t.v as f64 / stats::VALUE_SCALE,
+        value_control: k.v as f64 / stats::VALUE_SCALE,
+        value_rate_treated: value.rate_treated,
+        value_rate_control: value.rate_control,
+        incremental_value: value.incremental,
+        incremental_value_ci95: value.incremental_ci95,
+        incremental_value_always_valid_ci95: value.incremental_always_valid_ci95,
+        cost,
+        net_value: net,
+        net_value_ci95: value
+            .incremental_ci95
+            .map(|[lo, hi]| [lo - cost, hi - cost]),
+        iroi: net.filter(|_| cost > 0.0).map(|n| n / cost),
+        srm_chi2,
+        srm_p,
+        srm_alert: srm_p.is_some_and(|p| p < stats::SRM_ALERT_P),
+        status: Status::of(c.holdout_pct, t.n, k.n, conv.diff_always_valid_ci95),
+        funnel: acc.funnel.clone(),
+        timing,
+        daily: acc
+            .daily
+            .iter()
+            .map(|(day, f)| Day {
+                day: format_ts(day * DAY)[..10].to_owned(),
+                funnel: f.clone(),
+            })
+            .collect(),
+    }
+}
+
+/// Cumulative share converted by each point up to the window, and at the
+/// window itself.
+fn timing_curve(acc: &Acc, window: i64, treated: u64, control: u64) -> Vec<TimingPoint> {
+    let mut points: Vec<(i64, String)> = TIMING
+        .iter()
+        .filter(|(t, _)| *t < window)
+        .map(|(t, l)| (*t, (*l).to_owned()))
+        .collect();
+    points.push((window, "window".to_owned()));
+    let share = |arm: usize, upto: i64, n: u64| -> Option<f64> {
+        (n > 0).then(|| {
+            let converted: u64 = acc.timing[arm]
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| TIMING.get(*i).is_none_or(|(t, _)| *t <= upto))
+                .map(|(_, c)| c)
+                .sum();
+            converted as f64 / n as f64
+        })
+    };
+    points
+        .into_iter()
+        .map(|(ms, label)| TimingPoint {
+            treated: share(0, ms, treated),
+            control: share(1, ms, control),
+            after: label,
+            after_ms: ms,
+        })
+        .collect()
+}
+
+/// JSON Lines, one campaign a line.
+pub fn to_jsonl(rows: &[Measure]) -> String {
+    let mut s = String::new();
+    for r in rows {
+        // Numbers, strings and options of them always serialise; a
+        // non-finite float would become null.
+        s.push_str(&serde_json::to_string(r).unwrap_or_default());
+        s.push('\n');
+    }
+    s
+}
+
+/// A percentage point difference with its interval, for people.
+fn pts(v: Option<f64>) -> String {
+    v.map_or("n/a".into(), |v| format!("{:+.1}pt", v * 100.0))
+}
+
+fn pct(v: Option<f64>) -> String {
+    v.map_or("n/a".into(), |v| format!("{:.1}%", v * 100.0))
+}
+
+/// The table `nudge replay` prints: reach, rates, the difference with its
+/// always-valid interval, incremental conversions, and the verdict.
+pub fn to_table(rows: &[Measure]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{:<20} {:>7} {:>7} {:>8} {:>8} {:>8} {:>19} {:>16} {:<12}",
+        "campaign",
+        "treated",
+        "control",
+        "conv(t)",
+        "conv(c)",
+        "diff",
+        "95% always-valid",
+        "incr. conv.",
+        "status"
+    );
+    for r in rows {
+        let iv = r.diff_always_valid_ci95.map_or("n/a".into(), |[lo, hi]| {
+            format!("[{:+.1}, {:+.1}]pt", lo * 100.0, hi * 100.0)
+        });
+        let incr = match (r.incremental_conversions, r.incremental_conversions_ci95) {
+            (Some(v), Some([lo, hi])) => format!("{v:.1} ±{:.1}", (hi - lo) / 2.0),
+            (Some(v), None) => format!("{v:.1}"),
+            _ => "n/a".into(),
+        };
+        let _ = writeln!(
+            s,
+            "{:<20} {:>7} {:>7} {:>8} {:>8} {:>8} {:>19} {:>16} {:<12}",
+            r.campaign,
+            r.customers_treated,
+            r.customers_control,
+            pct(r.rate_treated),
+            pct(r.rate_control),
+            pts(r.diff),
+            iv,
+            incr,
+            r.status.as_str(),
+        );
+    }
+    let _ = writeln!(
+        s,
+        "(customers in each arm with matured decisions; rates per decision; \
+         'collecting' until {} customers per arm)",
+        stats::MIN_CUSTOMERS
+    );
+    s
+}
