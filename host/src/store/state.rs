@@ -132,6 +132,7 @@ pub(super) fn migrate(db: &sled::Db) -> sled::Result<usize> {
             // (the next open converts those).
             if in_batch >= 10_000 {
                 db.apply_batch(std::mem::take(&mut batch))?;
+                super::reclaim(in_batch);
                 in_batch = 0;
             }
             current = Some((record_key, StateRecord::default()));
