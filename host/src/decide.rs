@@ -1,6 +1,7 @@
 //! The decision pipeline: consent, campaign frequency, contact policy,
 //! arbitration, holdout. Pure: values in, values out, no I/O and no clock.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::rules::Policies;
@@ -165,6 +166,210 @@ pub fn decide(
     outcomes
         .into_iter()
         .map(|o| o.unwrap_or(Outcome::SuppressedArbitration))
+        .collect()
+}
+
+/// Why a decision came out as it did: the check that decided it and its
+/// evidence. Stored with the decision; `GET /v1/customers/{id}` shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "check", rename_all = "snake_case")]
+pub enum Why {
+    /// The channel's consent trait is not the JSON value `true`.
+    Consent {
+        channel: String,
+        /// The trait that must be `true` (none: the channel is not defined).
+        consent_trait: Option<String>,
+        /// What the customer's trait was (null when missing).
+        value: Value,
+    },
+    /// The campaign decided for this customer within its frequency.
+    Frequency {
+        /// The earlier counted decision of the campaign.
+        previous: i64,
+        frequency_ms: i64,
+    },
+    /// A contact policy's limit was reached on the channel.
+    Policy {
+        policy: String,
+        channel: String,
+        limit: usize,
+        window_ms: i64,
+        /// The contacts it counted, most recent last.
+        counted: Vec<i64>,
+        /// The campaign whose latest decision was the most recent counted
+        /// contact, when the history still shows it.
+        by: Option<String>,
+    },
+    /// Another campaign of the same firing won arbitration.
+    Arbitration {
+        winner: String,
+        winner_priority: i64,
+        priority: i64,
+    },
+    /// It won every check; the holdout bucket put it in an arm.
+    Holdout {
+        /// FNV-1a 64 of `customer:campaign` modulo 100.
+        bucket: u64,
+        /// Buckets under this are control.
+        holdout_pct: u32,
+    },
+}
+
+impl Why {
+    /// One line for people: "suppressed_policy: one-message-a-day, email
+    /// sent 3h ago by cart-abandon".
+    pub fn describe(&self, now: i64) -> String {
+        let ago = |ts: i64| {
+            let ms = now - ts;
+            match ms.abs() {
+                m if m < 60_000 => format!("{}s", ms / 1000),
+                m if m < 3_600_000 => format!("{}m", ms / 60_000),
+                m if m < 86_400_000 => format!("{}h", ms / 3_600_000),
+                _ => format!("{}d", ms / 86_400_000),
+            }
+        };
+        match self {
+            Why::Consent {
+                channel,
+                consent_trait: Some(t),
+                value,
+            } => format!("no consent on {channel}: trait {t} is {value}, not true"),
+            Why::Consent { channel, .. } => format!("channel {channel} is not defined"),
+            Why::Frequency {
+                previous,
+                frequency_ms,
+            } => format!(
+                "decided {} ago, within its frequency of {}h",
+                ago(*previous),
+                frequency_ms / 3_600_000
+            ),
+            Why::Policy {
+                policy,
+                channel,
+                counted,
+                by,
+                ..
+            } => {
+                let last = counted
+                    .last()
+                    .map_or(String::new(), |t| format!(" {} ago", ago(*t)));
+                let by = by.as_ref().map_or(String::new(), |b| format!(" by {b}"));
+                format!("{policy}: {channel} sent{last}{by}")
+            }
+            Why::Arbitration {
+                winner,
+                winner_priority,
+                priority,
+            } => format!("{winner} won arbitration (priority {winner_priority} over {priority})"),
+            Why::Holdout {
+                bucket,
+                holdout_pct,
+            } => format!("holdout bucket {bucket} (control under {holdout_pct})"),
+        }
+    }
+}
+
+/// Explains each outcome [`decide`] gave for `candidates`, from the same
+/// inputs (the history as it was before [`record`]). `channels` maps a
+/// campaign to its channel, to name who made a counted contact.
+#[allow(clippy::too_many_arguments)]
+pub fn explain(
+    now: i64,
+    customer: &str,
+    candidates: &[Candidate<'_>],
+    outcomes: &[Outcome],
+    traits: &Map<String, Value>,
+    history: &History,
+    policies: &Policies,
+    channels: &dyn Fn(&str) -> Option<String>,
+) -> Vec<Why> {
+    let winner = candidates
+        .iter()
+        .zip(outcomes)
+        .find(|(_, o)| o.counts())
+        .map(|(c, _)| c);
+    candidates
+        .iter()
+        .zip(outcomes)
+        .map(|(c, o)| match o {
+            Outcome::SuppressedConsent => {
+                let consent_trait = policies
+                    .channels
+                    .get(c.channel)
+                    .and_then(|p| p.consent_trait.clone());
+                Why::Consent {
+                    channel: c.channel.to_owned(),
+                    value: consent_trait
+                        .as_ref()
+                        .and_then(|t| traits.get(t).cloned())
+                        .unwrap_or(Value::Null),
+                    consent_trait,
+                }
+            }
+            Outcome::SuppressedFrequency => Why::Frequency {
+                previous: history.last.get(c.campaign).copied().unwrap_or(now),
+                frequency_ms: c.frequency_ms,
+            },
+            Outcome::SuppressedPolicy => {
+                let full = policies.contact.iter().find(|p| {
+                    p.channels.iter().any(|ch| ch == c.channel)
+                        && p.channels
+                            .iter()
+                            .filter_map(|ch| history.sent.get(ch))
+                            .flatten()
+                            .filter(|&&ts| within(now, ts, p.window_ms))
+                            .count()
+                            >= p.limit
+                });
+                match full {
+                    Some(p) => {
+                        let mut counted: Vec<(i64, &str)> = p
+                            .channels
+                            .iter()
+                            .filter_map(|ch| Some((ch, history.sent.get(ch)?)))
+                            .flat_map(|(ch, times)| times.iter().map(move |t| (*t, ch.as_str())))
+                            .filter(|(ts, _)| within(now, *ts, p.window_ms))
+                            .collect();
+                        counted.sort();
+                        let last = counted.last().copied();
+                        let by = last.and_then(|(ts, ch)| {
+                            history
+                                .last
+                                .iter()
+                                .find(|(campaign, t)| {
+                                    **t == ts && channels(campaign).as_deref() == Some(ch)
+                                })
+                                .map(|(campaign, _)| campaign.clone())
+                        });
+                        Why::Policy {
+                            policy: p.name.clone(),
+                            channel: last.map_or(c.channel, |(_, ch)| ch).to_owned(),
+                            limit: p.limit,
+                            window_ms: p.window_ms,
+                            counted: counted.iter().map(|(ts, _)| *ts).collect(),
+                            by,
+                        }
+                    }
+                    None => Why::Policy {
+                        policy: String::new(),
+                        channel: c.channel.to_owned(),
+                        limit: 0,
+                        window_ms: 0,
+                        counted: Vec::new(),
+                        by: None,
+                    },
+                }
+            }
+            Outcome::SuppressedArbitration => Why::Arbitration {
+                winner: winner.map_or(String::new(), |w| w.campaign.to_owned()),
+                winner_priority: winner.map_or(0, |w| w.priority),
+                priority: c.priority,
+            },
+            Outcome::Sent | Outcome::Control => Why::Holdout {
+                bucket: bucket(customer, c.campaign),
+                holdout_pct: c.holdout_pct,
+            },
+        })
         .collect()
 }
 
@@ -433,5 +638,108 @@ mod tests {
         }
         assert_eq!(h.sent["email"], vec![4 * DAY]);
         assert_eq!(h.last["a"], 4 * DAY);
+    }
+
+    #[test]
+    fn every_outcome_is_explained_with_its_evidence() {
+        let p = policies();
+        let consented = traits(r#"{"consent_email":true,"consent_sms":"yes"}"#);
+        let mut h = History::default();
+        // An earlier email by cart-abandon, 3 hours ago; "low" decided
+        // for this customer an hour ago.
+        record(
+            &mut h,
+            0,
+            &[cand("cart-abandon", "email", 1)],
+            &[Outcome::Sent],
+            &p,
+        );
+        record(
+            &mut h,
+            2 * 3_600_000,
+            &[cand("low", "agent", 1)],
+            &[Outcome::Control],
+            &p,
+        );
+        let now = 3 * 3_600_000;
+        let mut control = cand("agent-call", "agent", 50);
+        control.holdout_pct = 100;
+        let c = [
+            cand("sms-offer", "sms", 90),
+            cand("low", "agent", 80),
+            cand("email-offer", "email", 70),
+            control,
+            cand("loser", "agent", 10),
+        ];
+        let outcomes = decide(now, "u", &c, &consented, &h, &p);
+        assert_eq!(
+            outcomes,
+            vec![
+                Outcome::SuppressedConsent,
+                Outcome::SuppressedFrequency,
+                Outcome::SuppressedPolicy,
+                Outcome::Control,
+                Outcome::SuppressedArbitration
+            ]
+        );
+        let channel_of = |campaign: &str| {
+            Some(
+                if campaign == "cart-abandon" {
+                    "email"
+                } else {
+                    "agent"
+                }
+                .to_owned(),
+            )
+        };
+        let why = explain(now, "u", &c, &outcomes, &consented, &h, &p, &channel_of);
+        assert_eq!(
+            why[0],
+            Why::Consent {
+                channel: "sms".into(),
+                consent_trait: Some("consent_sms".into()),
+                value: Value::String("yes".into()),
+            }
+        );
+        assert_eq!(
+            why[1],
+            Why::Frequency {
+                previous: 2 * 3_600_000,
+                frequency_ms: 7 * DAY
+            }
+        );
+        assert_eq!(
+            why[2],
+            Why::Policy {
+                policy: "daily".into(),
+                channel: "email".into(),
+                limit: 1,
+                window_ms: DAY,
+                counted: vec![0],
+                by: Some("cart-abandon".into()),
+            }
+        );
+        assert_eq!(
+            why[2].describe(now),
+            "daily: email sent 3h ago by cart-abandon"
+        );
+        assert_eq!(
+            why[3],
+            Why::Holdout {
+                bucket: bucket("u", "agent-call"),
+                holdout_pct: 100
+            }
+        );
+        assert_eq!(
+            why[4],
+            Why::Arbitration {
+                winner: "agent-call".into(),
+                winner_priority: 50,
+                priority: 10
+            }
+        );
+        // The stored form names the check.
+        let json = serde_json::to_value(&why[4]).unwrap();
+        assert_eq!(json["check"], "arbitration");
     }
 }

@@ -32,6 +32,9 @@
 //! - [`listener`]: accepting HTTP connections: limits, timeouts, back-off.
 //! - [`api`]: the HTTP routes (axum).
 //! - [`admin`]: the operator routes over generations, campaigns, quarantine.
+//! - [`customer`]: `GET /v1/customers/{id}`: traits, timers, decisions
+//!   explained, conversions, open actions.
+//! - [`results`]: `GET /v1/decisions`: the decision log, paged, for export.
 //! - [`deliver`]: the outbox to the channels: SMTP, allowlisted HTTP, the
 //!   agent queue; retries and dead letters.
 //! - [`mail`]: the SMTP client (pooled, `TCP_NODELAY`).
@@ -54,6 +57,7 @@ pub mod bench_reload;
 pub mod cli;
 pub mod config;
 pub mod controls;
+pub mod customer;
 pub mod decide;
 pub mod deliver;
 pub mod event;
@@ -73,6 +77,7 @@ pub mod remote;
 pub mod reorder;
 pub mod replay;
 pub mod report;
+pub mod results;
 pub mod rules;
 pub mod seen;
 pub mod serve;

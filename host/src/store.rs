@@ -9,6 +9,7 @@
 //! | `c` customer `\0` `h` | decision history (frequency, contact policy), JSON |
 //! | `c` customer `\0` `p` len plugin | the plugin's state for the customer, one [`StateRecord`] |
 //! | `c` customer `\0` `m` len plugin key | pending timer: due (8 bytes) + trigger id |
+//! | `c` customer `\0` `e` ts campaign | a decision with its explanation (JSON), the customer's timeline |
 //! | `T` due customer `\0` len plugin key | timer queue, ordered by (due, customer) |
 //! | `D` ts customer `\0` campaign | decision log, ordered as the output |
 //! | `V` ts customer `\0` campaign | when that decision converted (its goal event's time) and what it was worth (micro-units, i64) |
@@ -245,6 +246,13 @@ pub struct Store {
     pending: Arc<Mutex<Pending>>,
 }
 
+/// A page of the decision log: the lines, and the next page's cursor.
+pub type Page = (Vec<Vec<u8>>, Option<Vec<u8>>);
+
+/// A customer's decisions with their explanations (JSON), each with when
+/// it converted and its value in micro-units.
+pub type Timeline = Vec<(Vec<u8>, Option<(i64, i64)>)>;
+
 /// Keys and their values (`None`: deleted or absent).
 type KeyValues = HashMap<Vec<u8>, Option<Vec<u8>>>;
 
@@ -293,6 +301,14 @@ fn push_plugin_key(k: &mut Vec<u8>, plugin: &str, key: &str) {
     k.push(plugin.len().min(255) as u8);
     k.extend_from_slice(plugin.as_bytes());
     k.extend_from_slice(key.as_bytes());
+}
+
+/// Whether a customer key is one of their timeline's (`e`).
+fn is_timeline(k: &[u8]) -> bool {
+    k.iter()
+        .position(|b| *b == 0)
+        .and_then(|nul| k.get(nul + 1))
+        == Some(&b'e')
 }
 
 fn plugin_key(customer: &str, tag: u8, plugin: &str, key: &str) -> Vec<u8> {
@@ -641,6 +657,84 @@ impl Store {
         }))
     }
 
+    /// Every key of `customer` with `tag` (its timeline `e`, its timers
+    /// `m`), with what follows the tag, in key order: sled's, under what
+    /// is being persisted, under what is committed.
+    fn customer_scan(&self, customer: &str, tag: u8) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let prefix = customer_key(customer, tag);
+        let mut merged: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        for kv in self.db.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            merged.insert(k.to_vec(), Some(v.to_vec()));
+        }
+        {
+            let pending = self.lock();
+            let layers = pending
+                .persisting
+                .iter()
+                .map(|p| p.as_ref())
+                .chain([&pending.dirty]);
+            for layer in layers {
+                for (k, v) in layer.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+                    merged.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        Ok(merged
+            .into_iter()
+            .filter_map(|(k, v)| Some((k[prefix.len()..].to_vec(), v?)))
+            .collect())
+    }
+
+    /// The customer's decisions with their explanations (JSON), oldest
+    /// first, and for each when it converted and what it was worth.
+    pub fn timeline(&self, customer: &str) -> Result<Timeline> {
+        let mut out = Vec::new();
+        for (rest, json) in self.customer_scan(customer, b'e')? {
+            if rest.len() < 8 {
+                continue;
+            }
+            let mut v = Vec::with_capacity(10 + customer.len() + rest.len());
+            v.push(b'V');
+            v.extend_from_slice(&rest[..8]);
+            v.extend_from_slice(customer.as_bytes());
+            v.push(0);
+            v.extend_from_slice(&rest[8..]);
+            let conversion = self.get(&v)?.and_then(|c| {
+                let at = time_from(&c)?;
+                let value = c
+                    .get(8..16)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, i64::from_be_bytes);
+                Some((at, value))
+            });
+            out.push((json, conversion));
+        }
+        Ok(out)
+    }
+
+    /// The customer's pending timers: (plugin, key, timer).
+    pub fn timers_of(&self, customer: &str) -> Result<Vec<(String, String, Timer)>> {
+        let mut out = Vec::new();
+        for (rest, v) in self.customer_scan(customer, b'm')? {
+            let len = usize::from(*rest.first().unwrap_or(&0));
+            let (Some(plugin), Some(key), Some(due)) =
+                (rest.get(1..1 + len), rest.get(1 + len..), time_from(&v))
+            else {
+                continue;
+            };
+            out.push((
+                String::from_utf8_lossy(plugin).into_owned(),
+                String::from_utf8_lossy(key).into_owned(),
+                Timer {
+                    due,
+                    trigger: String::from_utf8_lossy(&v[8..]).into_owned(),
+                },
+            ));
+        }
+        Ok(out)
+    }
+
     /// The earliest pending timer of `shard`, if any.
     pub fn first_timer(&self, shard: usize) -> Result<Option<DueTimer>> {
         let mut pending = self.lock();
@@ -834,7 +928,10 @@ impl Store {
             match k.first() {
                 // Only customer keys are read back; the logs, inbox and
                 // outbox are written here and read by scans.
-                Some(b'c') if !pending.dirty.contains_key(&k) => pending.cache(k, v),
+                // ... but not the timeline (`e`), read only by the API.
+                Some(b'c') if !is_timeline(&k) && !pending.dirty.contains_key(&k) => {
+                    pending.cache(k, v)
+                }
                 Some(b'O') => persisted.outbox.extend(v),
                 Some(b'W') if k.len() == 3 => {
                     let vshard = usize::from(u16::from_be_bytes([k[1], k[2]]));
@@ -1091,6 +1188,49 @@ impl Store {
             .collect()
     }
 
+    /// One page of the persisted decision log, in (time, customer,
+    /// campaign) order: decisions at or after `from` and before `to` (ms),
+    /// after the cursor `after` (a key a previous page returned), that
+    /// `keep` accepts, at most `limit` of them. Returns them and, when
+    /// more may follow, the cursor of the next page. Scans only the range.
+    pub fn decisions_page(
+        &self,
+        from: Option<i64>,
+        to: Option<i64>,
+        after: Option<&[u8]>,
+        limit: usize,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Result<Page> {
+        let mut start = vec![b'D'];
+        start.extend_from_slice(&time_bytes(from.unwrap_or(i64::MIN)));
+        let lower = match after {
+            Some(a) if a.first() == Some(&b'D') && a > start.as_slice() => {
+                std::ops::Bound::Excluded(a.to_vec())
+            }
+            _ => std::ops::Bound::Included(start),
+        };
+        let upper = match to {
+            Some(t) => {
+                let mut end = vec![b'D'];
+                end.extend_from_slice(&time_bytes(t));
+                std::ops::Bound::Excluded(end)
+            }
+            None => std::ops::Bound::Excluded(vec![b'D' + 1]),
+        };
+        let mut out = Vec::new();
+        for kv in self.db.range::<Vec<u8>, _>((lower, upper)) {
+            let (k, v) = kv?;
+            if !keep(&v) {
+                continue;
+            }
+            out.push(v.to_vec());
+            if out.len() >= limit {
+                return Ok((out, Some(k.to_vec())));
+            }
+        }
+        Ok((out, None))
+    }
+
     /// Every persisted decision in the log, in (time, customer, campaign)
     /// order, as the JSON each was written with.
     pub fn decisions(&self) -> impl Iterator<Item = Result<Vec<u8>>> + '_ {
@@ -1228,6 +1368,15 @@ impl Changes {
     /// A delivery to make once this commit is durable.
     pub fn outbox(&mut self, id: &str, json: Vec<u8>) {
         self.put(tagged(b'O', id), json);
+    }
+
+    /// The decision (`ts`, `customer`, `campaign`) with why it came out
+    /// so, for the customer's timeline.
+    pub fn explanation(&mut self, ts: i64, customer: &str, campaign: &str, json: &[u8]) {
+        let mut k = customer_key(customer, b'e');
+        k.extend_from_slice(&time_bytes(ts));
+        k.extend_from_slice(campaign.as_bytes());
+        self.put(k, json.to_vec());
     }
 
     pub fn decision(&mut self, ts: i64, customer: &str, campaign: &str, json: Vec<u8>) {

@@ -53,7 +53,36 @@ struct DecisionLine<'a> {
     late_ms: Option<i64>,
 }
 
+/// A decision as the customer's timeline keeps it: the output line's
+/// fields and why it came out so.
+#[derive(Serialize)]
+struct Explained<'a> {
+    ts: String,
+    campaign: &'a str,
+    outcome: &'static str,
+    channel: &'a str,
+    trigger: &'a str,
+    /// One line for people.
+    reason: String,
+    why: &'a decide::Why,
+}
+
 impl Decision {
+    /// The decision with its explanation, as `GET /v1/customers/{id}`
+    /// shows it.
+    pub fn explained(&self, why: &decide::Why) -> Vec<u8> {
+        serde_json::to_vec(&Explained {
+            ts: format_ts(self.ts),
+            campaign: &self.campaign,
+            outcome: self.outcome.as_str(),
+            channel: &self.channel,
+            trigger: &self.trigger,
+            reason: format!("{}: {}", self.outcome.as_str(), why.describe(self.ts)),
+            why,
+        })
+        .unwrap_or_default()
+    }
+
     /// Compact JSON, non-ASCII as itself.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(&DecisionLine {
@@ -853,6 +882,23 @@ impl Worker {
             None => self.store.history(customer)?,
         };
         let outcomes = decide::decide(now, customer, &candidates, traits, &history, policies);
+        let channel_of = |campaign: &str| {
+            gen.rules
+                .campaigns
+                .binary_search_by(|c| c.id.as_str().cmp(campaign))
+                .ok()
+                .map(|i| gen.rules.campaigns[i].channel.clone())
+        };
+        let why = decide::explain(
+            now,
+            customer,
+            &candidates,
+            &outcomes,
+            traits,
+            &history,
+            policies,
+            &channel_of,
+        );
         decide::record(&mut history, now, &candidates, &outcomes, policies);
         changes.set_history(customer, &history);
         for (i, (c, o)) in candidates.iter().zip(outcomes).enumerate() {
@@ -883,6 +929,7 @@ impl Worker {
                 late_ms: self.event_late_ms,
             };
             changes.decision(now, customer, c.campaign, d.to_json());
+            changes.explanation(now, customer, c.campaign, &d.explained(&why[i]));
             out.push(d);
             self.stats.decisions += 1;
         }
