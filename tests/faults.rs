@@ -75,7 +75,10 @@ fn run(dir: &Path, fault: Option<&str>, deadline: Duration) -> (Summary, String)
 
 fn check(fault: &str, kind: &str, deadline: Duration) {
     let dir = tempfile::tempdir().unwrap();
-    let (healthy, want) = run(dir.path(), None, deadline);
+    // The healthy baseline is about decisions, not deadlines: with the
+    // spin test hogging the other core, a 200 ms wall-clock deadline
+    // sometimes caught a healthy call of a debug build.
+    let (healthy, want) = run(dir.path(), None, deadline.max(Duration::from_secs(5)));
     assert!(
         healthy.stats.faults.is_empty(),
         "the healthy baseline faulted: {:?}",
@@ -112,7 +115,8 @@ fn check(fault: &str, kind: &str, deadline: Duration) {
 
 #[test]
 fn a_trapping_plugin_is_contained() {
-    check("fault-trap", "trap", Duration::from_millis(200));
+    // A trap is immediate: no deadline pressure needed.
+    check("fault-trap", "trap", Duration::from_secs(5));
 }
 
 #[test]

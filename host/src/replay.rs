@@ -20,7 +20,7 @@ use crate::reload::{load_once, Sources};
 use crate::report::{self, Row};
 use crate::spill;
 use crate::store::{shard_of, Store, StoreError};
-use crate::worker::{Conversion, Stats, Worker, WorkerError};
+use crate::worker::{Stats, Worker, WorkerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -241,7 +241,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         })
         .map_err(io(Path::new("reader thread")))?;
 
-    type WorkerResult = Result<(spill::Runs, Vec<Conversion>, Stats), ReplayError>;
+    type WorkerResult = Result<(spill::Runs, Stats), ReplayError>;
     let mut senders = Vec::with_capacity(shards);
     let mut workers: Vec<std::thread::JoinHandle<WorkerResult>> = Vec::with_capacity(shards);
     for shard in 0..shards {
@@ -261,11 +261,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
                         }
                     }
                 }
-                Ok((
-                    spilled.finish(),
-                    std::mem::take(&mut worker.conversions),
-                    worker.stats,
-                ))
+                Ok((spilled.finish(), worker.stats))
             })
             .map_err(io(Path::new("worker thread")))?;
         senders.push(wtx);
@@ -385,13 +381,11 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     drop(rx);
     let _ = reader.join();
     let mut runs = Vec::new();
-    let mut conversions: Vec<Conversion> = Vec::new();
     let mut stats = Stats::default();
     for w in workers {
         match w.join() {
-            Ok(Ok((d, c, s))) => {
+            Ok(Ok((d, s))) => {
                 runs.push(d);
-                conversions.extend(c);
                 stats.merge(s);
             }
             Ok(Err(e)) => {
@@ -424,19 +418,11 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     store.flush()?;
     let elapsed = start.elapsed();
 
-    let converted = conversions
-        .iter()
-        .map(|c| (c.ts, c.customer.as_str(), c.campaign.as_str()))
-        .collect();
-    let conversion: std::collections::HashMap<_, _> = conversions
-        .iter()
-        .map(|c| {
-            (
-                (c.ts, c.customer.as_str(), c.campaign.as_str()),
-                (c.at, c.value),
-            )
-        })
-        .collect();
+    // Conversions come back from the store in the decisions' own order
+    // (time, customer, campaign), so they join the merge in one pass and
+    // none is held in memory.
+    let mut conversions = store.conversions().peekable();
+    let mut join_error = None;
     let mut measurer = Measurer::new(&gen.rules, as_of, measure::Settings::default());
     for (campaign, [fired, qualified]) in &stats.funnel {
         measurer.add_funnel(campaign, *fired, *qualified);
@@ -448,15 +434,38 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     let mut written = Ok(());
     spill::merge(runs, |d| {
         decisions += 1;
-        tally.add(d, &converted);
+        let key = (d.ts, d.customer.as_bytes(), d.campaign.as_bytes());
+        let mut conversion = None;
+        while join_error.is_none() {
+            let order = match conversions.peek() {
+                None => break,
+                Some(Ok(c)) => (c.ts, c.customer.as_bytes(), c.campaign.as_bytes()).cmp(&key),
+                Some(Err(_)) => {
+                    join_error = conversions.next().and_then(Result::err);
+                    break;
+                }
+            };
+            match order {
+                std::cmp::Ordering::Greater => break,
+                std::cmp::Ordering::Less => {
+                    conversions.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    conversion = conversions
+                        .next()
+                        .and_then(Result::ok)
+                        .map(|c| (c.at, c.value));
+                    break;
+                }
+            }
+        }
+        tally.add(d, conversion.is_some());
         measurer.add(&Decided {
             ts: d.ts,
             customer: &d.customer,
             campaign: &d.campaign,
             outcome: d.outcome,
-            conversion: conversion
-                .get(&(d.ts, d.customer.as_str(), d.campaign.as_str()))
-                .copied(),
+            conversion,
         });
         // An output error stops writing; it is reported after the merge.
         if written.is_ok() {
@@ -464,6 +473,9 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         }
         Ok(())
     })?;
+    if let Some(e) = join_error {
+        return Err(e.into());
+    }
     written
         .and_then(|()| w.flush())
         .map_err(io(&opts.decisions))?;

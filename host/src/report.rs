@@ -4,8 +4,6 @@
 //! Conversions are found when the goal event arrives (the worker matches it
 //! against the customer's open decisions), so no event needs to be kept.
 
-use std::collections::HashSet;
-
 use serde::Serialize;
 
 use crate::decide::Outcome;
@@ -24,21 +22,6 @@ pub struct Row {
     pub suppressed_frequency: u64,
     pub suppressed_policy: u64,
     pub suppressed_arbitration: u64,
-}
-
-/// Builds the report of `decisions` for every campaign in `rules` (zeros
-/// included), sorted by campaign id. `converted` holds the (time, customer,
-/// campaign) of every decision whose goal event followed within its window.
-pub fn build(
-    rules: &RuleSet,
-    decisions: &[Decision],
-    converted: &HashSet<(i64, &str, &str)>,
-) -> Vec<Row> {
-    let mut tally = Tally::new(rules);
-    for d in decisions {
-        tally.add(d, converted);
-    }
-    tally.rows()
 }
 
 /// The report counted one decision at a time, so that a replay need not
@@ -61,14 +44,16 @@ impl Tally {
         Tally { rows }
     }
 
-    pub fn add(&mut self, d: &Decision, converted: &HashSet<(i64, &str, &str)>) {
+    /// Counts decision `d`; `converted`: its goal event followed within
+    /// its window.
+    pub fn add(&mut self, d: &Decision, converted: bool) {
         let Ok(i) = self
             .rows
             .binary_search_by(|r| r.campaign.as_str().cmp(&d.campaign))
         else {
             return;
         };
-        let conv = u64::from(converted.contains(&(d.ts, d.customer.as_str(), d.campaign.as_str())));
+        let conv = u64::from(converted);
         let r = &mut self.rows[i];
         match d.outcome {
             Outcome::Sent => {

@@ -199,6 +199,19 @@ pub struct Open {
     pub until: i64,
 }
 
+/// A counted decision that reached its goal, as the store recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Conversion {
+    /// The decision's time, customer and campaign.
+    pub ts: i64,
+    pub customer: String,
+    pub campaign: String,
+    /// When the goal event happened.
+    pub at: i64,
+    /// What it was worth to the campaign (`goal.value`), in micro-units.
+    pub value: i64,
+}
+
 /// A pending timer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Timer {
@@ -1229,6 +1242,34 @@ impl Store {
             }
         }
         Ok((out, None))
+    }
+
+    /// Every persisted conversion, in the decision log's order (time,
+    /// customer, campaign of the decision), so a reader of the log can join
+    /// the two in one pass.
+    pub fn conversions(&self) -> impl Iterator<Item = Result<Conversion>> + '_ {
+        self.db.scan_prefix(b"V").map(|r| {
+            let (k, v) = r?;
+            let corrupt = || StoreError::Corrupt {
+                what: "conversion",
+                customer: String::new(),
+                problem: format!("{:?}", &k[..]),
+            };
+            let ts = time_from(k.get(1..).ok_or_else(corrupt)?).ok_or_else(corrupt)?;
+            let rest = k.get(9..).ok_or_else(corrupt)?;
+            let nul = rest.iter().position(|b| *b == 0).ok_or_else(corrupt)?;
+            Ok(Conversion {
+                ts,
+                customer: String::from_utf8_lossy(&rest[..nul]).into_owned(),
+                campaign: String::from_utf8_lossy(&rest[nul + 1..]).into_owned(),
+                at: time_from(&v).ok_or_else(corrupt)?,
+                // Recorded before values existed: worth nothing.
+                value: v
+                    .get(8..16)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, i64::from_be_bytes),
+            })
+        })
     }
 
     /// Every persisted decision in the log, in (time, customer, campaign)

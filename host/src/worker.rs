@@ -107,19 +107,6 @@ fn text_trait(traits: &Map<String, Value>, key: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// A counted decision that reached its goal.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Conversion {
-    /// The decision's time, customer and campaign.
-    pub ts: i64,
-    pub customer: String,
-    pub campaign: String,
-    /// When the goal event happened.
-    pub at: i64,
-    /// What it was worth to the campaign (`goal.value`), in micro-units.
-    pub value: i64,
-}
-
 /// A plugin call that produced nothing, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FaultRecord {
@@ -258,8 +245,6 @@ pub struct Worker {
     /// Decoded traits of this shard's customers; the worker is their only
     /// writer, so the cache never goes stale.
     traits: TraitsCache,
-    /// Conversions found so far (drained by the caller).
-    pub conversions: Vec<Conversion>,
     /// Earliest pending timer (a lower bound: it may have been cancelled).
     next_due: Option<i64>,
     pub stats: Stats,
@@ -303,7 +288,6 @@ impl Worker {
             shard,
             instances: Instances::new(runtime),
             traits,
-            conversions: Vec::new(),
             next_due,
             stats: Stats::default(),
             live: false,
@@ -649,17 +633,6 @@ impl Worker {
                 for o in converted {
                     let value = self.goal_value(gen, &o.campaign, ev)?;
                     changes.conversion(o.ts, &ev.customer, &o.campaign, ev.ts, value);
-                    // Replay measures from these; the live server from
-                    // the store, so it keeps none (they would only grow).
-                    if !self.live {
-                        self.conversions.push(Conversion {
-                            ts: o.ts,
-                            customer: ev.customer.clone(),
-                            campaign: o.campaign,
-                            at: ev.ts,
-                            value,
-                        });
-                    }
                 }
             }
             history = Some(h);
