@@ -4,7 +4,8 @@
 # work through a large input, against the store's budget.
 # Usage: tests/bench-memory.sh [CUSTOMERS] [DAYS] [SERVE_EVENTS]
 #   (from the repository root; defaults 1000000 3 4000000)
-# Env: NUDGE_BIN (a binary built elsewhere), MEMORY_MIB (the budget, 512).
+# Env: NUDGE_BIN (a binary built elsewhere), MEMORY_MIB (the budget, 512),
+#   ONLY=replay or ONLY=serve (one half).
 set -euo pipefail
 customers=${1:-1000000}
 days=${2:-3}
@@ -28,6 +29,7 @@ sample() { # pid, label: one line per 5 s: seconds, RSS MiB, store MiB
   done
 }
 
+if [ "${ONLY:-}" != serve ]; then
 echo "# replay of $(wc -l < "$events") events over $customers customers, memory_mib=$budget"
 rm -rf "$work/mem-data"
 "$nudge" replay --events "$events" --decisions "$work/mem-decisions.jsonl" \
@@ -36,6 +38,8 @@ rm -rf "$work/mem-data"
 sample $! replay
 wait
 tail -1 "$work/mem-replay.txt"
+fi
+[ "${ONLY:-}" = replay ] && exit 0
 
 echo "# serve: $serve_events events over $customers customers through nudge bench, memory_mib=$budget"
 rm -rf "$work/mem-data"
