@@ -174,6 +174,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Measure a stopped server's (or a replay's) store: each campaign's
+    /// customers treated and control, rates, the difference with its
+    /// intervals, incremental conversions and value, cost, net value,
+    /// SRM and status, as a table, JSON Lines or CSV.
+    Report {
+        /// The store folder (`server.data`, or replay's `--data`). A
+        /// running server holds it: stop it first.
+        #[arg(long)]
+        data: PathBuf,
+        /// The rules whose campaigns are measured (holdouts, goals, costs).
+        #[arg(long, default_value = "rules")]
+        rules: PathBuf,
+        /// Measure as of this time (RFC 3339 or epoch ms): decisions whose
+        /// goal window has closed by then count. Default: now.
+        #[arg(long)]
+        as_of: Option<String>,
+        /// JSON Lines, one campaign a line (the fields of `replay --measure`).
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// Comma-separated values of the headline fields.
+        #[arg(long)]
+        csv: bool,
+    },
     /// Rules: validate campaigns and policies against the plugins.
     Rules {
         #[command(subcommand)]
@@ -464,6 +487,40 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
             }
             eprint!("{}", crate::measure::to_table(&summary.measures));
             eprintln!("{}", summary.line());
+            Ok(())
+        }
+        Command::Report {
+            data,
+            rules,
+            as_of,
+            json,
+            csv,
+        } => {
+            let as_of = match as_of {
+                Some(v) => crate::results::parse_time("--as-of", &v).map_err(anyhow::Error::msg)?,
+                None => crate::event::now_ms(),
+            };
+            let rules = crate::rules::RuleSet::load(&rules)
+                .with_context(|| format!("loading the rules in {}", rules.display()))?;
+            // Opening creates a store where there is none: a mistyped
+            // folder would report zeros instead of failing.
+            if !data.join("db").is_file() {
+                anyhow::bail!(
+                    "{}: no nudge store there (no sled `db` file)",
+                    data.display()
+                );
+            }
+            let store = crate::store::Store::open(&data)
+                .with_context(|| format!("opening the store in {}", data.display()))?;
+            let rows = crate::measure::from_store(&store, &rules, as_of, Default::default())
+                .with_context(|| format!("reading the decision log in {}", data.display()))?;
+            if json {
+                print!("{}", crate::measure::to_jsonl(&rows));
+            } else if csv {
+                print!("{}", crate::measure::to_csv(&rows));
+            } else {
+                print!("{}", crate::measure::to_table(&rows));
+            }
             Ok(())
         }
         Command::Rules {

@@ -407,6 +407,125 @@ fn timing_curve(acc: &Acc, window: i64, treated: u64, control: u64) -> Vec<Timin
         .collect()
 }
 
+/// The decision log's fields a measurement reads.
+#[derive(serde::Deserialize)]
+struct Logged<'a> {
+    #[serde(borrow)]
+    ts: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    customer: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    campaign: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    outcome: std::borrow::Cow<'a, str>,
+}
+
+/// Measures a store's decision log as of `as_of` (`nudge report --data`):
+/// the decisions and their conversions, both in log order, joined in one
+/// pass. The store keeps no firing counts, so `fired` and `qualified` are
+/// 0 in the funnel.
+pub fn from_store(
+    store: &crate::store::Store,
+    rules: &RuleSet,
+    as_of: i64,
+    settings: Settings,
+) -> Result<Vec<Measure>, crate::store::StoreError> {
+    use crate::store::StoreError;
+    let mut measurer = Measurer::new(rules, as_of, settings);
+    let mut conversions = store.conversions().peekable();
+    for line in store.decisions() {
+        let line = line?;
+        let corrupt = |problem: String| StoreError::Corrupt {
+            what: "decision log",
+            customer: String::new(),
+            problem,
+        };
+        let d: Logged<'_> = serde_json::from_slice(&line).map_err(|e| corrupt(e.to_string()))?;
+        let ts = crate::event::parse_ts(&d.ts).ok_or_else(|| corrupt(format!("ts {:?}", d.ts)))?;
+        let outcome = Outcome::ALL
+            .into_iter()
+            .find(|o| o.as_str() == d.outcome)
+            .ok_or_else(|| corrupt(format!("outcome {:?}", d.outcome)))?;
+        let key = (ts, d.customer.as_bytes(), d.campaign.as_bytes());
+        let mut conversion = None;
+        while let Some(next) = conversions.peek() {
+            let order = match next {
+                Ok(c) => (c.ts, c.customer.as_bytes(), c.campaign.as_bytes()).cmp(&key),
+                Err(_) => {
+                    return Err(conversions
+                        .next()
+                        .and_then(Result::err)
+                        .unwrap_or_else(|| corrupt("conversion log".into())))
+                }
+            };
+            match order {
+                std::cmp::Ordering::Greater => break,
+                std::cmp::Ordering::Less => {
+                    conversions.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    conversion = conversions
+                        .next()
+                        .and_then(Result::ok)
+                        .map(|c| (c.at, c.value));
+                    break;
+                }
+            }
+        }
+        measurer.add(&Decided {
+            ts,
+            customer: &d.customer,
+            campaign: &d.campaign,
+            outcome,
+            conversion,
+        });
+    }
+    Ok(measurer.rows())
+}
+
+/// Comma-separated values of the headline fields, one campaign a row.
+pub fn to_csv(rows: &[Measure]) -> String {
+    let num = |v: Option<f64>| v.map_or(String::new(), |v| v.to_string());
+    let lo = |v: Option<Interval>| num(v.map(|i| i[0]));
+    let hi = |v: Option<Interval>| num(v.map(|i| i[1]));
+    let mut s = String::from(
+        "campaign,as_of,customers_treated,customers_control,matured_decisions_treated,\
+         matured_decisions_control,converted_treated,converted_control,rate_treated,\
+         rate_control,diff,diff_ci95_lo,diff_ci95_hi,diff_always_valid_lo,\
+         diff_always_valid_hi,rel_lift,incremental_conversions,incremental_value,cost,\
+         net_value,srm_p,status\n",
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            r.campaign,
+            r.as_of,
+            r.customers_treated,
+            r.customers_control,
+            r.matured_decisions_treated,
+            r.matured_decisions_control,
+            r.converted_treated,
+            r.converted_control,
+            num(r.rate_treated),
+            num(r.rate_control),
+            num(r.diff),
+            lo(r.diff_ci95),
+            hi(r.diff_ci95),
+            lo(r.diff_always_valid_ci95),
+            hi(r.diff_always_valid_ci95),
+            num(r.rel_lift),
+            num(r.incremental_conversions),
+            num(r.incremental_value),
+            r.cost,
+            num(r.net_value),
+            num(r.srm_p),
+            r.status.as_str(),
+        );
+    }
+    s
+}
+
 /// JSON Lines, one campaign a line.
 pub fn to_jsonl(rows: &[Measure]) -> String {
     let mut s = String::new();
