@@ -534,6 +534,27 @@ impl Drop for Server {
     }
 }
 
+/// Replay options for the example plugins and rules, two workers, outputs
+/// in `out`, the store in a temporary folder.
+pub fn replay_options(events: PathBuf, out: &Path) -> nudge::replay::Options {
+    nudge::replay::Options {
+        events,
+        decisions: out.join("decisions.jsonl"),
+        report: out.join("report.jsonl"),
+        rules: root().join("rules"),
+        plugins: nudge::replay::PluginSource::Embedded,
+        data: None,
+        cache: Some(cache_dir()),
+        skip_invalid: false,
+        progress: false,
+        limits: nudge::plugins::Limits::default(),
+        workers: 2,
+        budget: nudge::store::Budget::default(),
+        sort: false,
+        measure: None,
+    }
+}
+
 /// The decision log as the store in `data` kept it (the server stopped).
 pub fn decisions(data: &Path) -> Vec<serde_json::Value> {
     let store = nudge::store::Store::open(data).expect("store");

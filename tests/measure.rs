@@ -7,28 +7,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use nudge::plugins::Limits;
-use nudge::replay::{self, Options, PluginSource};
+use nudge::replay::{self, Options};
 use nudge::rules::RuleSet;
-use nudge_integration_tests::{cache_dir, fixture, root};
+use nudge_integration_tests::{fixture, replay_options, root};
 use serde_json::Value;
 
 fn options(events: std::path::PathBuf, out: &Path) -> Options {
     Options {
-        events,
-        decisions: out.join("decisions.jsonl"),
-        report: out.join("report.jsonl"),
-        rules: root().join("rules"),
-        plugins: PluginSource::Embedded,
-        data: None,
-        cache: Some(cache_dir()),
-        skip_invalid: false,
-        progress: false,
-        limits: Limits::default(),
-        workers: 2,
-        budget: nudge::store::Budget::default(),
-        sort: false,
         measure: Some(out.join("measure.jsonl")),
+        ..replay_options(events, out)
     }
 }
 

@@ -1,26 +1,10 @@
 //! Replay of the bank-retail seed1 fixture against its expected outputs.
 
-use nudge::plugins::Limits;
-use nudge::replay::{self, Options, PluginSource, ReplayError};
-use nudge_integration_tests::{cache_dir, fixture, root};
+use nudge::replay::{self, Options, ReplayError};
+use nudge_integration_tests::{fixture, replay_options};
 
 fn options(events: std::path::PathBuf, out: &std::path::Path) -> Options {
-    Options {
-        events,
-        decisions: out.join("decisions.jsonl"),
-        report: out.join("report.jsonl"),
-        rules: root().join("rules"),
-        plugins: PluginSource::Embedded,
-        data: None,
-        cache: Some(cache_dir()),
-        skip_invalid: false,
-        progress: false,
-        limits: Limits::default(),
-        workers: 2,
-        budget: nudge::store::Budget::default(),
-        sort: false,
-        measure: None,
-    }
+    replay_options(events, out)
 }
 
 #[test]

@@ -23,6 +23,7 @@ use crate::decide::{fnv1a64, Outcome};
 use crate::event::format_ts;
 use crate::rules::RuleSet;
 use crate::stats::{self, ArmStats, Comparison, Interval, Status};
+use crate::store::{Conversion, StoreError};
 
 const HOUR: i64 = 3_600_000;
 const DAY: i64 = 24 * HOUR;
@@ -407,6 +408,52 @@ fn timing_curve(acc: &Acc, window: i64, treated: u64, control: u64) -> Vec<Timin
         .collect()
 }
 
+/// Each decision's conversion, from a store's conversions read in the
+/// decision log's own order (time, customer, campaign of the decision):
+/// decisions asked in that order are joined in one pass over both.
+pub struct ConversionJoin<I: Iterator<Item = Result<Conversion, StoreError>>> {
+    conversions: std::iter::Peekable<I>,
+}
+
+impl<I: Iterator<Item = Result<Conversion, StoreError>>> ConversionJoin<I> {
+    pub fn new(conversions: I) -> Self {
+        ConversionJoin {
+            conversions: conversions.peekable(),
+        }
+    }
+
+    /// When decision (`ts`, `customer`, `campaign`) converted and what it
+    /// was worth; calls must come in the log's order.
+    pub fn find(
+        &mut self,
+        ts: i64,
+        customer: &str,
+        campaign: &str,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let key = (ts, customer.as_bytes(), campaign.as_bytes());
+        while let Some(next) = self.conversions.peek() {
+            let order = match next {
+                Ok(c) => (c.ts, c.customer.as_bytes(), c.campaign.as_bytes()).cmp(&key),
+                Err(_) => return self.conversions.next().transpose().map(|_| None),
+            };
+            match order {
+                std::cmp::Ordering::Greater => break,
+                std::cmp::Ordering::Less => {
+                    self.conversions.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    return Ok(self
+                        .conversions
+                        .next()
+                        .transpose()?
+                        .map(|c| (c.at, c.value)));
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// The decision log's fields a measurement reads.
 #[derive(serde::Deserialize)]
 struct Logged<'a> {
@@ -430,9 +477,8 @@ pub fn from_store(
     as_of: i64,
     settings: Settings,
 ) -> Result<Vec<Measure>, crate::store::StoreError> {
-    use crate::store::StoreError;
     let mut measurer = Measurer::new(rules, as_of, settings);
-    let mut conversions = store.conversions().peekable();
+    let mut join = ConversionJoin::new(store.conversions());
     for line in store.decisions() {
         let line = line?;
         let corrupt = |problem: String| StoreError::Corrupt {
@@ -446,32 +492,7 @@ pub fn from_store(
             .into_iter()
             .find(|o| o.as_str() == d.outcome)
             .ok_or_else(|| corrupt(format!("outcome {:?}", d.outcome)))?;
-        let key = (ts, d.customer.as_bytes(), d.campaign.as_bytes());
-        let mut conversion = None;
-        while let Some(next) = conversions.peek() {
-            let order = match next {
-                Ok(c) => (c.ts, c.customer.as_bytes(), c.campaign.as_bytes()).cmp(&key),
-                Err(_) => {
-                    return Err(conversions
-                        .next()
-                        .and_then(Result::err)
-                        .unwrap_or_else(|| corrupt("conversion log".into())))
-                }
-            };
-            match order {
-                std::cmp::Ordering::Greater => break,
-                std::cmp::Ordering::Less => {
-                    conversions.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    conversion = conversions
-                        .next()
-                        .and_then(Result::ok)
-                        .map(|c| (c.at, c.value));
-                    break;
-                }
-            }
-        }
+        let conversion = join.find(ts, &d.customer, &d.campaign)?;
         measurer.add(&Decided {
             ts,
             customer: &d.customer,

@@ -421,7 +421,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     // Conversions come back from the store in the decisions' own order
     // (time, customer, campaign), so they join the merge in one pass and
     // none is held in memory.
-    let mut conversions = store.conversions().peekable();
+    let mut join = measure::ConversionJoin::new(store.conversions());
     let mut join_error = None;
     let mut measurer = Measurer::new(&gen.rules, as_of, measure::Settings::default());
     for (campaign, [fired, qualified]) in &stats.funnel {
@@ -434,31 +434,13 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     let mut written = Ok(());
     spill::merge(runs, |d| {
         decisions += 1;
-        let key = (d.ts, d.customer.as_bytes(), d.campaign.as_bytes());
-        let mut conversion = None;
-        while join_error.is_none() {
-            let order = match conversions.peek() {
-                None => break,
-                Some(Ok(c)) => (c.ts, c.customer.as_bytes(), c.campaign.as_bytes()).cmp(&key),
-                Some(Err(_)) => {
-                    join_error = conversions.next().and_then(Result::err);
-                    break;
-                }
-            };
-            match order {
-                std::cmp::Ordering::Greater => break,
-                std::cmp::Ordering::Less => {
-                    conversions.next();
-                }
-                std::cmp::Ordering::Equal => {
-                    conversion = conversions
-                        .next()
-                        .and_then(Result::ok)
-                        .map(|c| (c.at, c.value));
-                    break;
-                }
+        let conversion = match join.find(d.ts, &d.customer, &d.campaign) {
+            Ok(c) => c,
+            Err(e) => {
+                join_error.get_or_insert(e);
+                None
             }
-        }
+        };
         tally.add(d, conversion.is_some());
         measurer.add(&Decided {
             ts: d.ts,

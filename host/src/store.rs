@@ -238,6 +238,24 @@ fn entry_cost(k: &[u8], v: &Option<Vec<u8>>) -> usize {
 }
 
 impl Pending {
+    /// Changes not yet in sled for the keys `keep` accepts, what is being
+    /// persisted under what is committed since: they override sled's
+    /// values (`None`: deleted).
+    fn overlay(&self, keep: impl Fn(&[u8]) -> bool) -> BTreeMap<Vec<u8>, Option<Vec<u8>>> {
+        let mut out = BTreeMap::new();
+        let layers = self
+            .persisting
+            .iter()
+            .map(|p| p.as_ref())
+            .chain([&self.dirty]);
+        for layer in layers {
+            for (k, v) in layer.iter().filter(|(k, _)| keep(k)) {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        out
+    }
+
     fn cache(&mut self, k: Vec<u8>, v: Option<Vec<u8>>) {
         if self.clean_bytes > self.budget.read_cache() {
             // Starting over is crude but cheap, and only this process
@@ -680,19 +698,7 @@ impl Store {
             let (k, v) = kv?;
             merged.insert(k.to_vec(), Some(v.to_vec()));
         }
-        {
-            let pending = self.lock();
-            let layers = pending
-                .persisting
-                .iter()
-                .map(|p| p.as_ref())
-                .chain([&pending.dirty]);
-            for layer in layers {
-                for (k, v) in layer.iter().filter(|(k, _)| k.starts_with(&prefix)) {
-                    merged.insert(k.clone(), v.clone());
-                }
-            }
-        }
+        merged.extend(self.lock().overlay(|k| k.starts_with(&prefix)));
         Ok(merged
             .into_iter()
             .filter_map(|(k, v)| Some((k[prefix.len()..].to_vec(), v?)))
@@ -781,19 +787,7 @@ impl Store {
         };
         let later = |k: &[u8]| k.first() == Some(&b'T') && k > &horizon[..];
         // Changes not yet in sled override it, deletions included.
-        let mut overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        let layers = pending
-            .persisting
-            .iter()
-            .map(|p| p.as_ref())
-            .chain([&pending.dirty]);
-        for layer in layers {
-            for (k, v) in layer.iter() {
-                if later(k) && queue_shard(k, shards) == shard {
-                    overlay.insert(k.clone(), v.clone());
-                }
-            }
-        }
+        let overlay = pending.overlay(|k| later(k) && queue_shard(k, shards) == shard);
         let mut added = overlay
             .iter()
             .filter_map(|(k, v)| Some((k, v.as_ref()?)))
