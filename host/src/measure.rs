@@ -574,10 +574,11 @@ pub fn to_table(rows: &[Measure]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<20} {:>7} {:>7} {:>8} {:>8} {:>8} {:>19} {:>16} {:<12}",
+        "{:<20} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>19} {:>16} {:<12}",
         "campaign",
         "treated",
         "control",
+        "immature",
         "conv(t)",
         "conv(c)",
         "diff",
@@ -596,10 +597,11 @@ pub fn to_table(rows: &[Measure]) -> String {
         };
         let _ = writeln!(
             s,
-            "{:<20} {:>7} {:>7} {:>8} {:>8} {:>8} {:>19} {:>16} {:<12}",
+            "{:<20} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>19} {:>16} {:<12}",
             r.campaign,
             r.customers_treated,
             r.customers_control,
+            r.immature_decisions_treated + r.immature_decisions_control,
             pct(r.rate_treated),
             pct(r.rate_control),
             pts(r.diff),
@@ -610,7 +612,8 @@ pub fn to_table(rows: &[Measure]) -> String {
     }
     let _ = writeln!(
         s,
-        "(customers in each arm with matured decisions; rates per decision; \
+        "(treated, control: customers with decisions whose goal window has closed; \
+         immature: decisions still inside it, not counted yet; rates per decision; \
          'collecting' until {} customers per arm)",
         stats::MIN_CUSTOMERS
     );
