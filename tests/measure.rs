@@ -161,27 +161,11 @@ fn seed1_measure_matches_a_computation_by_hand() {
         // firing got exactly one decision.
         let r = report.iter().find(|r| r["campaign"] == id).unwrap();
         let f = &m["funnel"];
-        for k in [
-            "sent",
-            "control",
-            "suppressed_consent",
-            "suppressed_frequency",
-            "suppressed_policy",
-            "suppressed_arbitration",
-        ] {
+        let outcomes = nudge::decide::Outcome::ALL.map(|o| o.as_str());
+        for k in outcomes {
             assert_eq!(f[k], r[k], "{id}: funnel {k}");
         }
-        let decided: u64 = [
-            "sent",
-            "control",
-            "suppressed_consent",
-            "suppressed_frequency",
-            "suppressed_policy",
-            "suppressed_arbitration",
-        ]
-        .iter()
-        .map(|k| f[*k].as_u64().unwrap())
-        .sum();
+        let decided: u64 = outcomes.iter().map(|k| f[*k].as_u64().unwrap()).sum();
         assert_eq!(f["qualified"].as_u64().unwrap(), decided, "{id}: qualified");
         assert!(f["fired"].as_u64().unwrap() >= decided, "{id}: fired");
         let daily: u64 = m["daily"]

@@ -71,14 +71,7 @@ fn explains_one_decision_of_each_outcome(server: &Server) {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let ms = |v: &Value| nudge::event::parse_ts(v.as_str().unwrap()).unwrap();
-    for outcome in [
-        "sent",
-        "control",
-        "suppressed_consent",
-        "suppressed_frequency",
-        "suppressed_policy",
-        "suppressed_arbitration",
-    ] {
+    for outcome in nudge::decide::Outcome::ALL.map(|o| o.as_str()) {
         let d = all
             .iter()
             .find(|d| d["outcome"] == outcome)

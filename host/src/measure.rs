@@ -221,7 +221,7 @@ impl<'r> Measurer<'r> {
     }
 
     pub fn add(&mut self, d: &Decided<'_>) {
-        let Some(campaign) = self.rules.campaigns.iter().find(|c| c.id == d.campaign) else {
+        let Some(campaign) = self.rules.campaign(d.campaign) else {
             return;
         };
         let window = campaign.goal.as_ref().map(|g| g.window_ms);

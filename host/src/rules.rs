@@ -492,6 +492,14 @@ impl RuleSet {
         }
     }
 
+    /// The campaign `id` (campaigns are kept sorted by id).
+    pub fn campaign(&self, id: &str) -> Option<&Campaign> {
+        self.campaigns
+            .binary_search_by(|c| c.id.as_str().cmp(id))
+            .ok()
+            .map(|i| &self.campaigns[i])
+    }
+
     /// What the goal event in `scope` is worth to campaign `c` (0 without
     /// a `goal.value`). An error (a wrong type at run time, the operation
     /// budget) is returned so the caller can report it.

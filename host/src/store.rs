@@ -334,6 +334,29 @@ fn push_plugin_key(k: &mut Vec<u8>, plugin: &str, key: &str) {
     k.extend_from_slice(key.as_bytes());
 }
 
+/// A key of the decision log (`D`) or of its conversions (`V`): tag, time,
+/// customer, NUL, campaign, so both sort in the output's order.
+fn log_key(tag: u8, ts: i64, customer: &str, campaign: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10 + customer.len() + campaign.len());
+    k.push(tag);
+    k.extend_from_slice(&time_bytes(ts));
+    k.extend_from_slice(customer.as_bytes());
+    k.push(0);
+    k.extend_from_slice(campaign.as_bytes());
+    k
+}
+
+/// A conversion record's value: when the goal event came, and what it was
+/// worth in micro-units (0 when recorded before values existed).
+fn decode_conversion(v: &[u8]) -> Option<(i64, i64)> {
+    let at = time_from(v)?;
+    let value = v
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, i64::from_be_bytes);
+    Some((at, value))
+}
+
 /// Whether a customer key is one of their timeline's (`e`).
 fn is_timeline(k: &[u8]) -> bool {
     k.iter()
@@ -710,23 +733,13 @@ impl Store {
     pub fn timeline(&self, customer: &str) -> Result<Timeline> {
         let mut out = Vec::new();
         for (rest, json) in self.customer_scan(customer, b'e')? {
-            if rest.len() < 8 {
+            let Some(ts) = time_from(&rest) else {
                 continue;
-            }
-            let mut v = Vec::with_capacity(10 + customer.len() + rest.len());
-            v.push(b'V');
-            v.extend_from_slice(&rest[..8]);
-            v.extend_from_slice(customer.as_bytes());
-            v.push(0);
-            v.extend_from_slice(&rest[8..]);
-            let conversion = self.get(&v)?.and_then(|c| {
-                let at = time_from(&c)?;
-                let value = c
-                    .get(8..16)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, i64::from_be_bytes);
-                Some((at, value))
-            });
+            };
+            let campaign = String::from_utf8_lossy(&rest[8..]);
+            let conversion = self
+                .get(&log_key(b'V', ts, customer, &campaign))?
+                .and_then(|c| decode_conversion(&c));
             out.push((json, conversion));
         }
         Ok(out)
@@ -1252,16 +1265,13 @@ impl Store {
             let ts = time_from(k.get(1..).ok_or_else(corrupt)?).ok_or_else(corrupt)?;
             let rest = k.get(9..).ok_or_else(corrupt)?;
             let nul = rest.iter().position(|b| *b == 0).ok_or_else(corrupt)?;
+            let (at, value) = decode_conversion(&v).ok_or_else(corrupt)?;
             Ok(Conversion {
                 ts,
                 customer: String::from_utf8_lossy(&rest[..nul]).into_owned(),
                 campaign: String::from_utf8_lossy(&rest[nul + 1..]).into_owned(),
-                at: time_from(&v).ok_or_else(corrupt)?,
-                // Recorded before values existed: worth nothing.
-                value: v
-                    .get(8..16)
-                    .and_then(|b| b.try_into().ok())
-                    .map_or(0, i64::from_be_bytes),
+                at,
+                value,
             })
         })
     }
@@ -1370,12 +1380,7 @@ impl Changes {
     /// Records that the decision (`ts`, `customer`, `campaign`) converted
     /// at `at`, worth `value` micro-units.
     pub fn conversion(&mut self, ts: i64, customer: &str, campaign: &str, at: i64, value: i64) {
-        let mut k = Vec::with_capacity(10 + customer.len() + campaign.len());
-        k.push(b'V');
-        k.extend_from_slice(&time_bytes(ts));
-        k.extend_from_slice(customer.as_bytes());
-        k.push(0);
-        k.extend_from_slice(campaign.as_bytes());
+        let k = log_key(b'V', ts, customer, campaign);
         let mut v = time_bytes(at).to_vec();
         v.extend_from_slice(&value.to_be_bytes());
         self.put(k, v);
@@ -1415,13 +1420,7 @@ impl Changes {
     }
 
     pub fn decision(&mut self, ts: i64, customer: &str, campaign: &str, json: Vec<u8>) {
-        let mut k = Vec::with_capacity(10 + customer.len() + campaign.len());
-        k.push(b'D');
-        k.extend_from_slice(&time_bytes(ts));
-        k.extend_from_slice(customer.as_bytes());
-        k.push(0);
-        k.extend_from_slice(campaign.as_bytes());
-        self.put(k, json);
+        self.put(log_key(b'D', ts, customer, campaign), json);
     }
 }
 

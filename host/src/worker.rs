@@ -726,7 +726,7 @@ impl Worker {
         campaign: &str,
         ev: &Event,
     ) -> Result<i64, WorkerError> {
-        let Some(c) = gen.rules.campaigns.iter().find(|c| c.id == campaign) else {
+        let Some(c) = gen.rules.campaign(campaign) else {
             return Ok(0);
         };
         if c.goal.as_ref().is_none_or(|g| g.value.is_none()) {
@@ -855,13 +855,7 @@ impl Worker {
             None => self.store.history(customer)?,
         };
         let outcomes = decide::decide(now, customer, &candidates, traits, &history, policies);
-        let channel_of = |campaign: &str| {
-            gen.rules
-                .campaigns
-                .binary_search_by(|c| c.id.as_str().cmp(campaign))
-                .ok()
-                .map(|i| gen.rules.campaigns[i].channel.clone())
-        };
+        let channel_of = |campaign: &str| gen.rules.campaign(campaign).map(|c| c.channel.clone());
         // The live server keeps why each decision came out so, for the
         // customer's timeline; replay writes the SPEC's outputs only, and
         // explaining cost it a fifth of its throughput.
