@@ -298,12 +298,128 @@ fn a_store_measured_afterwards_gives_the_replay_numbers() {
         "only {converted} conversions: the join found too few"
     );
     // Measured a year later, every decision has matured.
+    let year = 365 * 86_400_000;
     let later =
-        nudge::measure::from_store(&store, &rules, as_of + 365 * 86_400_000, Default::default())
-            .unwrap();
+        nudge::measure::from_store(&store, &rules, as_of + year, Default::default()).unwrap();
     assert!(later
         .iter()
         .all(|m| m.immature_decisions_treated == 0 && m.immature_decisions_control == 0));
+    // The tallies, with the maturities still due, say the same a year on.
+    let tallied = ledger_report(&store, &rules, as_of + year);
+    assert_same(comparable(later), comparable(tallied), "a year on");
+}
+
+/// What the measurement ledger reports for a store as of `as_of`.
+fn ledger_report(
+    store: &nudge::store::Store,
+    rules: &RuleSet,
+    as_of: i64,
+) -> Vec<nudge::measure::Measure> {
+    let period = nudge::reports::Period {
+        as_of,
+        from: None,
+        to: None,
+        campaign: None,
+    };
+    nudge::reports::compute(store, rules, &period, Default::default()).unwrap()
+}
+
+/// Asserts two results are equal, naming the fields that differ.
+fn assert_same(a: Vec<nudge::measure::Measure>, b: Vec<nudge::measure::Measure>, what: &str) {
+    fn diff(path: String, a: &Value, b: &Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (Value::Object(x), Value::Object(y)) => {
+                for k in x.keys().chain(y.keys().filter(|k| !x.contains_key(*k))) {
+                    let null = Value::Null;
+                    diff(
+                        format!("{path}.{k}"),
+                        x.get(k).unwrap_or(&null),
+                        y.get(k).unwrap_or(&null),
+                        out,
+                    );
+                }
+            }
+            (Value::Array(x), Value::Array(y)) if x.len() == y.len() => {
+                for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                    diff(format!("{path}[{i}]"), p, q, out);
+                }
+            }
+            _ if a != b => out.push(format!("{path}: {a} != {b}")),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    diff(
+        String::new(),
+        &serde_json::to_value(&a).unwrap(),
+        &serde_json::to_value(&b).unwrap(),
+        &mut out,
+    );
+    out.truncate(20);
+    assert!(out.is_empty(), "{what}: {}", out.join("\n"));
+}
+
+/// A result without what only one side counts: firings (the log does not
+/// keep them), who won arbitrations (only the ledger sees the decide call)
+/// and days on which nothing was decided.
+fn comparable(rows: Vec<nudge::measure::Measure>) -> Vec<nudge::measure::Measure> {
+    rows.into_iter()
+        .map(|mut m| {
+            m.funnel.fired = 0;
+            m.funnel.qualified = 0;
+            m.funnel.arbitration_lost_to.clear();
+            for d in &mut m.daily {
+                d.funnel.fired = 0;
+                d.funnel.qualified = 0;
+                d.funnel.arbitration_lost_to.clear();
+            }
+            m.daily.retain(|d| d.funnel != Default::default());
+            m
+        })
+        .collect()
+}
+
+/// The tallies kept while replaying (no pass over the decision log) give
+/// exactly the numbers of the replay's own measurement.
+#[test]
+fn the_ledger_reports_what_the_replay_measured() {
+    let out = tempfile::tempdir().unwrap();
+    let mut opts = options(fixture("seed1/events.jsonl"), out.path());
+    opts.data = Some(out.path().join("data"));
+    let summary = replay::run(&opts).unwrap();
+    let rules = RuleSet::load(&root().join("rules")).unwrap();
+    let as_of = ts(&serde_json::to_value(&summary.measures[0].as_of).unwrap());
+    let store = nudge::store::Store::open(&out.path().join("data")).unwrap();
+    let tallied = ledger_report(&store, &rules, as_of);
+    // Firings are counted on both sides here.
+    let mut lost = 0;
+    for (replayed, tallied) in summary.measures.iter().zip(&tallied) {
+        assert_eq!(replayed.funnel.fired, tallied.funnel.fired);
+        assert_eq!(replayed.funnel.qualified, tallied.funnel.qualified);
+        let to: u64 = tallied.funnel.arbitration_lost_to.values().sum();
+        assert_eq!(
+            to, tallied.funnel.suppressed_arbitration,
+            "{}",
+            tallied.campaign
+        );
+        lost += to;
+    }
+    assert!(lost > 0, "seed1 has arbitrations");
+    assert_same(comparable(summary.measures), comparable(tallied), "seed1");
+    // A report as of a time before maturities already counted is refused.
+    let e = nudge::reports::compute(
+        &store,
+        &rules,
+        &nudge::reports::Period {
+            as_of: as_of - 30 * 86_400_000,
+            from: None,
+            to: None,
+            campaign: None,
+        },
+        Default::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("latest maturity"), "{e}");
 }
 
 #[test]
@@ -373,8 +489,20 @@ fn aa_calibration_always_valid_interval_covers_zero() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let opts = options(events, &dir.path().join(format!("out-{seed}")));
+        let out = dir.path().join(format!("out-{seed}"));
+        let mut opts = options(events, &out);
+        opts.data = Some(out.join("data"));
         let summary = replay::run(&opts).unwrap();
+        // The tallies agree on every seed (thousands of maturities, some
+        // converted at the window's last instant).
+        let store = nudge::store::Store::open(&out.join("data")).unwrap();
+        let rules = RuleSet::load(&root().join("rules")).unwrap();
+        let as_of = ts(&serde_json::to_value(&summary.measures[0].as_of).unwrap());
+        assert_same(
+            comparable(summary.measures.clone()),
+            comparable(ledger_report(&store, &rules, as_of)),
+            &format!("seed {seed}"),
+        );
         for m in &summary.measures {
             if m.customers_treated < 30 || m.customers_control < 30 {
                 continue;

@@ -57,6 +57,7 @@ fn serve_and_replay_decide_identically() {
     wait_processed(&server, lines.len() as f64);
     explains_one_decision_of_each_outcome(&server);
     exports_the_decision_log_in_pages(&server);
+    reports_what_replay_measures(&server);
     server.stop().unwrap();
     assert_decides_as_replay(data.path(), "batches in order");
 }
@@ -159,6 +160,107 @@ fn explains_one_decision_of_each_outcome(server: &Server) {
     }
     // Without a token, nothing.
     assert_eq!(server.get("/v1/customers/c-000001", None).status, 401);
+}
+
+/// `GET /v1/reports` on the event clock gives exactly the numbers of
+/// `nudge replay --measure` over the same events, from the server's tallies
+/// (never reading the decision log); `GET /v1/reports/{campaign}` adds the
+/// days.
+fn reports_what_replay_measures(server: &Server) {
+    let out = tempfile::tempdir().unwrap();
+    let opts = nudge::replay::Options {
+        measure: Some(out.path().join("measure.jsonl")),
+        ..replay_options(fixture("seed1/events.jsonl"), out.path())
+    };
+    let summary = nudge::replay::run(&opts).unwrap();
+    let as_of = summary.measures[0].as_of.clone();
+    // Only the live server counts deliveries, agents' answers and who won
+    // an arbitration; the replay keeps days apart.
+    let strip = |mut m: Value| {
+        let f = m["funnel"].as_object_mut().unwrap();
+        for k in [
+            "arbitration_lost_to",
+            "delivered",
+            "delivery_failed",
+            "dead_lettered",
+            "accepted",
+            "declined",
+        ] {
+            f.remove(k);
+        }
+        m.as_object_mut().unwrap().remove("daily");
+        m
+    };
+    let want: Vec<Value> = summary
+        .measures
+        .iter()
+        .map(|m| strip(serde_json::to_value(m).unwrap()))
+        .collect();
+    let r = server.get(&format!("/v1/reports?as_of={as_of}"), Some(API_TOKEN));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let listing = r.json();
+    assert_eq!(listing["as_of"], as_of.as_str());
+    let got: Vec<Value> = listing["campaigns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .cloned()
+        .map(strip)
+        .collect();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g, w, "{}", w["campaign"]);
+    }
+    assert!(
+        want.iter()
+            .any(|m| m["converted_treated"].as_u64() > Some(50)),
+        "seed1 has conversions to compare"
+    );
+    // Without as_of, the event clock's now is the last event: the same.
+    let r = server.get("/v1/reports", Some(API_TOKEN));
+    assert_eq!(r.json()["as_of"], as_of.as_str());
+    // One campaign, with its days: the days' decisions add up.
+    let one = &summary.measures[0];
+    let r = server.get(
+        &format!("/v1/reports/{}?as_of={as_of}", one.campaign),
+        Some(API_TOKEN),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let detail = r.json();
+    let days = detail["daily"].as_array().unwrap();
+    let sent: u64 = days.iter().map(|d| d["sent"].as_u64().unwrap()).sum();
+    assert_eq!(sent, one.funnel.sent);
+    for d in &one.daily {
+        let live = days.iter().find(|l| l["day"] == d.day.as_str()).unwrap();
+        assert_eq!(live["sent"], d.funnel.sent, "{}", d.day);
+        assert_eq!(
+            live["converted_treated"], d.funnel.converted_treated,
+            "{}",
+            d.day
+        );
+    }
+    // A period selects whole days of decisions.
+    let first = &one.daily[0].day;
+    let r = server.get(
+        &format!(
+            "/v1/reports?as_of={as_of}&campaign={}&from={first}T00:00:00Z&to={first}T23:59:59.999Z",
+            one.campaign
+        ),
+        Some(API_TOKEN),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let period = &r.json()["campaigns"][0];
+    assert_eq!(period["funnel"]["sent"], one.daily[0].funnel.sent);
+    // Refusals name what is wrong.
+    assert_eq!(server.get("/v1/reports", None).status, 401);
+    let r = server.get("/v1/reports/no-such-campaign", Some(API_TOKEN));
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = server.get("/v1/reports?as_of=soon", Some(API_TOKEN));
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("as_of"), "{}", r.body);
+    let r = server.get("/v1/reports?as_of=2020-01-01T00:00:00Z", Some(API_TOKEN));
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("latest maturity"), "{}", r.body);
 }
 
 /// `GET /v1/decisions`, paged by its cursor, is the decision log exactly;

@@ -85,6 +85,7 @@ pub struct Config {
     pub delivery: Delivery,
     pub reload: Reload,
     pub quarantine: Quarantine,
+    pub measure: MeasureConfig,
     /// Per-plugin grants and settings that override the plugin's manifest.
     pub plugins: BTreeMap<String, PluginGrant>,
 }
@@ -403,6 +404,23 @@ impl Default for Reload {
     }
 }
 
+/// How results are measured (`GET /v1/reports`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeasureConfig {
+    /// N_tune of the always-valid interval: the number of customers (both
+    /// arms) at which it is narrowest relative to the fixed one. Positive.
+    pub n_tune: f64,
+}
+
+impl Default for MeasureConfig {
+    fn default() -> Self {
+        MeasureConfig {
+            n_tune: crate::stats::DEFAULT_N_TUNE,
+        }
+    }
+}
+
 impl Default for Quarantine {
     fn default() -> Self {
         let p = crate::controls::QuarantinePolicy::default();
@@ -527,6 +545,16 @@ impl Config {
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let c: Config = Config::parse_toml(path, text)?;
+        if !(c.measure.n_tune.is_finite() && c.measure.n_tune > 0.0) {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: String::new(),
+                message: format!(
+                    "measure.n_tune = {}: must be a positive number (customers)",
+                    c.measure.n_tune
+                ),
+            });
+        }
         if c.server.late == Late::Refuse && c.server.clock == Clock::Wall {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -607,6 +635,7 @@ mod tests {
             "[delivery]",
             "[reload]",
             "[quarantine]",
+            "[measure]",
         ] {
             assert!(text.contains(section), "nudge.toml lacks {section}");
         }

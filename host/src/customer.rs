@@ -62,7 +62,11 @@ async fn show(
     let mut timers: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     match s.store.timers_of(&id) {
         Ok(list) => {
-            for (plugin, key, t) in list {
+            // The host's own (a decision's goal window) are not a plugin's.
+            for (plugin, key, t) in list
+                .into_iter()
+                .filter(|(p, ..)| p != crate::ledger::MATURITY)
+            {
                 timers.entry(plugin).or_default().push(json!({
                     "key": key,
                     "due": format_ts(t.due),

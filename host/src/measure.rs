@@ -21,25 +21,11 @@ use serde::Serialize;
 
 use crate::decide::{fnv1a64, Outcome};
 use crate::event::format_ts;
+pub use crate::ledger::Funnel;
+use crate::ledger::{timing_bucket, DAY, TIMING};
 use crate::rules::RuleSet;
 use crate::stats::{self, ArmStats, Comparison, Interval, Status};
 use crate::store::{Conversion, StoreError};
-
-const HOUR: i64 = 3_600_000;
-const DAY: i64 = 24 * HOUR;
-
-/// Points of the timing curve (time since the decision), up to the window.
-const TIMING: [(i64, &str); 9] = [
-    (HOUR, "1h"),
-    (6 * HOUR, "6h"),
-    (DAY, "1d"),
-    (2 * DAY, "2d"),
-    (3 * DAY, "3d"),
-    (7 * DAY, "7d"),
-    (14 * DAY, "14d"),
-    (30 * DAY, "30d"),
-    (90 * DAY, "90d"),
-];
 
 /// How a report is computed.
 #[derive(Clone, Copy, Debug)]
@@ -52,37 +38,6 @@ impl Default for Settings {
     fn default() -> Settings {
         Settings {
             n_tune: stats::DEFAULT_N_TUNE,
-        }
-    }
-}
-
-/// The funnel of one campaign: counts of every step.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Funnel {
-    /// A firing (or event) the campaign listens to reached it.
-    pub fired: u64,
-    /// Its `when` was true.
-    pub qualified: u64,
-    pub suppressed_consent: u64,
-    pub suppressed_frequency: u64,
-    pub suppressed_policy: u64,
-    pub suppressed_arbitration: u64,
-    pub sent: u64,
-    pub control: u64,
-    /// Matured decisions that converted, per arm.
-    pub converted_treated: u64,
-    pub converted_control: u64,
-}
-
-impl Funnel {
-    fn count(&mut self, outcome: Outcome) {
-        match outcome {
-            Outcome::Sent => self.sent += 1,
-            Outcome::Control => self.control += 1,
-            Outcome::SuppressedConsent => self.suppressed_consent += 1,
-            Outcome::SuppressedFrequency => self.suppressed_frequency += 1,
-            Outcome::SuppressedPolicy => self.suppressed_policy += 1,
-            Outcome::SuppressedArbitration => self.suppressed_arbitration += 1,
         }
     }
 }
@@ -152,6 +107,8 @@ pub struct Measure {
     pub status: Status,
     pub funnel: Funnel,
     pub timing: Vec<TimingPoint>,
+    /// Per day (absent from `GET /v1/reports`'s list).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub daily: Vec<Day>,
 }
 
@@ -165,15 +122,25 @@ struct Unit {
 
 #[derive(Default)]
 struct Acc {
-    funnel: Funnel,
-    daily: BTreeMap<i64, Funnel>,
+    totals: Totals,
     /// Arm (0 treated, 1 control) and customer (a 64-bit hash: two
     /// customers of a campaign collide with odds of about n²/2⁶⁵) → unit.
     units: [HashMap<u64, Unit>; 2],
-    immature: [u64; 2],
+}
+
+/// Everything one campaign's result is computed from.
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    pub funnel: Funnel,
+    /// By day (days since 1970, UTC).
+    pub daily: BTreeMap<i64, Funnel>,
+    /// The units' sufficient statistics, treated and control.
+    pub arms: [ArmStats; 2],
+    /// `sent` and `control` decisions not matured yet.
+    pub immature: [u64; 2],
     /// Converted matured decisions per arm by timing bucket (index into
     /// [`TIMING`] of the first point at or after the delay).
-    timing: [Vec<u64>; 2],
+    pub timing: [Vec<u64>; 2],
 }
 
 /// A decision as the measurement needs it.
@@ -215,8 +182,8 @@ impl<'r> Measurer<'r> {
     /// passed its `when` (from the workers' counts).
     pub fn add_funnel(&mut self, id: &str, fired: u64, qualified: u64) {
         if let Some(acc) = self.accs.get_mut(id) {
-            acc.funnel.fired += fired;
-            acc.funnel.qualified += qualified;
+            acc.totals.funnel.fired += fired;
+            acc.totals.funnel.qualified += qualified;
         }
     }
 
@@ -228,8 +195,9 @@ impl<'r> Measurer<'r> {
         let Some(acc) = self.accs.get_mut(d.campaign) else {
             return;
         };
-        acc.funnel.count(d.outcome);
-        let day = acc.daily.entry(d.ts.div_euclid(DAY)).or_default();
+        let totals = &mut acc.totals;
+        totals.funnel.count(d.outcome);
+        let day = totals.daily.entry(d.ts.div_euclid(DAY)).or_default();
         day.count(d.outcome);
         let arm = match d.outcome {
             Outcome::Sent => 0,
@@ -240,7 +208,7 @@ impl<'r> Measurer<'r> {
         // matured and unconverted, so reach is still reported.
         let matured = window.is_none_or(|w| d.ts.saturating_add(w) <= self.as_of);
         if !matured {
-            acc.immature[arm] += 1;
+            totals.immature[arm] += 1;
             return;
         }
         let unit = acc.units[arm]
@@ -250,23 +218,14 @@ impl<'r> Measurer<'r> {
         if let Some((at, value)) = d.conversion {
             unit.m += 1;
             unit.v = unit.v.saturating_add(value);
-            let delay = at - d.ts;
-            let bucket = TIMING
-                .iter()
-                .position(|(t, _)| delay <= *t)
-                .unwrap_or(TIMING.len());
-            let timing = &mut acc.timing[arm];
+            let bucket = timing_bucket(at - d.ts);
+            let timing = &mut totals.timing[arm];
             if timing.len() <= bucket {
                 timing.resize(bucket + 1, 0);
             }
             timing[bucket] += 1;
-            if arm == 0 {
-                acc.funnel.converted_treated += 1;
-                day.converted_treated += 1;
-            } else {
-                acc.funnel.converted_control += 1;
-                day.converted_control += 1;
-            }
+            totals.funnel.converted(arm);
+            day.converted(arm);
         }
     }
 
@@ -283,12 +242,9 @@ impl<'r> Measurer<'r> {
             .iter()
             .filter_map(|c| {
                 let acc = accs.get(&c.id)?;
-                let cost_per = rules
-                    .policies
-                    .channels
-                    .get(&c.channel)
-                    .map_or(0.0, |p| p.cost);
-                Some(measure(c, acc, cost_per, as_of, settings))
+                let mut totals = acc.totals.clone();
+                totals.arms = [arm_stats(&acc.units[0]), arm_stats(&acc.units[1])];
+                Some(measure(rules, c, &totals, as_of, settings))
             })
             .collect()
     }
@@ -302,14 +258,20 @@ fn arm_stats(units: &HashMap<u64, Unit>) -> ArmStats {
     s
 }
 
-fn measure(
+/// One campaign's result from its totals.
+pub fn measure(
+    rules: &RuleSet,
     c: &crate::rules::Campaign,
-    acc: &Acc,
-    cost_per: f64,
+    totals: &Totals,
     as_of: i64,
     settings: Settings,
 ) -> Measure {
-    let (t, k) = (arm_stats(&acc.units[0]), arm_stats(&acc.units[1]));
+    let cost_per = rules
+        .policies
+        .channels
+        .get(&c.channel)
+        .map_or(0.0, |p| p.cost);
+    let [t, k] = totals.arms;
     let units = t.n + k.n;
     let conv = Comparison::new(t.conversion(), k.conversion(), t.d, units, settings.n_tune);
     let value = Comparison::new(t.value(), k.value(), t.d, units, settings.n_tune);
@@ -320,7 +282,7 @@ fn measure(
         None => (None, None),
     };
     let window = c.goal.as_ref().map(|g| g.window_ms);
-    let timing = window.map_or_else(Vec::new, |w| timing_curve(acc, w, t.d, k.d));
+    let timing = window.map_or_else(Vec::new, |w| timing_curve(totals, w, t.d, k.d));
     Measure {
         campaign: c.id.clone(),
         owner: c.owner.clone(),
@@ -333,8 +295,8 @@ fn measure(
         customers_control: k.n,
         matured_decisions_treated: t.d,
         matured_decisions_control: k.d,
-        immature_decisions_treated: acc.immature[0],
-        immature_decisions_control: acc.immature[1],
+        immature_decisions_treated: totals.immature[0],
+        immature_decisions_control: totals.immature[1],
         converted_treated: t.m,
         converted_control: k.m,
         rate_treated: conv.rate_treated,
@@ -364,9 +326,9 @@ fn measure(
         srm_p,
         srm_alert: srm_p.is_some_and(|p| p < stats::SRM_ALERT_P),
         status: Status::of(c.holdout_pct, t.n, k.n, conv.diff_always_valid_ci95),
-        funnel: acc.funnel.clone(),
+        funnel: totals.funnel.clone(),
         timing,
-        daily: acc
+        daily: totals
             .daily
             .iter()
             .map(|(day, f)| Day {
@@ -379,7 +341,7 @@ fn measure(
 
 /// Cumulative share converted by each point up to the window, and at the
 /// window itself.
-fn timing_curve(acc: &Acc, window: i64, treated: u64, control: u64) -> Vec<TimingPoint> {
+fn timing_curve(totals: &Totals, window: i64, treated: u64, control: u64) -> Vec<TimingPoint> {
     let mut points: Vec<(i64, String)> = TIMING
         .iter()
         .filter(|(t, _)| *t < window)
@@ -388,7 +350,7 @@ fn timing_curve(acc: &Acc, window: i64, treated: u64, control: u64) -> Vec<Timin
     points.push((window, "window".to_owned()));
     let share = |arm: usize, upto: i64, n: u64| -> Option<f64> {
         (n > 0).then(|| {
-            let converted: u64 = acc.timing[arm]
+            let converted: u64 = totals.timing[arm]
                 .iter()
                 .enumerate()
                 .filter(|(i, _)| TIMING.get(*i).is_none_or(|(t, _)| *t <= upto))

@@ -71,6 +71,15 @@ impl Watermarks {
         (w != i64::MIN).then_some(w)
     }
 
+    /// The latest time any worker released (the event clock's now).
+    pub fn latest(&self) -> Option<i64> {
+        self.0
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .filter(|w| *w != i64::MIN)
+            .max()
+    }
+
     pub fn set(&self, shard: usize, ts: i64) {
         if let Some(w) = self.0.get(shard) {
             w.fetch_max(ts, Ordering::AcqRel);

@@ -77,48 +77,63 @@ impl ArmStats {
     /// Adds one customer with `d` matured decisions, `m` of them converted,
     /// worth `v` micro-units. A customer with no decision is not a unit.
     pub fn add_customer(&mut self, d: u64, m: u64, v: i64) {
-        if d == 0 {
-            return;
-        }
-        let v = i128::from(v);
-        self.n += 1;
-        self.d += d;
-        self.m += m;
-        self.dd += d * d;
-        self.mm += m * m;
-        self.md += m * d;
-        self.v += v;
-        self.vv += v * v;
-        self.vd += v * i128::from(d);
+        self.apply(d, m, v, false);
     }
 
     /// Removes a customer added before (to replace its totals).
     pub fn remove_customer(&mut self, d: u64, m: u64, v: i64) {
+        self.apply(d, m, v, true);
+    }
+
+    /// Sums are kept modulo 2⁶⁴ (2¹²⁸ for values): a record may hold a
+    /// correction that is negative on its own (a customer removed from a
+    /// cohort whose addition is in another record), and the total of all
+    /// records is exact whenever it fits.
+    fn apply(&mut self, d: u64, m: u64, v: i64, remove: bool) {
         if d == 0 {
             return;
         }
         let v = i128::from(v);
-        self.n -= 1;
-        self.d -= d;
-        self.m -= m;
-        self.dd -= d * d;
-        self.mm -= m * m;
-        self.md -= m * d;
-        self.v -= v;
-        self.vv -= v * v;
-        self.vd -= v * i128::from(d);
+        let terms = ArmStats {
+            n: 1,
+            d,
+            m,
+            dd: d.wrapping_mul(d),
+            mm: m.wrapping_mul(m),
+            md: m.wrapping_mul(d),
+            v,
+            vv: v.wrapping_mul(v),
+            vd: v.wrapping_mul(i128::from(d)),
+        };
+        if remove {
+            self.subtract(&terms);
+        } else {
+            self.merge(&terms);
+        }
     }
 
     pub fn merge(&mut self, o: &ArmStats) {
-        self.n += o.n;
-        self.d += o.d;
-        self.m += o.m;
-        self.dd += o.dd;
-        self.mm += o.mm;
-        self.md += o.md;
-        self.v += o.v;
-        self.vv += o.vv;
-        self.vd += o.vd;
+        self.n = self.n.wrapping_add(o.n);
+        self.d = self.d.wrapping_add(o.d);
+        self.m = self.m.wrapping_add(o.m);
+        self.dd = self.dd.wrapping_add(o.dd);
+        self.mm = self.mm.wrapping_add(o.mm);
+        self.md = self.md.wrapping_add(o.md);
+        self.v = self.v.wrapping_add(o.v);
+        self.vv = self.vv.wrapping_add(o.vv);
+        self.vd = self.vd.wrapping_add(o.vd);
+    }
+
+    fn subtract(&mut self, o: &ArmStats) {
+        self.n = self.n.wrapping_sub(o.n);
+        self.d = self.d.wrapping_sub(o.d);
+        self.m = self.m.wrapping_sub(o.m);
+        self.dd = self.dd.wrapping_sub(o.dd);
+        self.mm = self.mm.wrapping_sub(o.mm);
+        self.md = self.md.wrapping_sub(o.md);
+        self.v = self.v.wrapping_sub(o.v);
+        self.vv = self.vv.wrapping_sub(o.vv);
+        self.vd = self.vd.wrapping_sub(o.vd);
     }
 
     /// The conversion rate and its variance.

@@ -70,8 +70,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+mod ledger;
 mod queue;
 mod state;
+pub use ledger::{decode_unit, encode_unit, TallyRecord, MATURITY};
 use queue::TimerQueue;
 pub use state::StateRecord;
 

@@ -16,6 +16,7 @@ use crate::decide::{self, Candidate, Outcome};
 use crate::deliver::Delivery;
 use crate::event::{format_ts, Event, Kind};
 use crate::generation::{Generation, IDENTIFY};
+use crate::ledger::{Ledger, MATURITY};
 use crate::metrics::Metrics;
 use crate::plugins::{
     Action, Call, CallInput, Effects, Fault, Firing, Instances, Plugin, Recipient, Runtime,
@@ -268,6 +269,9 @@ pub struct Worker {
     gen_number: u64,
     /// When set, every firing is recorded here (`nudge plugin test`).
     pub firings: Option<Vec<FiringRecord>>,
+    /// The measurement's tallies and units (`None`: not kept, for
+    /// measuring what keeping them costs).
+    pub ledger: Option<Ledger>,
 }
 
 /// One firing's worth of qualified campaigns.
@@ -299,6 +303,7 @@ impl Worker {
             view: Arc::new(View::default()),
             gen_number: 0,
             firings: None,
+            ledger: Some(Ledger::new(crate::ledger::writer_of(shard))),
         })
     }
 
@@ -322,6 +327,25 @@ impl Worker {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Commits one event's or timer's changes with the tallies they moved.
+    fn commit(&mut self, mut changes: Changes) {
+        if let Some(l) = &mut self.ledger {
+            l.flush(&mut changes);
+        }
+        self.store.commit(changes);
+    }
+
+    /// After an error the changes being built are dropped: so are the
+    /// tallies' uncommitted counts.
+    fn abandon<T>(&mut self, r: Result<T, WorkerError>) -> Result<T, WorkerError> {
+        if r.is_err() {
+            if let Some(l) = &mut self.ledger {
+                l.discard();
+            }
+        }
+        r
     }
 
     /// Fires due timers, then processes `ev`. Decisions are appended to `out`.
@@ -352,6 +376,10 @@ impl Worker {
         let mut fired: HashMap<(String, String), usize> = HashMap::new();
         while self.next_due.is_some_and(|d| d <= now) {
             match self.store.first_timer(self.shard)? {
+                Some(t) if t.due <= now && t.plugin == MATURITY => {
+                    let r = self.mature(&t);
+                    self.abandon(r)?;
+                }
                 Some(t) if t.due <= now => {
                     let n = fired
                         .entry((t.customer.clone(), t.plugin.clone()))
@@ -360,7 +388,8 @@ impl Worker {
                     if *n > cap {
                         self.drop_looping_timer(gen, t, cap);
                     } else {
-                        self.fire_timer(gen, t, now, out)?;
+                        let r = self.fire_timer(gen, t, now, out);
+                        self.abandon(r)?;
                     }
                 }
                 next => {
@@ -369,6 +398,23 @@ impl Worker {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// A decision's goal window closed: it enters the measurement.
+    fn mature(&mut self, t: &DueTimer) -> Result<(), WorkerError> {
+        let mut changes = Changes::new();
+        match &mut self.ledger {
+            Some(l) => l.mature(&self.store, &mut changes, t)?,
+            None => {
+                let fired = Timer {
+                    due: t.due,
+                    trigger: t.trigger.clone(),
+                };
+                changes.timer(&t.customer, MATURITY, &t.key, Some(&fired), None);
+            }
+        }
+        self.commit(changes);
         Ok(())
     }
 
@@ -381,7 +427,7 @@ impl Worker {
             trigger: t.trigger.clone(),
         };
         changes.timer(&t.customer, &t.plugin, &t.key, Some(&fired), None);
-        self.store.commit(changes);
+        self.commit(changes);
         if let Some(plugin) = gen.plugin_index(&t.plugin).map(|i| &gen.plugins[i]) {
             let fault = Fault::Limit(format!(
                 "timer {:?} fired more than {cap} times for one customer before the clock reached {}: dropped",
@@ -520,7 +566,7 @@ impl Worker {
         changes.timer(&t.customer, &t.plugin, &t.key, Some(&fired), None);
         let Some((pi, plugin)) = gen.plugin_index(&t.plugin).map(|i| (i, &gen.plugins[i])) else {
             tracing::warn!(plugin = %t.plugin, customer = %t.customer, "timer of a plugin no longer loaded: dropped");
-            self.store.commit(changes);
+            self.commit(changes);
             return Ok(());
         };
         if self.view.plugin_quarantined(plugin) {
@@ -533,7 +579,7 @@ impl Worker {
             let mut changes = Changes::new();
             changes.timer(&t.customer, &t.plugin, &t.key, Some(&fired), Some(&later));
             self.next_due = Some(self.next_due.map_or(later.due, |n| n.min(later.due)));
-            self.store.commit(changes);
+            self.commit(changes);
             return Ok(());
         }
         let traits = self.traits(&t.customer)?;
@@ -563,7 +609,7 @@ impl Worker {
                         t.due,
                         &traits,
                         &mut qualified,
-                    );
+                    )?;
                 }
             }
             Err(fault) => self.fault(plugin, &t.trigger, &t.customer, fault),
@@ -580,7 +626,7 @@ impl Worker {
             out,
         )?;
         self.late_ms = None;
-        self.store.commit(changes);
+        self.commit(changes);
         Ok(())
     }
 
@@ -589,6 +635,18 @@ impl Worker {
     /// decided, committed with its effects. `late_ms`: the event arrived
     /// late, by this much (marked on its decisions).
     pub fn handle_event(
+        &mut self,
+        gen: &Generation,
+        ev: &Event,
+        inbox: Option<&InboxMark>,
+        late_ms: Option<i64>,
+        out: &mut Vec<Decision>,
+    ) -> Result<(), WorkerError> {
+        let r = self.decide_event(gen, ev, inbox, late_ms, out);
+        self.abandon(r)
+    }
+
+    fn decide_event(
         &mut self,
         gen: &Generation,
         ev: &Event,
@@ -633,6 +691,17 @@ impl Worker {
                 for o in converted {
                     let value = self.goal_value(gen, &o.campaign, ev)?;
                     changes.conversion(o.ts, &ev.customer, &o.campaign, ev.ts, value);
+                    if let Some(l) = &mut self.ledger {
+                        l.converted(
+                            &self.store,
+                            &mut changes,
+                            &ev.customer,
+                            &o.campaign,
+                            o.ts,
+                            ev.ts,
+                            value,
+                        )?;
+                    }
                 }
             }
             history = Some(h);
@@ -641,7 +710,7 @@ impl Worker {
         let direct = gen.campaigns_for_event(key);
         if subs.is_empty() && direct.is_empty() {
             // Nothing listens: no need to read the customer at all.
-            self.store.commit(changes);
+            self.commit(changes);
             return Ok(());
         }
         let traits = self.traits(&ev.customer)?;
@@ -680,7 +749,7 @@ impl Worker {
                                 ev.ts,
                                 &traits,
                                 &mut qualified,
-                            );
+                            )?;
                         }
                     }
                     Err(fault) => self.fault(plugin, &ev.message_id, &ev.customer, fault),
@@ -701,7 +770,7 @@ impl Worker {
                 ev.ts,
                 &traits,
                 &mut qualified,
-            );
+            )?;
         }
         self.decide(
             gen,
@@ -714,7 +783,7 @@ impl Worker {
             &mut changes,
             out,
         )?;
-        self.store.commit(changes);
+        self.commit(changes);
         Ok(())
     }
 
@@ -766,9 +835,9 @@ impl Worker {
         now: i64,
         traits: &Map<String, Value>,
         out: &mut Vec<Qualified>,
-    ) {
+    ) -> Result<(), WorkerError> {
         if campaigns.is_empty() {
-            return;
+            return Ok(());
         }
         let mut scope = EvalScope::new(&Facts {
             customer,
@@ -797,6 +866,9 @@ impl Worker {
             };
             funnel[0] += 1;
             funnel[1] += u64::from(matches!(result, Ok(Some(_))));
+            if let Some(l) = &mut self.ledger {
+                l.reached(&self.store, &c.id, now, matches!(result, Ok(Some(_))))?;
+            }
             match result {
                 Ok(Some(priority)) => out.push(Qualified {
                     campaign: ci,
@@ -813,6 +885,7 @@ impl Worker {
                 }
             }
         }
+        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -875,9 +948,31 @@ impl Worker {
         };
         decide::record(&mut history, now, &candidates, &outcomes, policies);
         changes.set_history(customer, &history);
+        let winner = candidates
+            .iter()
+            .zip(&outcomes)
+            .find(|(_, o)| o.counts())
+            .map(|(c, _)| c.campaign);
         for (i, (c, o)) in candidates.iter().zip(outcomes).enumerate() {
             if let Some(m) = &self.metrics {
                 m.decision(o.as_str());
+            }
+            if let Some(l) = &mut self.ledger {
+                let window = c.goal.map(|(_, w)| w);
+                let due = l.decided(
+                    &self.store,
+                    changes,
+                    customer,
+                    c.campaign,
+                    now,
+                    o,
+                    window,
+                    trigger,
+                    winner,
+                )?;
+                if let Some(d) = due {
+                    self.next_due = Some(self.next_due.map_or(d, |n| n.min(d)));
+                }
             }
             if let (true, Outcome::Sent, Some(plugin)) = (self.live, o, channel_plugins[i]) {
                 let campaign = gen.campaign(qualified[i].campaign);

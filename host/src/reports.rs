@@ -1,0 +1,293 @@
+//! Reports from the measurement ledger (`crate::ledger`): what every
+//! campaign achieved, computed from per-day tallies instead of the
+//! decision log, so a report costs the same after a year as after a day.
+//!
+//! - `GET /v1/reports?from=&to=&as_of=&campaign=`: every campaign (or one),
+//!   the fields of `replay --measure` without the daily rows.
+//! - `GET /v1/reports/{campaign}`: one campaign, with its funnel by day
+//!   and the timing curve.
+//! - [`compute`]: the same for `nudge report --data`.
+//!
+//! # What `from` and `to` select
+//!
+//! Tallies are per UTC day, so a period is whole days: the funnel counts
+//! the decisions made in it, and the uplift counts the customers whose
+//! first matured decision of the campaign (their cohort) falls in it, with
+//! all of their matured decisions. The unit of the statistics is the
+//! customer, so a customer cannot be split across periods.
+//!
+//! # `as_of`
+//!
+//! Decisions mature when the worker's clock passes their window (their
+//! maturity timer fires). A report as of a later time also matures, in a
+//! scratch copy, those due by then whose timers have not fired yet; so the
+//! answer is exact for any `as_of` at or after the latest maturity already
+//! processed. An earlier one cannot be computed from the tallies and is
+//! refused (read `/v1/decisions`, or `nudge report --data --as-of`, which
+//! reads the log).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::api::{check_api, error};
+use crate::config::{Clock, Role};
+use crate::event::{format_ts, now_ms};
+use crate::ledger::{day_of, Ledger, Maturity, Tally, SCRATCH};
+use crate::measure::{self, Measure, Settings, Totals};
+use crate::rules::RuleSet;
+use crate::serve::Shared;
+use crate::store::{Changes, Store, StoreError};
+
+/// What to report.
+#[derive(Clone, Debug)]
+pub struct Period {
+    /// Decisions matured by this time (ms) count.
+    pub as_of: i64,
+    /// First day: the day of this time (ms, UTC).
+    pub from: Option<i64>,
+    /// Up to this time (ms), exclusive: through its day, or the day
+    /// before when it is midnight.
+    pub to: Option<i64>,
+    /// One campaign, or all.
+    pub campaign: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "as_of {as_of} is before {clock}, the latest maturity already counted: the tallies \
+         cannot go back; read the decision log instead (nudge report --data … --as-of)"
+    )]
+    TooEarly { as_of: String, clock: String },
+}
+
+/// Every campaign of `rules` (or the one asked for), measured from the
+/// store's tallies as of `period.as_of`.
+pub fn compute(
+    store: &Store,
+    rules: &RuleSet,
+    period: &Period,
+    settings: Settings,
+) -> Result<Vec<Measure>, ReportError> {
+    if let Some(clock) = store.ledger_clock()? {
+        if period.as_of < clock {
+            return Err(ReportError::TooEarly {
+                as_of: format_ts(period.as_of),
+                clock: format_ts(clock),
+            });
+        }
+    }
+    let first = period.from.map_or(i32::MIN, day_of);
+    let last = period.to.map_or(i32::MAX, |t| day_of(t.saturating_sub(1)));
+    let wanted = |campaign: &str| {
+        period.campaign.as_deref().is_none_or(|c| c == campaign)
+            && rules.campaign(campaign).is_some()
+    };
+    let mut sums: BTreeMap<String, Sums> = BTreeMap::new();
+    for r in store.tallies(period.campaign.as_deref(), first, last)? {
+        if wanted(&r.campaign) {
+            let t = Tally::decode(&r.bytes, &r.campaign)?;
+            sums.entry(r.campaign).or_default().add(r.day, &t);
+        }
+    }
+    // Decisions due by `as_of` whose maturity timer has not fired yet:
+    // matured in a scratch ledger (its tallies start empty, so they end as
+    // the corrections), never committed.
+    let mut scratch = Ledger::new(SCRATCH);
+    let mut discard = Changes::new();
+    for t in store.due_maturities(period.as_of)? {
+        if Maturity::parse(&t.key).is_some_and(|m| wanted(&m.campaign)) {
+            scratch.mature(store, &mut discard, &t)?;
+        }
+    }
+    for ((campaign, day), t) in scratch.into_tallies() {
+        if (first..=last).contains(&day) {
+            sums.entry(campaign).or_default().add(day, &t);
+        }
+    }
+    Ok(rules
+        .campaigns
+        .iter()
+        .filter(|c| wanted(&c.id))
+        .map(|c| {
+            let s = sums.remove(&c.id).unwrap_or_default();
+            let mut totals = s.totals;
+            totals.immature = [
+                totals.funnel.sent.saturating_sub(s.matured[0]),
+                totals.funnel.control.saturating_sub(s.matured[1]),
+            ];
+            measure::measure(rules, c, &totals, period.as_of, settings)
+        })
+        .collect())
+}
+
+/// One campaign's tallies added up.
+#[derive(Default)]
+struct Sums {
+    totals: Totals,
+    matured: [u64; 2],
+}
+
+impl Sums {
+    fn add(&mut self, day: i32, t: &Tally) {
+        let totals = &mut self.totals;
+        totals.funnel.merge(&t.funnel);
+        totals
+            .daily
+            .entry(i64::from(day))
+            .or_default()
+            .merge(&t.funnel);
+        for arm in 0..2 {
+            totals.arms[arm].merge(&t.arms[arm]);
+            self.matured[arm] += t.matured[arm];
+            let timing = &mut totals.timing[arm];
+            if timing.len() < t.timing[arm].len() {
+                timing.resize(t.timing[arm].len(), 0);
+            }
+            for (a, b) in timing.iter_mut().zip(&t.timing[arm]) {
+                *a += b;
+            }
+        }
+    }
+}
+
+pub fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/v1/reports", get(list))
+        .route("/v1/reports/{campaign}", get(one))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportQuery {
+    /// RFC 3339 or epoch ms; default now (the event clock: the latest
+    /// event decided).
+    as_of: Option<String>,
+    /// RFC 3339 or epoch ms: its UTC day is the first.
+    from: Option<String>,
+    /// RFC 3339 or epoch ms, exclusive.
+    to: Option<String>,
+    campaign: Option<String>,
+}
+
+/// What `GET /v1/reports` answers.
+#[derive(Serialize)]
+struct Listing {
+    as_of: String,
+    from: Option<String>,
+    to: Option<String>,
+    campaigns: Vec<Measure>,
+}
+
+/// The period a query asks for, or what is wrong with it.
+fn period(s: &Shared, q: ReportQuery, campaign: Option<String>) -> Result<Period, String> {
+    let time = |field: &str, v: Option<String>| {
+        v.map(|v| crate::results::parse_time(field, &v)).transpose()
+    };
+    let as_of = match time("as_of", q.as_of)? {
+        Some(t) => t,
+        None => match s.cfg.server.clock {
+            Clock::Wall => now_ms(),
+            Clock::Event => s.watermarks.latest().unwrap_or_else(now_ms),
+        },
+    };
+    Ok(Period {
+        as_of,
+        from: time("from", q.from)?,
+        to: time("to", q.to)?,
+        campaign: campaign.or(q.campaign),
+    })
+}
+
+/// Computes off the async threads: a report reads up to a few thousand
+/// tallies.
+async fn run(s: &Arc<Shared>, period: Period) -> Result<Vec<Measure>, Response> {
+    let store = s.store.clone();
+    let gen = s.current.load();
+    let n_tune = s.cfg.measure.n_tune;
+    let result = tokio::task::spawn_blocking(move || {
+        compute(&store, &gen.rules, &period, Settings { n_tune })
+    })
+    .await;
+    match result {
+        Ok(Ok(rows)) => Ok(rows),
+        Ok(Err(e @ ReportError::TooEarly { .. })) => {
+            Err(error(StatusCode::BAD_REQUEST, e.to_string()))
+        }
+        Ok(Err(e)) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("store: {e}"),
+        )),
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("report: {e}"),
+        )),
+    }
+}
+
+async fn list(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<ReportQuery>,
+) -> Response {
+    if let Err(r) = check_api(&s, &headers, Role::Viewer) {
+        return *r;
+    }
+    let period = match period(&s, q, None) {
+        Ok(p) => p,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    let (as_of, from, to) = (period.as_of, period.from, period.to);
+    match run(&s, period).await {
+        Ok(mut rows) => {
+            for r in &mut rows {
+                r.daily.clear();
+            }
+            Json(Listing {
+                as_of: format_ts(as_of),
+                from: from.map(format_ts),
+                to: to.map(format_ts),
+                campaigns: rows,
+            })
+            .into_response()
+        }
+        Err(r) => r,
+    }
+}
+
+async fn one(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(campaign): Path<String>,
+    Query(q): Query<ReportQuery>,
+) -> Response {
+    if let Err(r) = check_api(&s, &headers, Role::Viewer) {
+        return *r;
+    }
+    if s.current.load().rules.campaign(&campaign).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("campaign {campaign:?} is not in the active generation"),
+        );
+    }
+    let period = match period(&s, q, Some(campaign)) {
+        Ok(p) => p,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
+    match run(&s, period).await {
+        Ok(mut rows) => match rows.pop() {
+            Some(m) => Json(m).into_response(),
+            None => error(StatusCode::NOT_FOUND, "no such campaign".into()),
+        },
+        Err(r) => r,
+    }
+}
