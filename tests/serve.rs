@@ -216,6 +216,40 @@ fn reports_what_replay_measures(server: &Server) {
             .any(|m| m["converted_treated"].as_u64() > Some(50)),
         "seed1 has conversions to compare"
     );
+    // `nudge report --url` reads the same answer.
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_nudge-under-test"))
+        .args([
+            "report",
+            "--url",
+            &server.url(""),
+            "--json",
+            "--as-of",
+            &as_of,
+        ])
+        .env("NUDGE_API_TOKEN", "api_test")
+        .output()
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let printed: Vec<Value> = String::from_utf8(cli.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| strip(serde_json::from_str(l).unwrap()))
+        .collect();
+    assert_eq!(printed, want);
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_nudge-under-test"))
+        .args(["report", "--url", &server.url(""), "--token", "wrong"])
+        .output()
+        .unwrap();
+    assert!(!cli.status.success());
+    assert!(
+        String::from_utf8_lossy(&cli.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
     // Without as_of, the event clock's now is the last event: the same.
     let r = server.get("/v1/reports", Some(API_TOKEN));
     assert_eq!(r.json()["as_of"], as_of.as_str());

@@ -174,22 +174,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Measure a stopped server's (or a replay's) store: each campaign's
-    /// customers treated and control, rates, the difference with its
-    /// intervals, incremental conversions and value, cost, net value,
-    /// SRM and status, as a table, JSON Lines or CSV.
+    /// What every campaign achieved: customers treated and control, rates,
+    /// the difference with its intervals, incremental conversions and
+    /// value, cost, net value, SRM and status, as a table, JSON Lines or
+    /// CSV; from a stopped server's (or a replay's) store, or from a
+    /// running server.
     Report {
         /// The store folder (`server.data`, or replay's `--data`). A
-        /// running server holds it: stop it first.
+        /// running server holds it: stop it first, or use `--url`.
+        #[arg(long, required_unless_present = "url", conflicts_with = "url")]
+        data: Option<PathBuf>,
+        /// A running server's base URL (reads `GET /v1/reports`).
         #[arg(long)]
-        data: PathBuf,
-        /// The rules whose campaigns are measured (holdouts, goals, costs).
+        url: Option<String>,
+        /// An API token of the server (viewer or operator), with `--url`.
+        #[arg(long, env = "NUDGE_API_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// The rules whose campaigns are measured (holdouts, goals, costs),
+        /// with `--data`.
         #[arg(long, default_value = "rules")]
         rules: PathBuf,
         /// Measure as of this time (RFC 3339 or epoch ms): decisions whose
         /// goal window has closed by then count. Default: now.
         #[arg(long)]
         as_of: Option<String>,
+        /// The first day (UTC) of the period (RFC 3339 or epoch ms).
+        #[arg(long)]
+        from: Option<String>,
+        /// The end of the period, exclusive (RFC 3339 or epoch ms).
+        #[arg(long)]
+        to: Option<String>,
+        /// One campaign only.
+        #[arg(long)]
+        campaign: Option<String>,
         /// JSON Lines, one campaign a line (the fields of `replay --measure`).
         #[arg(long, conflicts_with = "csv")]
         json: bool,
@@ -491,29 +508,44 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
         }
         Command::Report {
             data,
+            url,
+            token,
             rules,
             as_of,
+            from,
+            to,
+            campaign,
             json,
             csv,
         } => {
-            let as_of = match as_of {
-                Some(v) => crate::results::parse_time("--as-of", &v).map_err(anyhow::Error::msg)?,
-                None => crate::event::now_ms(),
+            let time = |field: &str, v: Option<String>| {
+                v.map(|v| crate::results::parse_time(field, &v).map_err(anyhow::Error::msg))
+                    .transpose()
             };
-            let rules = crate::rules::RuleSet::load(&rules)
-                .with_context(|| format!("loading the rules in {}", rules.display()))?;
-            // Opening creates a store where there is none: a mistyped
-            // folder would report zeros instead of failing.
-            if !data.join("db").is_file() {
-                anyhow::bail!(
-                    "{}: no nudge store there (no sled `db` file)",
-                    data.display()
-                );
-            }
-            let store = crate::store::Store::open(&data)
-                .with_context(|| format!("opening the store in {}", data.display()))?;
-            let rows = crate::measure::from_store(&store, &rules, as_of, Default::default())
-                .with_context(|| format!("reading the decision log in {}", data.display()))?;
+            let period = crate::reports::Period {
+                as_of: time("--as-of", as_of.clone())?.unwrap_or_else(crate::event::now_ms),
+                from: time("--from", from.clone())?,
+                to: time("--to", to.clone())?,
+                campaign: campaign.clone(),
+            };
+            let rows = match (data, url) {
+                (Some(data), _) => crate::reports::from_folder(&data, &rules, &period)?,
+                (None, Some(url)) => {
+                    let mut query = Vec::new();
+                    for (k, v) in [
+                        ("as_of", as_of),
+                        ("from", from),
+                        ("to", to),
+                        ("campaign", campaign),
+                    ] {
+                        if let Some(v) = v {
+                            query.push((k, v));
+                        }
+                    }
+                    runtime()?.block_on(crate::reports::fetch(&url, token.as_deref(), &query))?
+                }
+                (None, None) => anyhow::bail!("give --data DIR or --url URL"),
+            };
             if json {
                 print!("{}", crate::measure::to_jsonl(&rows));
             } else if csv {

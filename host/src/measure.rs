@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::decide::{fnv1a64, Outcome};
 use crate::event::format_ts;
@@ -43,7 +43,7 @@ impl Default for Settings {
 }
 
 /// One day (UTC) of a campaign.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Day {
     pub day: String,
     #[serde(flatten)]
@@ -52,7 +52,7 @@ pub struct Day {
 
 /// One point of the timing curve: the share of matured decisions that had
 /// converted within `after_ms` of being made.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TimingPoint {
     pub after: String,
     pub after_ms: i64,
@@ -61,7 +61,7 @@ pub struct TimingPoint {
 }
 
 /// One campaign's result.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Measure {
     pub campaign: String,
     pub owner: String,
@@ -108,7 +108,7 @@ pub struct Measure {
     pub funnel: Funnel,
     pub timing: Vec<TimingPoint>,
     /// Per day (absent from `GET /v1/reports`'s list).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub daily: Vec<Day>,
 }
 

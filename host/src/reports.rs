@@ -160,6 +160,79 @@ impl Sums {
     }
 }
 
+/// `nudge report --data`: a stopped server's (or a replay's) store, from
+/// its tallies; as of a time before the maturities they count, from the
+/// decision log (every decision read once; no period).
+pub fn from_folder(
+    data: &std::path::Path,
+    rules: &std::path::Path,
+    period: &Period,
+) -> anyhow::Result<Vec<Measure>> {
+    use anyhow::Context;
+    let rules = RuleSet::load(rules)
+        .with_context(|| format!("loading the rules in {}", rules.display()))?;
+    // Opening creates a store where there is none: a mistyped folder would
+    // report zeros instead of failing.
+    if !data.join("db").is_file() {
+        anyhow::bail!(
+            "{}: no nudge store there (no sled `db` file)",
+            data.display()
+        );
+    }
+    let store =
+        Store::open(data).with_context(|| format!("opening the store in {}", data.display()))?;
+    match compute(&store, &rules, period, Settings::default()) {
+        Err(ReportError::TooEarly { .. }) if period.from.is_none() && period.to.is_none() => {
+            let mut rows =
+                measure::from_store(&store, &rules, period.as_of, Settings::default())
+                    .with_context(|| format!("reading the decision log in {}", data.display()))?;
+            rows.retain(|m| period.campaign.as_deref().is_none_or(|c| c == m.campaign));
+            Ok(rows)
+        }
+        Err(e @ ReportError::TooEarly { .. }) => {
+            Err(anyhow::anyhow!("{e}; --from and --to need a later --as-of"))
+        }
+        r => r.with_context(|| format!("reading the tallies in {}", data.display())),
+    }
+}
+
+/// `nudge report --url`: a running server's `GET /v1/reports`.
+pub async fn fetch(
+    base: &str,
+    token: Option<&str>,
+    query: &[(&str, String)],
+) -> anyhow::Result<Vec<Measure>> {
+    use anyhow::Context;
+    let url = format!("{}/v1/reports", base.trim_end_matches('/'));
+    let mut req = reqwest::Client::new().get(&url).query(query);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("reaching {url}"))?;
+    let status = resp.status();
+    let body = resp
+        .bytes()
+        .await
+        .with_context(|| format!("reading the answer of {url}"))?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        anyhow::bail!("{url}: {status}: {message}");
+    }
+    #[derive(Deserialize)]
+    struct Answer {
+        campaigns: Vec<Measure>,
+    }
+    let answer: Answer = serde_json::from_slice(&body)
+        .with_context(|| format!("{url}: not a report this version of nudge reads"))?;
+    Ok(answer.campaigns)
+}
+
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/v1/reports", get(list))
