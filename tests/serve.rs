@@ -441,6 +441,10 @@ fn email_reaches_the_smtp_server_once_with_its_idempotency_key() {
                 .then_some(())
         },
     );
+    let funnel = server.get("/v1/reports/welcome", Some(API_TOKEN)).json()["funnel"].clone();
+    assert_eq!(funnel["sent"], 1, "{funnel}");
+    assert_eq!(funnel["delivered"], 1, "{funnel}");
+    assert_eq!(funnel["dead_lettered"], 0, "{funnel}");
     server.stop().unwrap();
     assert_eq!(smtp.messages().len(), 1, "exactly one message");
     let d = decisions(data.path());
@@ -521,6 +525,15 @@ fn agent_action_is_visible_answerable_and_expires() {
         br#"{"outcome":"maybe"}"#.to_vec(),
     );
     assert_eq!(r.status, 400, "{}", r.body);
+    // The campaign's funnel counts both deliveries to the agents' queue and
+    // the one answer.
+    let r = server.get("/v1/reports/large-deposit", Some(API_TOKEN));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let funnel = &r.json()["funnel"];
+    assert_eq!(funnel["sent"], 2, "{funnel}");
+    assert_eq!(funnel["delivered"], 2, "{funnel}");
+    assert_eq!(funnel["accepted"], 1, "{funnel}");
+    assert_eq!(funnel["declined"], 0, "{funnel}");
     // Answered: no longer pending.
     assert_eq!(
         server.get(&path, Some(API_TOKEN)).json()["actions"],
@@ -639,6 +652,21 @@ holdout = 0
         m.contains("nudge_deliveries_total{channel=\"sms\",result=\"dead\"} 1"),
         "{m}"
     );
+    // The funnel: one SMS sent, not delivered, dead-lettered; one webhook
+    // delivered.
+    let funnel = |campaign: &str| {
+        server
+            .get(&format!("/v1/reports/{campaign}"), Some(API_TOKEN))
+            .json()["funnel"]
+            .clone()
+    };
+    let sms = funnel("low-balance");
+    assert_eq!(
+        (&sms["sent"], &sms["delivered"], &sms["dead_lettered"]),
+        (&json!(1), &json!(0), &json!(1)),
+        "{sms}"
+    );
+    assert_eq!(funnel("partner-hook")["delivered"], 1);
     // An operator retry goes through the same check, and fails the same way.
     let r = server.post(
         &format!("/v1/dead-letters/{}/retry", dead["id"].as_str().unwrap()),

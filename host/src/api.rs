@@ -349,43 +349,63 @@ async fn action_outcome(
             format!("outcome: {:?} (accepted or declined)", req.outcome),
         );
     }
-    let mut a: AgentAction = match s.store.action(&id, &action) {
-        Ok(Some(b)) => match serde_json::from_slice(&b) {
-            Ok(a) => a,
-            Err(e) => return store_error(e),
-        },
-        Ok(None) => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("customer {id:?} has no action {action:?}"),
-            )
+    enum Refused {
+        Missing,
+        Answered(String),
+        Expired(String),
+        Store(String),
+    }
+    impl From<crate::store::StoreError> for Refused {
+        fn from(e: crate::store::StoreError) -> Refused {
+            Refused::Store(e.to_string())
         }
-        Err(e) => return store_error(e),
-    };
+    }
     let now = now_ms();
-    if let Some(prev) = &a.outcome {
-        return error(
+    // Read, checked and answered under one lock: two agents answering one
+    // action at once cannot both succeed, nor count twice.
+    let answered = s.store.update_action(&id, &action, |current| {
+        let mut a: AgentAction = match current {
+            None => return Err(Refused::Missing),
+            Some(b) => serde_json::from_slice(&b).map_err(|e| Refused::Store(e.to_string()))?,
+        };
+        if let Some(prev) = &a.outcome {
+            return Err(Refused::Answered(prev.clone()));
+        }
+        if a.expires_ms.is_some_and(|e| e <= now) {
+            return Err(Refused::Expired(a.expires_at.clone().unwrap_or_default()));
+        }
+        let accepted = req.outcome == "accepted";
+        a.outcome = Some(req.outcome);
+        a.outcome_at = Some(format_ts(now));
+        a.outcome_note = req.note;
+        let decided = crate::event::parse_ts(&a.decided_at).unwrap_or(now);
+        let tally =
+            crate::ledger::direct_edit(&a.campaign, decided, crate::ledger::AGENTS, move |f| {
+                if accepted {
+                    f.accepted += 1;
+                } else {
+                    f.declined += 1;
+                }
+            });
+        let json = serde_json::to_vec(&a).unwrap_or_default();
+        Ok((json, a, Some(tally)))
+    });
+    match answered {
+        Ok(a) => Json(a).into_response(),
+        Err(Refused::Missing) => error(
+            StatusCode::NOT_FOUND,
+            format!("customer {id:?} has no action {action:?}"),
+        ),
+        Err(Refused::Answered(prev)) => error(
             StatusCode::CONFLICT,
             format!("action {action:?} already has outcome {prev:?}"),
-        );
-    }
-    if a.expires_ms.is_some_and(|e| e <= now) {
-        return error(
+        ),
+        Err(Refused::Expired(at)) => error(
             StatusCode::GONE,
-            format!(
-                "action {action:?} expired at {}",
-                a.expires_at.clone().unwrap_or_default()
-            ),
-        );
+            format!("action {action:?} expired at {at}"),
+        ),
+        Err(Refused::Store(e)) => store_error(e),
     }
-    a.outcome = Some(req.outcome);
-    a.outcome_at = Some(format_ts(now));
-    a.outcome_note = req.note;
-    let json = serde_json::to_vec(&a).unwrap_or_default();
-    if let Err(e) = s.store.set_action(&id, &action, &json) {
-        return store_error(e);
-    }
-    Json(a).into_response()
 }
 
 async fn dead_letters(State(s): State<AppState>, headers: HeaderMap) -> Response {

@@ -29,6 +29,7 @@ use crate::config;
 use crate::controls::Controls;
 use crate::event::{format_ts, now_ms};
 use crate::generation::Current;
+use crate::ledger::{direct_edit, DELIVERER};
 use crate::mail::{MailError, Mailer};
 use crate::metrics::Metrics;
 use crate::plugins::{Call, Fault, Instances, Outbound, Plugin, Recipient, Runtime, Treatment};
@@ -436,7 +437,10 @@ impl Deliverer {
                     tracing::warn!(id = %d.id, channel = %d.channel, attempt = d.attempts, retry_in_ms = backoff.as_millis() as u64, "delivery failed, will retry: {e}");
                     d.last_error = Some(e);
                     self.metrics.delivery(&d.channel, "retry");
-                    self.store.outbox_update(&d.id, &d.to_json())?;
+                    let failed =
+                        direct_edit(&d.campaign, d.ts, DELIVERER, |f| f.delivery_failed += 1);
+                    self.store
+                        .outbox_update(&d.id, &d.to_json(), Some(failed))?;
                     self.schedule(d);
                 }
                 Attempt::Retry(e) | Attempt::Permanent(e) => {
@@ -445,7 +449,11 @@ impl Deliverer {
                     tracing::error!(id = %d.id, channel = %d.channel, attempts = d.attempts, "delivery failed for good, moved to dead letters: {e}");
                     d.last_error = Some(e);
                     self.metrics.delivery(&d.channel, "dead");
-                    self.store.dead_letter(&d.id, &d.to_json())?;
+                    let dead = direct_edit(&d.campaign, d.ts, DELIVERER, |f| {
+                        f.delivery_failed += 1;
+                        f.dead_lettered += 1;
+                    });
+                    self.store.dead_letter(&d.id, &d.to_json(), Some(dead))?;
                     self.pending.remove(&d.id);
                 }
             }
@@ -696,7 +704,8 @@ fn mark_done(
     let action_ref = action
         .zip(json.as_deref())
         .map(|(a, j)| (a.customer.as_str(), a.id.as_str(), j));
-    store.outbox_done(&d.id, action_ref)
+    let delivered = direct_edit(&d.campaign, d.ts, DELIVERER, |f| f.delivered += 1);
+    store.outbox_done(&d.id, action_ref, Some(delivered))
 }
 
 fn agent_action(d: &Delivery, id: String, t: Treatment) -> AgentAction {

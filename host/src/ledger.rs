@@ -203,6 +203,36 @@ impl Tally {
     }
 }
 
+/// A change of `writer`'s tally of `campaign` on the day of `ts`, made
+/// outside the workers (deliveries, agents' answers).
+pub fn direct_edit(
+    campaign: &str,
+    ts: i64,
+    writer: u16,
+    change: impl FnOnce(&mut Funnel) + Send + 'static,
+) -> crate::store::TallyEdit {
+    let name = campaign.to_owned();
+    crate::store::TallyEdit {
+        campaign: campaign.to_owned(),
+        day: day_of(ts),
+        writer,
+        edit: Box::new(move |current: Option<&[u8]>| {
+            let mut t = match current.map(|b| Tally::decode(b, &name)) {
+                Some(Ok(t)) => t,
+                None => Tally::default(),
+                Some(Err(e)) => {
+                    // Counting on from zero loses the old counts of this
+                    // day; refusing would lose the delivery's record.
+                    tracing::error!("{e}: counted again from zero");
+                    Tally::default()
+                }
+            };
+            change(&mut t.funnel);
+            serde_json::to_vec(&t).unwrap_or_default()
+        }),
+    }
+}
+
 /// A unit: one customer's matured decisions of a campaign in one arm.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Unit {

@@ -73,7 +73,7 @@ use serde_json::{Map, Value};
 mod ledger;
 mod queue;
 mod state;
-pub use ledger::{decode_unit, encode_unit, TallyRecord, MATURITY};
+pub use ledger::{decode_unit, encode_unit, TallyEdit, TallyRecord, MATURITY};
 use queue::TimerQueue;
 pub use state::StateRecord;
 
@@ -277,6 +277,9 @@ pub struct Store {
     /// The live server's inbox and message ids (see the module docs).
     inbox: sled::Db,
     pending: Arc<Mutex<Pending>>,
+    /// Serialises the writers that bypass the write-back layer and
+    /// read-modify-write (tallies of deliveries and agents' answers).
+    direct: Arc<Mutex<()>>,
 }
 
 /// A page of the decision log: the lines, and the next page's cursor.
@@ -616,6 +619,7 @@ impl Store {
                 timers,
                 fresh: Default::default(),
             })),
+            direct: Arc::new(Mutex::new(())),
         })
     }
 
@@ -1097,29 +1101,35 @@ impl Store {
     }
 
     /// Rewrites a pending delivery (its attempts so far).
-    pub fn outbox_update(&self, id: &str, json: &[u8]) -> Result<()> {
-        self.db.insert(tagged(b'O', id), json)?;
-        Ok(())
+    /// A delivery's new state (a failed attempt, counted by `tally`).
+    pub fn outbox_update(&self, id: &str, json: &[u8], tally: Option<TallyEdit>) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.insert(tagged(b'O', id), json);
+        self.apply_direct(batch, tally)
     }
 
     /// A delivery is done: out of the outbox and, for the agent queue, its
     /// action in, as one batch. Durable at the next [`Store::sync`].
-    pub fn outbox_done(&self, id: &str, action: Option<(&str, &str, &[u8])>) -> Result<()> {
+    pub fn outbox_done(
+        &self,
+        id: &str,
+        action: Option<(&str, &str, &[u8])>,
+        tally: Option<TallyEdit>,
+    ) -> Result<()> {
         let mut batch = sled::Batch::default();
         batch.remove(tagged(b'O', id));
         if let Some((customer, action_id, json)) = action {
             batch.insert(action_key(customer, action_id), json);
         }
-        self.db.apply_batch(batch)?;
-        Ok(())
+        self.apply_direct(batch, tally)
     }
 
     /// Moves a delivery from the outbox to the dead letters.
-    pub fn dead_letter(&self, id: &str, json: &[u8]) -> Result<()> {
+    pub fn dead_letter(&self, id: &str, json: &[u8], tally: Option<TallyEdit>) -> Result<()> {
         let mut batch = sled::Batch::default();
         batch.remove(tagged(b'O', id));
         batch.insert(tagged(b'L', id), json);
-        self.db.apply_batch(batch)?;
+        self.apply_direct(batch, tally)?;
         self.db.flush()?;
         Ok(())
     }
@@ -1152,12 +1162,6 @@ impl Store {
 
     pub fn action(&self, customer: &str, id: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.db.get(action_key(customer, id))?.map(|v| v.to_vec()))
-    }
-
-    pub fn set_action(&self, customer: &str, id: &str, json: &[u8]) -> Result<()> {
-        self.db.insert(action_key(customer, id), json)?;
-        self.db.flush()?;
-        Ok(())
     }
 
     /// Operator metadata: generation records, paused campaigns, quarantined
