@@ -297,6 +297,107 @@ fn reports_what_replay_measures(server: &Server) {
     assert!(r.body.contains("latest maturity"), "{}", r.body);
 }
 
+/// Decision rows older than `[measure] retention` go (soon after a
+/// start-up, then hourly); the reports, from their tallies, do not change.
+#[test]
+fn old_decision_rows_go_and_the_reports_stay() {
+    // Goal windows of at most 3 days, so that seed1's month has rows older
+    // than the longest window.
+    let rules = rules_copy();
+    for e in std::fs::read_dir(rules.path()).unwrap().flatten() {
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        let short = text
+            .replace(r#"window = "30d""#, r#"window = "3d""#)
+            .replace(r#"window = "14d""#, r#"window = "3d""#);
+        std::fs::write(e.path(), short).unwrap();
+    }
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = config(data.path());
+    cfg.server.clock = nudge::config::Clock::Event;
+    cfg.server.rules = rules.path().to_owned();
+    let server = Server::start(cfg.clone());
+    let text = std::fs::read_to_string(fixture("seed1/events.jsonl")).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for chunk in lines.chunks(1000) {
+        let r = server.post("/v1/batch", Some(AUTH), &[], batch(chunk));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    wait_processed(&server, lines.len() as f64);
+    // Deliveries (no SMTP server here) go on failing in the background:
+    // what is compared is what the decisions made.
+    let report = |server: &Server, as_of: &str| {
+        let mut r = server
+            .get(&format!("/v1/reports?as_of={as_of}"), Some(API_TOKEN))
+            .json();
+        for c in r["campaigns"].as_array_mut().unwrap() {
+            let f = c["funnel"].as_object_mut().unwrap();
+            for k in ["delivered", "delivery_failed", "dead_lettered"] {
+                f.remove(k);
+            }
+        }
+        r
+    };
+    let as_of = server.get("/v1/reports", Some(API_TOKEN)).json()["as_of"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = report(&server, &as_of);
+    let all_rows = server
+        .get("/v1/decisions?limit=10000", Some(API_TOKEN))
+        .body
+        .lines()
+        .count();
+    server.stop().unwrap();
+    // A day of retention: the longest goal window (3 days) plus a day
+    // stands instead.
+    cfg.measure.retention = nudge::config::Dur(Duration::from_secs(86_400));
+    let server = Server::start(cfg);
+    // After a restart on the event clock, now is the last decision.
+    let last = std::fs::read_to_string(fixture("seed1/decisions.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let d: Value = serde_json::from_str(l).unwrap();
+            nudge::event::parse_ts(d["ts"].as_str().unwrap()).unwrap()
+        })
+        .max()
+        .unwrap();
+    let cutoff = last - 4 * 86_400_000;
+    let kept: Vec<Value> = eventually(Duration::from_secs(30), "the retention sweep", || {
+        let r = server.get("/v1/decisions?limit=10000", Some(API_TOKEN));
+        let rows: Vec<Value> = r
+            .body
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        rows.iter()
+            .all(|d| nudge::event::parse_ts(d["ts"].as_str().unwrap()).unwrap() >= cutoff)
+            .then_some(rows)
+    });
+    let want: Vec<&str> = std::fs::read_to_string(fixture("seed1/decisions.jsonl"))
+        .unwrap()
+        .leak()
+        .lines()
+        .filter(|l| {
+            let d: Value = serde_json::from_str(l).unwrap();
+            nudge::event::parse_ts(d["ts"].as_str().unwrap()).unwrap() >= cutoff
+        })
+        .collect();
+    assert!(
+        !want.is_empty() && want.len() < all_rows / 2,
+        "{} of {all_rows}",
+        want.len()
+    );
+    assert_eq!(kept.len(), want.len(), "the rows since the cutoff stay");
+    // The reports are what they were.
+    assert_eq!(report(&server, &as_of), before);
+    server.stop().unwrap();
+}
+
 /// `GET /v1/decisions`, paged by its cursor, is the decision log exactly;
 /// a filter keeps only what it names.
 fn exports_the_decision_log_in_pages(server: &Server) {

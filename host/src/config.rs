@@ -411,12 +411,18 @@ pub struct MeasureConfig {
     /// N_tune of the always-valid interval: the number of customers (both
     /// arms) at which it is narrowest relative to the fixed one. Positive.
     pub n_tune: f64,
+    /// How long decisions keep their rows (the log behind
+    /// `/v1/decisions`, conversions, explanations). Older ones are deleted
+    /// hourly (and soon after start-up); the reports' tallies keep what
+    /// they counted. Never less than the longest goal window plus a day.
+    pub retention: Dur,
 }
 
 impl Default for MeasureConfig {
     fn default() -> Self {
         MeasureConfig {
             n_tune: crate::stats::DEFAULT_N_TUNE,
+            retention: Dur(Duration::from_secs(400 * 86_400)),
         }
     }
 }

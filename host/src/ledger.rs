@@ -203,6 +203,22 @@ impl Tally {
     }
 }
 
+/// Decisions made before this time may be forgotten (`[measure]
+/// retention`): `keep` before `now`, and never less than the longest goal
+/// window (plus a day), so no decision loses its row before it matured.
+/// Frequency caps and contact policies read the customer's history, not
+/// these rows.
+pub fn retention_cutoff(rules: &crate::rules::RuleSet, now: i64, keep: std::time::Duration) -> i64 {
+    let longest = rules
+        .campaigns
+        .iter()
+        .filter_map(|c| c.goal.as_ref().map(|g| g.window_ms))
+        .max()
+        .unwrap_or(0);
+    let keep = i64::try_from(keep.as_millis()).unwrap_or(i64::MAX);
+    now.saturating_sub(keep.max(longest).saturating_add(DAY))
+}
+
 /// A change of `writer`'s tally of `campaign` on the day of `ts`, made
 /// outside the workers (deliveries, agents' answers).
 pub fn direct_edit(

@@ -271,9 +271,15 @@ pub async fn run_with(
         let (store, stop, tx) = (store.clone(), stop_persist.clone(), deliver_tx.clone());
         let window = cfg.ingest.dedupe_window.0;
         let (groups, marks) = (groups.clone(), recovered.watermarks);
+        let retention = Retention {
+            keep: cfg.measure.retention.0,
+            current: current.clone(),
+            clock: cfg.server.clock,
+            watermarks: watermarks.clone(),
+        };
         std::thread::Builder::new()
             .name("nudge-persist".into())
-            .spawn(move || persist_loop(store, stop, tx, window, groups, marks))
+            .spawn(move || persist_loop(store, stop, tx, window, groups, marks, retention))
             .map_err(io("persist thread"))?
     };
 
@@ -471,6 +477,51 @@ fn work(
     }
 }
 
+/// What the persister needs to forget old decision rows.
+struct Retention {
+    keep: Duration,
+    current: Arc<Current>,
+    clock: Clock,
+    watermarks: Watermarks,
+}
+
+impl Retention {
+    /// Deletes the rows of decisions past retention, in chunks, each
+    /// persisted before the next is read.
+    fn sweep(&self, store: &Store) {
+        let now = match self.clock {
+            Clock::Wall => now_ms(),
+            // Event time: a backtest through the server keeps its past;
+            // after a restart, before any event, the last decision is now.
+            Clock::Event => match self.watermarks.latest() {
+                Some(t) => t,
+                None => match store.last_decision() {
+                    Ok(Some(t)) => t,
+                    _ => return,
+                },
+            },
+        };
+        let before = crate::ledger::retention_cutoff(&self.current.load().rules, now, self.keep);
+        let mut total = 0;
+        loop {
+            match store.forget_decisions(before, 10_000).and_then(|n| {
+                store.flush()?;
+                Ok(n)
+            }) {
+                Ok(0) => break,
+                Ok(n) => total += n,
+                Err(e) => {
+                    tracing::warn!("decision retention sweep failed: {e}");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(forgotten = total, before = %crate::event::format_ts(before), "decision rows past retention");
+        }
+    }
+}
+
 fn persist_loop(
     store: Store,
     stop: Arc<AtomicBool>,
@@ -478,13 +529,16 @@ fn persist_loop(
     dedupe_window: Duration,
     groups: Groups,
     mut watermarks: std::collections::HashMap<usize, u64>,
+    retention: Retention,
 ) {
-    let mut last_sweep = Instant::now();
+    // The first sweep soon after start-up, then hourly.
+    let mut next_sweep = Instant::now() + Duration::from_secs(5);
     loop {
-        if last_sweep.elapsed() >= DEDUPE_SWEEP_EVERY {
+        if Instant::now() >= next_sweep {
+            next_sweep = Instant::now() + DEDUPE_SWEEP_EVERY;
+            retention.sweep(&store);
             // A full scan of remembered ids, once an hour, off the ingest
             // path.
-            last_sweep = Instant::now();
             let before = now_ms() - dedupe_window.as_millis() as i64;
             match store.forget_messages(before) {
                 Ok(n) => {

@@ -135,6 +135,50 @@ impl Store {
         Ok(out)
     }
 
+    /// The time of the latest decision persisted.
+    pub fn last_decision(&self) -> Result<Option<i64>> {
+        Ok(self
+            .db
+            .range(b"D".to_vec()..b"E".to_vec())
+            .keys()
+            .next_back()
+            .transpose()?
+            .and_then(|k| super::time_from(&k[1..])))
+    }
+
+    /// Deletes up to `limit` decisions made before `before` (ms): their log
+    /// rows, conversions and explanations (the tallies and units keep what
+    /// the reports need). Through the write-back layer, so a reader never
+    /// sees half of it. Returns how many went.
+    pub fn forget_decisions(&self, before: i64, limit: usize) -> Result<usize> {
+        let mut end = vec![b'D'];
+        end.extend_from_slice(&time_bytes(before));
+        let mut changes = Changes::new();
+        let mut n = 0;
+        for k in self.db.range(b"D".to_vec()..end).keys().take(limit) {
+            let k = k?;
+            let (Some(ts), Some(rest)) = (super::time_from(&k[1..]), k.get(9..)) else {
+                continue;
+            };
+            let Some(nul) = rest.iter().position(|b| *b == 0) else {
+                continue;
+            };
+            let (customer, campaign) = (
+                String::from_utf8_lossy(&rest[..nul]),
+                String::from_utf8_lossy(&rest[nul + 1..]),
+            );
+            changes.del(k.to_vec());
+            changes.del(log_key(b'V', ts, &customer, &campaign));
+            let mut e = customer_key(&customer, b'e');
+            e.extend_from_slice(&time_bytes(ts));
+            e.extend_from_slice(campaign.as_bytes());
+            changes.del(e);
+            n += 1;
+        }
+        self.commit(changes);
+        Ok(n)
+    }
+
     /// A customer's unit of `campaign` in `arm` (0 treated, 1 control).
     pub fn unit(&self, customer: &str, campaign: &str, arm: u8) -> Result<Option<Vec<u8>>> {
         self.get(&unit_key(customer, campaign, arm))
