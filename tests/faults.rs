@@ -67,6 +67,7 @@ fn run(dir: &Path, fault: Option<&str>, deadline: Duration) -> (Summary, String)
         budget: nudge::store::Budget::default(),
         sort: false,
         measure: None,
+        ledger: true,
     };
     let summary = replay::run(&opts).unwrap();
     let decisions = std::fs::read_to_string(&opts.decisions).unwrap();

@@ -552,6 +552,7 @@ pub fn replay_options(events: PathBuf, out: &Path) -> nudge::replay::Options {
         budget: nudge::store::Budget::default(),
         sort: false,
         measure: None,
+        ledger: true,
     }
 }
 

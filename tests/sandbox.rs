@@ -81,6 +81,7 @@ fn options(dir: &Path, label: &str, s: &Setup) -> Options {
         budget: nudge::store::Budget::default(),
         sort: false,
         measure: None,
+        ledger: true,
     }
 }
 

@@ -32,6 +32,14 @@ pub struct Options {
     /// customers.
     pub first_customer: usize,
     pub seed: u64,
+    /// `GET /v1/reports` to time: during the load, one every
+    /// `report_every`; without events, back to back.
+    pub reports: usize,
+    pub report_every: Duration,
+    /// API token for the reports (default: the server config's first).
+    pub token: Option<String>,
+    /// Serve this store instead of a fresh one (local server only).
+    pub data: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -53,13 +61,24 @@ pub struct Report {
     pub decision_p99_ms: Option<f64>,
     /// Requests answered 503 (backpressure) and sent again.
     pub busy_retries: usize,
+    /// `GET /v1/reports` timed, and their latency.
+    pub reports: usize,
+    pub report_p50_ms: Option<f64>,
+    pub report_p99_ms: Option<f64>,
 }
 
 impl Report {
     pub fn line(&self) -> String {
         let q = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("<= {v:.2}"));
+        let reports = match (self.report_p50_ms, self.report_p99_ms) {
+            (Some(p50), Some(p99)) => format!(
+                "; {} reports: p50 {p50:.2} ms, p99 {p99:.2} ms",
+                self.reports
+            ),
+            _ => String::new(),
+        };
         format!(
-            "{} events in {:.2} s: {:.0} events/s acknowledged, {:.0} events/s decided; ack p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; event-to-decision p50 {} ms, p99 {} ms; {} busy retries",
+            "{} events in {:.2} s: {:.0} events/s acknowledged, {:.0} events/s decided; ack p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; event-to-decision p50 {} ms, p99 {} ms; {} busy retries{reports}",
             self.events,
             self.seconds,
             self.acked_events_per_sec,
@@ -69,7 +88,7 @@ impl Report {
             self.ack_max_ms,
             q(self.decision_p50_ms),
             q(self.decision_p99_ms),
-            self.busy_retries
+            self.busy_retries,
         )
     }
 }
@@ -206,12 +225,17 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
     let url = match &o.url {
         Some(u) => u.trim_end_matches('/').to_owned(),
         None => {
-            let dir = tempfile::Builder::new()
-                .prefix("nudge-bench-")
-                .tempdir()
-                .map_err(fail)?;
-            server.server.data = dir.path().join("data");
-            _data = Some(dir);
+            match &o.data {
+                Some(d) => server.server.data = d.clone(),
+                None => {
+                    let dir = tempfile::Builder::new()
+                        .prefix("nudge-bench-")
+                        .tempdir()
+                        .map_err(fail)?;
+                    server.server.data = dir.path().join("data");
+                    _data = Some(dir);
+                }
+            }
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .map_err(fail)?;
@@ -265,6 +289,19 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
     let before = scrape(client.clone(), url.clone()).await?;
     let processed_before = counter(&before, "nudge_events_processed_total");
 
+    let token = o
+        .token
+        .clone()
+        .or_else(|| server.api.all_tokens().first().map(|t| t.secret.clone()));
+    let loading = Arc::new(std::sync::atomic::AtomicBool::new(o.events > 0));
+    let probes = tokio::spawn(probe_reports(
+        client.clone(),
+        url.clone(),
+        token,
+        o.reports,
+        (o.events > 0).then_some(o.report_every),
+        loading.clone(),
+    ));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t0 = Instant::now();
     let per_batch = o.batch.max(1) as f64;
@@ -321,6 +358,9 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
         busy += b;
     }
     let seconds = t0.elapsed().as_secs_f64();
+    loading.store(false, std::sync::atomic::Ordering::Relaxed);
+    let mut report_lat = probes.await.map_err(fail)??;
+    report_lat.sort_by(|a, b| a.total_cmp(b));
     // Every event decided, then the decision latencies are complete.
     let want = processed_before + o.events as f64;
     let after = loop {
@@ -354,12 +394,52 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
         decision_p50_ms: quantile(&b, &a, 0.5),
         decision_p99_ms: quantile(&b, &a, 0.99),
         busy_retries: busy,
+        reports: report_lat.len(),
+        report_p50_ms: (!report_lat.is_empty()).then(|| percentile(&report_lat, 0.5)),
+        report_p99_ms: (!report_lat.is_empty()).then(|| percentile(&report_lat, 0.99)),
     };
     if let Some((stop, handle)) = local {
         let _ = stop.send(());
         handle.await.map_err(fail)??;
     }
     Ok(report)
+}
+
+/// Times up to `n` `GET /v1/reports`: one every `every` while `loading`,
+/// or back to back when there is no load.
+async fn probe_reports(
+    client: reqwest::Client,
+    url: String,
+    token: Option<String>,
+    n: usize,
+    every: Option<Duration>,
+    loading: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<Vec<f64>, BenchError> {
+    let mut lat = Vec::with_capacity(n);
+    while lat.len() < n {
+        if let Some(every) = every {
+            tokio::time::sleep(every).await;
+            if !loading.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+        }
+        let sent = Instant::now();
+        let mut req = client.get(format!("{url}/v1/reports"));
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(fail)?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(fail)?;
+        if !status.is_success() {
+            return Err(fail(format!(
+                "GET /v1/reports: {status}: {}",
+                String::from_utf8_lossy(&body)
+            )));
+        }
+        lat.push(sent.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(lat)
 }
 
 /// The report as one JSON object.

@@ -312,6 +312,10 @@ pub async fn run(o: Options) -> Result<Report, BenchError> {
                 // rounds do equal work.
                 first_customer: r * 20_000,
                 seed: 2 * r as u64 + 1,
+                reports: 0,
+                report_every: Duration::from_secs(1),
+                token: None,
+                data: None,
             };
             let report = bench::run(load, cfg.clone()).await;
             stop_changes.store(true, Ordering::Release);

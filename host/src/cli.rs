@@ -100,6 +100,10 @@ enum Command {
         /// funnel and timing (JSON Lines, one campaign a line).
         #[arg(long)]
         measure: Option<PathBuf>,
+        /// Benchmarks only: keep no measurement tallies (a store replayed
+        /// so cannot answer `nudge report --data` as of its end).
+        #[arg(long, hide = true)]
+        no_ledger: bool,
         #[command(flatten)]
         sources: Sources,
     },
@@ -145,6 +149,19 @@ enum Command {
         customers: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Also time this many `GET /v1/reports` while the load runs (one
+        /// every `--report-every-ms`), or back to back with `--events 0`.
+        #[arg(long, default_value_t = 0)]
+        reports: usize,
+        #[arg(long, default_value_t = 200)]
+        report_every_ms: u64,
+        /// API token for the reports (default: the config's first).
+        #[arg(long, env = "NUDGE_API_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Serve this existing store (a replay's `--data`, say) instead of
+        /// a fresh one (without `--url`).
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -417,6 +434,10 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
             rate,
             customers,
             seed,
+            reports,
+            report_every_ms,
+            token,
+            data,
             json,
         } => {
             let cfg = load_config(config.as_deref())?;
@@ -430,6 +451,10 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
                 customers,
                 first_customer: 0,
                 seed,
+                reports,
+                report_every: std::time::Duration::from_millis(report_every_ms),
+                token,
+                data,
             };
             let report = runtime()?.block_on(crate::bench::run(opts, cfg))?;
             if json {
@@ -475,11 +500,13 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
             sort,
             memory_mib,
             measure,
+            no_ledger,
             sources,
         } => {
             let opts = replay::Options {
                 sort,
                 measure,
+                ledger: !no_ledger,
                 budget: crate::store::Budget::mib(memory_mib),
                 events: events.clone(),
                 decisions,

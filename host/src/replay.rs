@@ -90,6 +90,9 @@ pub struct Options {
     /// Where to write each campaign's measured result (JSON Lines,
     /// [`crate::measure::Measure`]); `None`: not written.
     pub measure: Option<PathBuf>,
+    /// Keep the measurement's tallies in the store (what `nudge report
+    /// --data` reads); off only to measure what keeping them costs.
+    pub ledger: bool,
 }
 
 /// What a replay did.
@@ -247,6 +250,9 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
     for shard in 0..shards {
         let (wtx, wrx) = mpsc::sync_channel::<Vec<Event>>(8);
         let mut worker = Worker::new(store.clone(), runtime.clone(), shard)?;
+        if !opts.ledger {
+            worker.ledger = None;
+        }
         let gen = gen.clone();
         let mut spilled = spill::Writer::new(spill_dir.path(), shard, spill::RUN_BYTES);
         let handle = std::thread::Builder::new()
