@@ -336,6 +336,10 @@ pub struct Matured<'a> {
     pub conversion: Option<(i64, i64)>,
 }
 
+/// Most tallies a writer holds decoded between commits (a year of days of
+/// a dozen campaigns); past it they are dropped and read again.
+const MAX_HELD_TALLIES: usize = 4096;
+
 /// One writer's tallies, loaded as they are first touched, and the units
 /// changed since the last commit.
 pub struct Ledger {
@@ -598,6 +602,11 @@ impl Ledger {
             }
         }
         self.units.clear();
+        // Committed tallies are read back from the store when touched
+        // again: the ones held here are a cache, bounded like the others.
+        if self.tallies.len() > MAX_HELD_TALLIES {
+            self.tallies.clear();
+        }
     }
 
     /// Every tally touched, with its campaign and day (a scratch ledger's
