@@ -29,7 +29,7 @@
 //! - here: [`Ledger`], one writer's tallies in memory and the bookkeeping;
 //!   tallies written outside the workers ([`direct_edit`]); retention.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use serde::Deserialize;
 
@@ -81,7 +81,7 @@ pub fn direct_edit(
                 }
             };
             change(&mut t.funnel);
-            serde_json::to_vec(&t).unwrap_or_default()
+            t.encode()
         }),
     }
 }
@@ -124,8 +124,10 @@ pub struct Ledger {
     writer: u16,
     /// The latest due time of a maturity this writer processed.
     clock: i64,
-    tallies: HashMap<(String, i32), Tally>,
-    dirty: BTreeSet<(String, i32)>,
+    /// By campaign, then day.
+    tallies: HashMap<String, HashMap<i32, Tally>>,
+    /// Touched since the last commit (a few per event).
+    dirty: Vec<(String, i32)>,
     units: HashMap<UnitId, Unit>,
 }
 
@@ -135,23 +137,35 @@ impl Ledger {
             writer,
             clock: i64::MIN,
             tallies: HashMap::new(),
-            dirty: BTreeSet::new(),
+            dirty: Vec::new(),
             units: HashMap::new(),
         }
     }
 
-    /// The tally of `campaign` on `day`, marked as changed.
+    /// The tally of `campaign` on `day`, marked as changed. Allocates
+    /// only the first time in a commit: this runs for every firing.
     fn tally(&mut self, store: &Store, campaign: &str, day: i32) -> Result<&mut Tally, StoreError> {
-        let id = (campaign.to_owned(), day);
-        if !self.tallies.contains_key(&id) {
+        if !self.dirty.iter().any(|(c, d)| *d == day && c == campaign) {
+            self.dirty.push((campaign.to_owned(), day));
+        }
+        let days = if self.tallies.contains_key(campaign) {
+            self.tallies.get_mut(campaign)
+        } else {
+            Some(self.tallies.entry(campaign.to_owned()).or_default())
+        };
+        let days = days.ok_or_else(|| StoreError::Corrupt {
+            what: "tally cache",
+            customer: String::new(),
+            problem: format!("campaign {campaign:?} vanished"),
+        })?;
+        if let std::collections::hash_map::Entry::Vacant(e) = days.entry(day) {
             let t = match store.tally(campaign, day, self.writer)? {
                 Some(b) => Tally::decode(&b, campaign)?,
                 None => Tally::default(),
             };
-            self.tallies.insert(id.clone(), t);
+            e.insert(t);
         }
-        self.dirty.insert(id.clone());
-        Ok(self.tallies.entry(id).or_default())
+        Ok(days.entry(day).or_default())
     }
 
     fn unit(
@@ -372,32 +386,35 @@ impl Ledger {
     /// Writes the tallies changed since the last call into `changes` (the
     /// commit that changed them).
     pub fn flush(&mut self, changes: &mut Changes) {
-        for id in std::mem::take(&mut self.dirty) {
-            if let Some(t) = self.tallies.get(&id) {
-                // Counts and integer sums always serialise.
-                let bytes = serde_json::to_vec(t).unwrap_or_default();
-                changes.tally(&id.0, id.1, self.writer, bytes);
+        for (campaign, day) in self.dirty.drain(..) {
+            if let Some(t) = self.tallies.get(&campaign).and_then(|d| d.get(&day)) {
+                changes.tally(&campaign, day, self.writer, t.encode());
             }
         }
         self.units.clear();
         // Committed tallies are read back from the store when touched
         // again: the ones held here are a cache, bounded like the others.
-        if self.tallies.len() > MAX_HELD_TALLIES {
+        if self.tallies.values().map(HashMap::len).sum::<usize>() > MAX_HELD_TALLIES {
             self.tallies.clear();
         }
     }
 
     /// Every tally touched, with its campaign and day (a scratch ledger's
     /// are the changes it made).
-    pub fn into_tallies(self) -> HashMap<(String, i32), Tally> {
-        self.tallies
+    pub fn into_tallies(self) -> impl Iterator<Item = ((String, i32), Tally)> {
+        self.tallies.into_iter().flat_map(|(campaign, days)| {
+            days.into_iter()
+                .map(move |(day, t)| ((campaign.clone(), day), t))
+        })
     }
 
     /// Forgets everything not yet flushed (the commit was abandoned), so
     /// the next read comes from the store again.
     pub fn discard(&mut self) {
-        for id in std::mem::take(&mut self.dirty) {
-            self.tallies.remove(&id);
+        for (campaign, day) in self.dirty.drain(..) {
+            if let Some(days) = self.tallies.get_mut(&campaign) {
+                days.remove(&day);
+            }
         }
         self.units.clear();
     }

@@ -117,6 +117,54 @@ impl Funnel {
         self.converted_control += o.converted_control;
     }
 
+    /// How many plain counts a funnel has ([`Funnel::counts`]).
+    pub const COUNTS: usize = 15;
+
+    /// Every count but `arbitration_lost_to`, in a fixed order (the
+    /// stored one: append, never reorder).
+    pub fn counts(&self) -> [u64; Funnel::COUNTS] {
+        [
+            self.fired,
+            self.qualified,
+            self.suppressed_consent,
+            self.suppressed_frequency,
+            self.suppressed_policy,
+            self.suppressed_arbitration,
+            self.sent,
+            self.control,
+            self.delivered,
+            self.delivery_failed,
+            self.dead_lettered,
+            self.accepted,
+            self.declined,
+            self.converted_treated,
+            self.converted_control,
+        ]
+    }
+
+    pub fn from_counts(c: [u64; Funnel::COUNTS]) -> Funnel {
+        let [fired, qualified, suppressed_consent, suppressed_frequency, suppressed_policy, suppressed_arbitration, sent, control, delivered, delivery_failed, dead_lettered, accepted, declined, converted_treated, converted_control] =
+            c;
+        Funnel {
+            fired,
+            qualified,
+            suppressed_consent,
+            suppressed_frequency,
+            suppressed_policy,
+            suppressed_arbitration,
+            arbitration_lost_to: BTreeMap::new(),
+            sent,
+            control,
+            delivered,
+            delivery_failed,
+            dead_lettered,
+            accepted,
+            declined,
+            converted_treated,
+            converted_control,
+        }
+    }
+
     pub fn converted(&mut self, arm: usize) {
         if arm == 0 {
             self.converted_treated += 1;
@@ -166,12 +214,131 @@ impl Tally {
         t[bucket] += 1;
     }
 
+    /// The stored form: a format byte, then every count as an unsigned
+    /// LEB128 varint (the sums' bits as they are, modulo 2⁶⁴ or 2¹²⁸). A
+    /// tally is rewritten in the commit of every event that touches it,
+    /// so this is on the decision path: a tenth of JSON's cost.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(96);
+        b.push(TALLY_FORMAT);
+        let f = &self.funnel;
+        for v in f.counts() {
+            put(&mut b, u128::from(v));
+        }
+        put(&mut b, f.arbitration_lost_to.len() as u128);
+        for (winner, n) in &f.arbitration_lost_to {
+            put(&mut b, winner.len() as u128);
+            b.extend_from_slice(winner.as_bytes());
+            put(&mut b, u128::from(*n));
+        }
+        for arm in 0..2 {
+            put(&mut b, u128::from(self.matured[arm]));
+            put(&mut b, self.timing[arm].len() as u128);
+            for t in &self.timing[arm] {
+                put(&mut b, u128::from(*t));
+            }
+            let a = &self.arms[arm];
+            for v in [a.n, a.d, a.m, a.dd, a.mm, a.md] {
+                put(&mut b, u128::from(v));
+            }
+            for v in [a.v, a.vv, a.vd] {
+                put(&mut b, v as u128);
+            }
+        }
+        b
+    }
+
     pub fn decode(bytes: &[u8], campaign: &str) -> Result<Tally, StoreError> {
-        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        let corrupt = |problem: String| StoreError::Corrupt {
             what: "tally",
             customer: String::new(),
-            problem: format!("campaign {campaign:?}: {e}"),
-        })
+            problem: format!("campaign {campaign:?}: {problem}"),
+        };
+        match bytes.first() {
+            Some(&TALLY_FORMAT) => {
+                let mut r = Reader(&bytes[1..]);
+                let t = r
+                    .tally()
+                    .ok_or_else(|| corrupt("truncated or out of range".into()))?;
+                if !r.0.is_empty() {
+                    return Err(corrupt(format!("{} bytes past its end", r.0.len())));
+                }
+                Ok(t)
+            }
+            // The first tallies were JSON.
+            Some(b'{') => serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string())),
+            other => Err(corrupt(format!("unknown format {other:?}"))),
+        }
+    }
+}
+
+/// The binary tally layout [`Tally::encode`] writes.
+const TALLY_FORMAT: u8 = 1;
+
+fn put(b: &mut Vec<u8>, mut v: u128) {
+    while v >= 0x80 {
+        b.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    b.push(v as u8);
+}
+
+/// Reads what [`Tally::encode`] wrote; `None` on anything else.
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn u128(&mut self) -> Option<u128> {
+        let mut v: u128 = 0;
+        for i in 0..19 {
+            let (&byte, rest) = self.0.split_first()?;
+            self.0 = rest;
+            v |= u128::from(byte & 0x7f).checked_shl(7 * i)?;
+            if byte & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        u64::try_from(self.u128()?).ok()
+    }
+
+    fn len(&mut self, most: usize) -> Option<usize> {
+        usize::try_from(self.u128()?).ok().filter(|n| *n <= most)
+    }
+
+    fn tally(&mut self) -> Option<Tally> {
+        let mut t = Tally::default();
+        let mut counts = [0u64; Funnel::COUNTS];
+        for c in &mut counts {
+            *c = self.u64()?;
+        }
+        t.funnel = Funnel::from_counts(counts);
+        for _ in 0..self.len(10_000)? {
+            let n = self.len(4096)?;
+            let (name, rest) = self.0.split_at_checked(n)?;
+            self.0 = rest;
+            let name = std::str::from_utf8(name).ok()?.to_owned();
+            t.funnel.arbitration_lost_to.insert(name, self.u64()?);
+        }
+        for arm in 0..2 {
+            t.matured[arm] = self.u64()?;
+            for _ in 0..self.len(TIMING.len() + 1)? {
+                let v = self.u64()?;
+                t.timing[arm].push(v);
+            }
+            let a = &mut t.arms[arm];
+            for v in [
+                &mut a.n, &mut a.d, &mut a.m, &mut a.dd, &mut a.mm, &mut a.md,
+            ] {
+                *v = self.u64()?;
+            }
+            for v in [&mut a.v, &mut a.vv, &mut a.vd] {
+                *v = self.u128()? as i128;
+            }
+        }
+        Some(t)
     }
 }
 
@@ -294,5 +461,43 @@ mod tests {
         assert_eq!(ab.arms[0].n, 2);
         let json = serde_json::to_vec(&ab).unwrap();
         assert_eq!(Tally::decode(&json, "c").unwrap(), ab);
+    }
+
+    #[test]
+    fn tallies_round_trip_their_encoding_and_refuse_garbage() {
+        let mut t = Tally {
+            funnel: Funnel::from_counts(std::array::from_fn(|i| (i as u64 + 1) * 1000)),
+            ..Tally::default()
+        };
+        t.funnel
+            .arbitration_lost_to
+            .insert("large-deposit".into(), 7);
+        t.matured = [5, u64::MAX];
+        t.timed(1, 40 * DAY);
+        t.arms[0].add_customer(3, 2, 1_250_000);
+        // A correction on its own: negative sums, kept modulo 2^64.
+        t.arms[1].remove_customer(2, 1, -99);
+        let bytes = t.encode();
+        assert_eq!(bytes[0], TALLY_FORMAT);
+        assert_eq!(Tally::decode(&bytes, "c").unwrap(), t);
+        assert_eq!(
+            Tally::decode(&Tally::default().encode(), "c").unwrap(),
+            Tally::default()
+        );
+        for cut in 1..bytes.len() {
+            assert!(Tally::decode(&bytes[..cut], "c").is_err(), "cut at {cut}");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(Tally::decode(&long, "c")
+            .unwrap_err()
+            .to_string()
+            .contains("past its end"));
+        assert!(Tally::decode(&[9, 1, 2], "c").is_err());
+        assert!(Tally::decode(&[], "c").is_err());
+        // A varint longer than any count.
+        let mut huge = vec![TALLY_FORMAT];
+        huge.extend([0xff; 20]);
+        assert!(Tally::decode(&huge, "c").is_err());
     }
 }
