@@ -406,13 +406,7 @@ impl Worker {
         let mut changes = Changes::new();
         match &mut self.ledger {
             Some(l) => l.mature(&self.store, &mut changes, t)?,
-            None => {
-                let fired = Timer {
-                    due: t.due,
-                    trigger: t.trigger.clone(),
-                };
-                changes.timer(&t.customer, MATURITY, &t.key, Some(&fired), None);
-            }
+            None => changes.host_timer(t.due, &t.customer, &t.key, None),
         }
         self.commit(changes);
         Ok(())
@@ -698,6 +692,7 @@ impl Worker {
                             &ev.customer,
                             &o.campaign,
                             o.ts,
+                            o.until,
                             ev.ts,
                             value,
                         )?;

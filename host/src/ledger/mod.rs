@@ -34,7 +34,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 
 use crate::decide::Outcome;
-use crate::store::{Changes, DueTimer, Store, StoreError, Timer};
+use crate::store::{Changes, DueTimer, Store, StoreError};
 
 mod records;
 pub use crate::store::MATURITY;
@@ -236,11 +236,7 @@ impl Ledger {
                     campaign: campaign.to_owned(),
                 }
                 .key();
-                let timer = Timer {
-                    due,
-                    trigger: trigger.to_owned(),
-                };
-                changes.timer(customer, MATURITY, &key, None, Some(&timer));
+                changes.host_timer(due, customer, &key, Some(trigger));
                 Ok(Some(due))
             }
             None => {
@@ -264,11 +260,7 @@ impl Ledger {
         changes: &mut Changes,
         t: &DueTimer,
     ) -> Result<(), StoreError> {
-        let fired = Timer {
-            due: t.due,
-            trigger: t.trigger.clone(),
-        };
-        changes.timer(&t.customer, MATURITY, &t.key, Some(&fired), None);
+        changes.host_timer(t.due, &t.customer, &t.key, None);
         if t.due > self.clock {
             self.clock = t.due;
             changes.ledger_clock(self.writer, t.due);
@@ -316,9 +308,10 @@ impl Ledger {
         self.replace_unit(store, changes, m.customer, m.campaign, m.arm, old, unit)
     }
 
-    /// A goal event converted the decision (`ts`, `campaign`) at `at`.
-    /// Usually the decision has not matured yet and its maturity will read
-    /// the conversion; if it has, its unit is corrected here.
+    /// A goal event converted the decision (`ts`, `campaign`, maturing at
+    /// `until`) at `at`. Usually the decision has not matured yet and its
+    /// maturity will read the conversion; if it has, its unit is corrected
+    /// here.
     #[allow(clippy::too_many_arguments)]
     pub fn converted(
         &mut self,
@@ -327,6 +320,7 @@ impl Ledger {
         customer: &str,
         campaign: &str,
         ts: i64,
+        until: i64,
         at: i64,
         value: i64,
     ) -> Result<(), StoreError> {
@@ -337,7 +331,7 @@ impl Ledger {
                 campaign: campaign.to_owned(),
             }
             .key();
-            if store.timer(customer, MATURITY, &key)?.is_some() {
+            if store.host_timer_pending(until, customer, &key)? {
                 return Ok(());
             }
         }

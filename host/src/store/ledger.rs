@@ -189,6 +189,13 @@ impl Store {
         self.get(&tally_key(campaign, day, writer))
     }
 
+    /// Whether the host timer (`due`, `customer`, `key`) is pending.
+    pub fn host_timer_pending(&self, due: i64, customer: &str, key: &str) -> Result<bool> {
+        Ok(self
+            .get(&super::queue_key(due, customer, MATURITY, key))?
+            .is_some())
+    }
+
     /// When the decision (`ts`, `customer`, `campaign`) converted and what
     /// it was worth (micro-units), if it did.
     pub fn conversion(
@@ -277,6 +284,17 @@ impl Store {
 }
 
 impl Changes {
+    /// Sets (`Some(trigger)`) or removes a host timer: its queue key only,
+    /// without the per-customer index plugin timers have (nothing lists
+    /// or replaces the host's timers, and they are one per decision).
+    pub fn host_timer(&mut self, due: i64, customer: &str, key: &str, trigger: Option<&str>) {
+        let k = super::queue_key(due, customer, MATURITY, key);
+        match trigger {
+            Some(t) => self.put(k, t.as_bytes().to_vec()),
+            None => self.del(k),
+        }
+    }
+
     pub fn ledger_clock(&mut self, writer: u16, due: i64) {
         let mut k = vec![b'Q'];
         k.extend_from_slice(&writer.to_be_bytes());
