@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests.
 
+pub mod webdriver;
+
 use std::path::{Path, PathBuf};
 
 /// The repository root (tests run with the package folder as cwd).

@@ -45,6 +45,7 @@ pub fn router(state: AppState) -> Router {
         .merge(crate::customer::routes())
         .merge(crate::results::routes())
         .merge(crate::reports::routes())
+        .merge(crate::ui::routes())
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .method_not_allowed_fallback(|| async {
             error(
@@ -61,12 +62,13 @@ pub fn router(state: AppState) -> Router {
 /// `{"error": <their text>, "status": …}`.
 async fn json_errors(resp: Response) -> Response {
     let status = resp.status();
-    let is_json = resp
+    // JSON already, or one of the dashboard's pages (HTML, for people).
+    let is_ours = resp
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/html"));
+    if !(status.is_client_error() || status.is_server_error()) || is_ours {
         return resp;
     }
     let (parts, body) = resp.into_parts();
@@ -349,35 +351,76 @@ async fn action_outcome(
             format!("outcome: {:?} (accepted or declined)", req.outcome),
         );
     }
-    enum Refused {
-        Missing,
-        Answered(String),
-        Expired(String),
-        Store(String),
-    }
-    impl From<crate::store::StoreError> for Refused {
-        fn from(e: crate::store::StoreError) -> Refused {
-            Refused::Store(e.to_string())
+    match record_outcome(&s.store, &id, &action, req.outcome, req.note) {
+        Ok(a) => Json(a).into_response(),
+        Err(r) => {
+            let (status, message) = r.status();
+            error(status, message)
         }
     }
+}
+
+/// Why an agent's answer was not recorded.
+pub(crate) enum Refused {
+    Missing(String),
+    Answered(String),
+    Expired(String),
+    Store(String),
+}
+
+impl From<crate::store::StoreError> for Refused {
+    fn from(e: crate::store::StoreError) -> Refused {
+        Refused::Store(e.to_string())
+    }
+}
+
+impl Refused {
+    pub(crate) fn status(&self) -> (StatusCode, String) {
+        match self {
+            Refused::Missing(m) => (StatusCode::NOT_FOUND, m.clone()),
+            Refused::Answered(m) => (StatusCode::CONFLICT, m.clone()),
+            Refused::Expired(m) => (StatusCode::GONE, m.clone()),
+            Refused::Store(m) => (StatusCode::INTERNAL_SERVER_ERROR, format!("store: {m}")),
+        }
+    }
+}
+
+/// Records an agent's answer (`accepted` or `declined`) to an action, and
+/// counts it in the campaign's funnel. Read, checked and answered under
+/// one lock: two agents answering one action at once cannot both succeed,
+/// nor count twice.
+pub(crate) fn record_outcome(
+    store: &crate::store::Store,
+    customer: &str,
+    action: &str,
+    outcome: String,
+    note: Option<String>,
+) -> Result<AgentAction, Refused> {
     let now = now_ms();
-    // Read, checked and answered under one lock: two agents answering one
-    // action at once cannot both succeed, nor count twice.
-    let answered = s.store.update_action(&id, &action, |current| {
+    store.update_action(customer, action, |current| {
         let mut a: AgentAction = match current {
-            None => return Err(Refused::Missing),
+            None => {
+                return Err(Refused::Missing(format!(
+                    "customer {customer:?} has no action {action:?}"
+                )))
+            }
             Some(b) => serde_json::from_slice(&b).map_err(|e| Refused::Store(e.to_string()))?,
         };
         if let Some(prev) = &a.outcome {
-            return Err(Refused::Answered(prev.clone()));
+            return Err(Refused::Answered(format!(
+                "action {action:?} already has outcome {prev:?}"
+            )));
         }
         if a.expires_ms.is_some_and(|e| e <= now) {
-            return Err(Refused::Expired(a.expires_at.clone().unwrap_or_default()));
+            return Err(Refused::Expired(format!(
+                "action {action:?} expired at {}",
+                a.expires_at.clone().unwrap_or_default()
+            )));
         }
-        let accepted = req.outcome == "accepted";
-        a.outcome = Some(req.outcome);
+        let accepted = outcome == "accepted";
+        a.outcome = Some(outcome);
         a.outcome_at = Some(format_ts(now));
-        a.outcome_note = req.note;
+        a.outcome_note = note;
         let decided = crate::event::parse_ts(&a.decided_at).unwrap_or(now);
         let tally =
             crate::ledger::direct_edit(&a.campaign, decided, crate::ledger::AGENTS, move |f| {
@@ -389,23 +432,7 @@ async fn action_outcome(
             });
         let json = serde_json::to_vec(&a).unwrap_or_default();
         Ok((json, a, Some(tally)))
-    });
-    match answered {
-        Ok(a) => Json(a).into_response(),
-        Err(Refused::Missing) => error(
-            StatusCode::NOT_FOUND,
-            format!("customer {id:?} has no action {action:?}"),
-        ),
-        Err(Refused::Answered(prev)) => error(
-            StatusCode::CONFLICT,
-            format!("action {action:?} already has outcome {prev:?}"),
-        ),
-        Err(Refused::Expired(at)) => error(
-            StatusCode::GONE,
-            format!("action {action:?} expired at {at}"),
-        ),
-        Err(Refused::Store(e)) => store_error(e),
-    }
+    })
 }
 
 async fn dead_letters(State(s): State<AppState>, headers: HeaderMap) -> Response {
@@ -432,25 +459,32 @@ async fn retry_dead_letter(
     if let Err(r) = check_api(&s, &headers, Role::Operator) {
         return *r;
     }
-    let mut d: Delivery = match s.store.dead_letter_get(&id) {
-        Ok(Some(b)) => match serde_json::from_slice(&b) {
-            Ok(d) => d,
-            Err(e) => return store_error(e),
-        },
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no dead letter {id:?}")),
-        Err(e) => return store_error(e),
+    match retry_dead_letter_now(&s, &id) {
+        Ok(()) => Json(json!({ "retrying": id })).into_response(),
+        Err((status, message)) => error(status, message),
+    }
+}
+
+/// Moves dead letter `id` back to the outbox, attempts reset, and hands it
+/// to the deliverer.
+pub(crate) fn retry_dead_letter_now(s: &Shared, id: &str) -> Result<(), (StatusCode, String)> {
+    let internal = |e: String| (StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}"));
+    let mut d: Delivery = match s.store.dead_letter_get(id) {
+        Ok(Some(b)) => serde_json::from_slice(&b).map_err(|e| internal(e.to_string()))?,
+        Ok(None) => return Err((StatusCode::NOT_FOUND, format!("no dead letter {id:?}"))),
+        Err(e) => return Err(internal(e.to_string())),
     };
     d.attempts = 0;
     d.next_at = 0;
     d.failed_at = None;
     let json = d.to_json();
-    if let Err(e) = s.store.retry_dead_letter(&id, &json) {
-        return store_error(e);
-    }
+    s.store
+        .retry_dead_letter(id, &json)
+        .map_err(|e| internal(e.to_string()))?;
     if let Some(tx) = s.deliver.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
         let _ = tx.send(deliver::Input::New(vec![json]));
     }
-    Json(json!({ "retrying": id })).into_response()
+    Ok(())
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {

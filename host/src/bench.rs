@@ -155,7 +155,7 @@ fn bodies(o: &Options, run: &str) -> Vec<Vec<u8>> {
 }
 
 /// Cumulative bucket counts of one histogram: (upper bound, count).
-fn buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
+pub(crate) fn buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
     let prefix = format!("{name}_bucket{{le=\"");
     metrics
         .lines()
@@ -187,7 +187,7 @@ fn counter(metrics: &str, name: &str) -> f64 {
 
 /// The upper bound (in ms) of the bucket holding quantile `q` of the
 /// observations between two scrapes.
-fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
+pub(crate) fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
     let deltas: Vec<(f64, f64)> = after
         .iter()
         .map(|(le, n)| {

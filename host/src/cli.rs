@@ -199,11 +199,18 @@ enum Command {
     Report {
         /// The store folder (`server.data`, or replay's `--data`). A
         /// running server holds it: stop it first, or use `--url`.
-        #[arg(long, required_unless_present = "url", conflicts_with = "url")]
+        #[arg(long, required_unless_present_any = ["url", "measured"], conflicts_with_all = ["url", "measured"])]
         data: Option<PathBuf>,
         /// A running server's base URL (reads `GET /v1/reports`).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "measured")]
         url: Option<String>,
+        /// What `nudge replay --measure` wrote (JSON Lines).
+        #[arg(long)]
+        measured: Option<PathBuf>,
+        /// Write the Overview and Campaigns pages as one self-contained
+        /// HTML file, to mail a backtest to an executive.
+        #[arg(long, conflicts_with_all = ["json", "csv"])]
+        html: Option<PathBuf>,
         /// An API token of the server (viewer or operator), with `--url`.
         #[arg(long, env = "NUDGE_API_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -536,6 +543,8 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
         Command::Report {
             data,
             url,
+            measured,
+            html,
             token,
             rules,
             as_of,
@@ -557,6 +566,24 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
             };
             let rows = match (data, url) {
                 (Some(data), _) => crate::reports::from_folder(&data, &rules, &period)?,
+                (None, None) if measured.is_some() => {
+                    let path = measured.as_deref().unwrap_or(std::path::Path::new(""));
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    text.lines()
+                        .enumerate()
+                        .filter(|(_, l)| !l.trim().is_empty())
+                        .map(|(i, l)| {
+                            serde_json::from_str(l).with_context(|| {
+                                format!(
+                                    "{}:{}: not a line of replay --measure",
+                                    path.display(),
+                                    i + 1
+                                )
+                            })
+                        })
+                        .collect::<anyhow::Result<Vec<crate::measure::Measure>>>()?
+                }
                 (None, Some(url)) => {
                     let mut query = Vec::new();
                     for (k, v) in [
@@ -573,7 +600,11 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
                 }
                 (None, None) => anyhow::bail!("give --data DIR or --url URL"),
             };
-            if json {
+            if let Some(out) = html {
+                let page = crate::ui::results::standalone(rows, "What the campaigns achieved");
+                std::fs::write(&out, page).with_context(|| format!("writing {}", out.display()))?;
+                eprintln!("wrote {}", out.display());
+            } else if json {
                 print!("{}", crate::measure::to_jsonl(&rows));
             } else if csv {
                 print!("{}", crate::measure::to_csv(&rows));

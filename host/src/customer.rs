@@ -52,34 +52,38 @@ async fn show(
         }
     }
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let store_error = |e: crate::store::StoreError| {
-        error(StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}"))
-    };
-    let traits = match s.store.traits(&id) {
-        Ok(t) => t,
-        Err(e) => return store_error(e),
-    };
-    let mut timers: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    match s.store.timers_of(&id) {
-        Ok(list) => {
-            // The host's own (a decision's goal window) are not a plugin's.
-            for (plugin, key, t) in list
-                .into_iter()
-                .filter(|(p, ..)| p != crate::ledger::MATURITY)
-            {
-                timers.entry(plugin).or_default().push(json!({
-                    "key": key,
-                    "due": format_ts(t.due),
-                    "trigger": t.trigger,
-                }));
-            }
-        }
-        Err(e) => return store_error(e),
+    let store = s.store.clone();
+    match tokio::task::spawn_blocking(move || view(&store, &id, limit)).await {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading: {e}")),
     }
-    let timeline = match s.store.timeline(&id) {
-        Ok(t) => t,
-        Err(e) => return store_error(e),
-    };
+}
+
+/// One customer as the engine sees them (the JSON of `GET
+/// /v1/customers/{id}`): traits, pending timers by plugin, the `limit`
+/// most recent decisions with their explanations, conversions, and the
+/// open actions.
+pub fn view(
+    store: &crate::store::Store,
+    id: &str,
+    limit: usize,
+) -> Result<Value, crate::store::StoreError> {
+    let traits = store.traits(id)?;
+    let mut timers: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    // The host's own (a decision's goal window) are not a plugin's.
+    for (plugin, key, t) in store
+        .timers_of(id)?
+        .into_iter()
+        .filter(|(p, ..)| p != crate::ledger::MATURITY)
+    {
+        timers.entry(plugin).or_default().push(json!({
+            "key": key,
+            "due": format_ts(t.due),
+            "trigger": t.trigger,
+        }));
+    }
+    let timeline = store.timeline(id)?;
     let total = timeline.len();
     let mut decisions = Vec::new();
     let mut conversions = Vec::new();
@@ -100,15 +104,13 @@ async fn show(
         decisions.push(d);
     }
     let now = now_ms();
-    let actions: Vec<AgentAction> = match s.store.actions(&id) {
-        Ok(raw) => raw
-            .iter()
-            .filter_map(|b| serde_json::from_slice(b).ok())
-            .filter(|a: &AgentAction| a.outcome.is_none() && a.expires_ms.is_none_or(|e| e > now))
-            .collect(),
-        Err(e) => return store_error(e),
-    };
-    Json(json!({
+    let actions: Vec<AgentAction> = store
+        .actions(id)?
+        .iter()
+        .filter_map(|b| serde_json::from_slice(b).ok())
+        .filter(|a: &AgentAction| a.outcome.is_none() && a.expires_ms.is_none_or(|e| e > now))
+        .collect();
+    Ok(json!({
         "customer": id,
         "traits": traits,
         "timers": timers,
@@ -117,5 +119,4 @@ async fn show(
         "conversions": conversions,
         "actions": actions,
     }))
-    .into_response()
 }

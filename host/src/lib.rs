@@ -87,6 +87,7 @@ pub mod sort;
 pub mod spill;
 pub mod stats;
 pub mod store;
+pub mod ui;
 pub mod worker;
 
 /// The example plugins, compiled for wasm32-wasip2 by the build script.

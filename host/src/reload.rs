@@ -37,7 +37,8 @@ use crate::rules::{rule_files, RuleSet};
 use crate::store::{Store, StoreError};
 
 const RECORD_PREFIX: &str = "generation/";
-const BLOB_PREFIX: &str = "blob/";
+/// Where a generation's files are archived in the store, by content hash.
+pub(crate) const BLOB_PREFIX: &str = "blob/";
 
 /// Where a generation's files come from, and the operator's grants.
 #[derive(Clone, Debug)]

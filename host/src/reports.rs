@@ -78,14 +78,7 @@ pub fn compute(
     period: &Period,
     settings: Settings,
 ) -> Result<Vec<Measure>, ReportError> {
-    if let Some(clock) = store.ledger_clock()? {
-        if period.as_of < clock {
-            return Err(ReportError::TooEarly {
-                as_of: format_ts(period.as_of),
-                clock: format_ts(clock),
-            });
-        }
-    }
+    check_clock(store, period.as_of)?;
     let first = period.from.map_or(i32::MIN, day_of);
     let last = period.to.map_or(i32::MAX, |t| day_of(t.saturating_sub(1)));
     let wanted = |campaign: &str| {
@@ -93,25 +86,17 @@ pub fn compute(
             && rules.campaign(campaign).is_some()
     };
     let mut sums: BTreeMap<String, Sums> = BTreeMap::new();
-    for r in store.tallies(period.campaign.as_deref(), first, last)? {
-        if wanted(&r.campaign) {
-            let t = Tally::decode(&r.bytes, &r.campaign)?;
-            sums.entry(r.campaign).or_default().add(r.day, &t);
-        }
-    }
-    // Decisions due by `as_of` whose maturity timer has not fired yet:
-    // matured in a scratch ledger (its tallies start empty, so they end as
-    // the corrections), never committed.
-    let mut scratch = Ledger::new(SCRATCH);
-    let mut discard = Changes::new();
-    for t in store.due_maturities(period.as_of)? {
-        if Maturity::parse(&t.key).is_some_and(|m| wanted(&m.campaign)) {
-            scratch.mature(store, &mut discard, &t)?;
-        }
-    }
-    for ((campaign, day), t) in scratch.into_tallies() {
-        if (first..=last).contains(&day) {
-            sums.entry(campaign).or_default().add(day, &t);
+    for (campaign, days) in gather(
+        store,
+        rules,
+        period.campaign.as_deref(),
+        period.as_of,
+        first,
+        last,
+    )? {
+        let s = sums.entry(campaign).or_default();
+        for (day, t) in days {
+            s.add(day, &t);
         }
     }
     Ok(rules
@@ -120,14 +105,89 @@ pub fn compute(
         .filter(|c| wanted(&c.id))
         .map(|c| {
             let s = sums.remove(&c.id).unwrap_or_default();
-            let mut totals = s.totals;
-            totals.immature = [
-                totals.funnel.sent.saturating_sub(s.matured[0]),
-                totals.funnel.control.saturating_sub(s.matured[1]),
-            ];
-            measure::measure(rules, c, &totals, period.as_of, settings)
+            s.measure(rules, c, period.as_of, settings)
         })
         .collect())
+}
+
+/// One campaign day by day: its result as it stood with the customers of
+/// every cohort up to each day (for the cumulative difference and its
+/// band over time), the last with its days.
+pub fn cumulative(
+    store: &Store,
+    rules: &RuleSet,
+    campaign: &str,
+    as_of: i64,
+    settings: Settings,
+) -> Result<Vec<(i64, Measure)>, ReportError> {
+    check_clock(store, as_of)?;
+    let Some(c) = rules.campaign(campaign) else {
+        return Ok(Vec::new());
+    };
+    let days = gather(store, rules, Some(campaign), as_of, i32::MIN, i32::MAX)?
+        .remove(campaign)
+        .unwrap_or_default();
+    let mut sums = Sums::default();
+    let mut out = Vec::with_capacity(days.len());
+    let n = days.len();
+    for (i, (day, t)) in days.into_iter().enumerate() {
+        sums.add(day, &t);
+        let mut m = sums.measure(rules, c, as_of, settings);
+        if i + 1 < n {
+            m.daily.clear();
+        }
+        out.push((i64::from(day), m));
+    }
+    Ok(out)
+}
+
+fn check_clock(store: &Store, as_of: i64) -> Result<(), ReportError> {
+    match store.ledger_clock()? {
+        Some(clock) if as_of < clock => Err(ReportError::TooEarly {
+            as_of: format_ts(as_of),
+            clock: format_ts(clock),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Every tally of the campaigns of `rules` (or of `campaign`) from day
+/// `first` to `last`, merged per campaign and day, with the maturities due
+/// by `as_of` that have not fired yet matured in a scratch ledger (its
+/// tallies start empty, so they end as the corrections; never committed).
+fn gather(
+    store: &Store,
+    rules: &RuleSet,
+    campaign: Option<&str>,
+    as_of: i64,
+    first: i32,
+    last: i32,
+) -> Result<BTreeMap<String, BTreeMap<i32, Tally>>, ReportError> {
+    let wanted = |c: &str| campaign.is_none_or(|w| w == c) && rules.campaign(c).is_some();
+    let mut out: BTreeMap<String, BTreeMap<i32, Tally>> = BTreeMap::new();
+    for r in store.tallies(campaign, first, last)? {
+        if wanted(&r.campaign) {
+            let t = Tally::decode(&r.bytes, &r.campaign)?;
+            out.entry(r.campaign)
+                .or_default()
+                .entry(r.day)
+                .or_default()
+                .merge(&t);
+        }
+    }
+    let mut scratch = Ledger::new(SCRATCH);
+    let mut discard = Changes::new();
+    for t in store.due_maturities(as_of)? {
+        if Maturity::parse(&t.key).is_some_and(|m| wanted(&m.campaign)) {
+            scratch.mature(store, &mut discard, &t)?;
+        }
+    }
+    for ((c, day), t) in scratch.into_tallies() {
+        if (first..=last).contains(&day) {
+            out.entry(c).or_default().entry(day).or_default().merge(&t);
+        }
+    }
+    Ok(out)
 }
 
 /// One campaign's tallies added up.
@@ -138,6 +198,21 @@ struct Sums {
 }
 
 impl Sums {
+    fn measure(
+        &self,
+        rules: &RuleSet,
+        c: &crate::rules::Campaign,
+        as_of: i64,
+        settings: Settings,
+    ) -> Measure {
+        let mut totals = self.totals.clone();
+        totals.immature = [
+            totals.funnel.sent.saturating_sub(self.matured[0]),
+            totals.funnel.control.saturating_sub(self.matured[1]),
+        ];
+        measure::measure(rules, c, &totals, as_of, settings)
+    }
+
     fn add(&mut self, day: i32, t: &Tally) {
         let totals = &mut self.totals;
         totals.funnel.merge(&t.funnel);
@@ -261,18 +336,21 @@ struct Listing {
     campaigns: Vec<Measure>,
 }
 
+/// The server's now: the wall clock, or on the event clock the latest
+/// event decided.
+pub(crate) fn now(s: &Shared) -> i64 {
+    match s.cfg.server.clock {
+        Clock::Wall => now_ms(),
+        Clock::Event => s.watermarks.latest().unwrap_or_else(now_ms),
+    }
+}
+
 /// The period a query asks for, or what is wrong with it.
 fn period(s: &Shared, q: ReportQuery, campaign: Option<String>) -> Result<Period, String> {
     let time = |field: &str, v: Option<String>| {
         v.map(|v| crate::results::parse_time(field, &v)).transpose()
     };
-    let as_of = match time("as_of", q.as_of)? {
-        Some(t) => t,
-        None => match s.cfg.server.clock {
-            Clock::Wall => now_ms(),
-            Clock::Event => s.watermarks.latest().unwrap_or_else(now_ms),
-        },
-    };
+    let as_of = time("as_of", q.as_of)?.unwrap_or_else(|| now(s));
     Ok(Period {
         as_of,
         from: time("from", q.from)?,

@@ -76,6 +76,8 @@ pub struct Shared {
     /// Each worker's event-time watermark (`server.late = "refuse"`).
     pub watermarks: Watermarks,
     pub deliver: std::sync::Mutex<Option<Sender<deliver::Input>>>,
+    /// The dashboard's sessions and metric samples.
+    pub ui: crate::ui::UiState,
 }
 
 /// [`run_with`], telling no one when it is ready.
@@ -305,6 +307,7 @@ pub async fn run_with(
         ids: crate::ingest::MessageIds::new(),
         watermarks,
         deliver: std::sync::Mutex::new(Some(deliver_tx)),
+        ui: crate::ui::UiState::default(),
     });
     let addr = listener.local_addr().map_err(io("listener"))?;
     tracing::info!(%addr, workers, clock = ?cfg.server.clock, "nudge serving");
@@ -315,7 +318,9 @@ pub async fn run_with(
         idle_timeout: cfg.server.idle_timeout.0,
     };
     ready(addr);
+    let sampler = tokio::spawn(crate::ui::sample(shared.clone()));
     crate::listener::serve(listener, app, limits, shutdown).await;
+    sampler.abort();
 
     // Drain, in order. No generation changes from here on.
     tracing::info!("shutting down: draining accepted events");
