@@ -36,6 +36,9 @@ pub struct Options {
     /// `report_every`; without events, back to back.
     pub reports: usize,
     pub report_every: Duration,
+    /// The path the probes GET: an API path (bearer token), or a dashboard
+    /// page under `/ui/` (a session from logging in with the token).
+    pub probe: String,
     /// API token for the reports (default: the server config's first).
     pub token: Option<String>,
     /// Serve this store instead of a fresh one (local server only).
@@ -297,6 +300,7 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
     let probes = tokio::spawn(probe_reports(
         client.clone(),
         url.clone(),
+        o.probe.clone(),
         token,
         o.reports,
         (o.events > 0).then_some(o.report_every),
@@ -410,12 +414,46 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
 async fn probe_reports(
     client: reqwest::Client,
     url: String,
+    path: String,
     token: Option<String>,
     n: usize,
     every: Option<Duration>,
     loading: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<Vec<f64>, BenchError> {
     let mut lat = Vec::with_capacity(n);
+    if n == 0 {
+        return Ok(lat);
+    }
+    // A dashboard page: log in once, then send the session's cookie.
+    let cookie = if path.starts_with("/ui/") {
+        // The login answers with a redirect and the cookie: not followed.
+        let once = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(fail)?;
+        let resp = once
+            .post(format!("{url}/ui/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!(
+                "token={}&next=/ui/",
+                token.clone().unwrap_or_default()
+            ))
+            .send()
+            .await
+            .map_err(fail)?;
+        let cookie = resp
+            .headers()
+            .get(reqwest::header::SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(str::to_owned);
+        Some(
+            cookie
+                .ok_or_else(|| fail(format!("logging in to the dashboard: {}", resp.status())))?,
+        )
+    } else {
+        None
+    };
     while lat.len() < n {
         if let Some(every) = every {
             tokio::time::sleep(every).await;
@@ -424,16 +462,18 @@ async fn probe_reports(
             }
         }
         let sent = Instant::now();
-        let mut req = client.get(format!("{url}/v1/reports"));
-        if let Some(t) = &token {
-            req = req.bearer_auth(t);
+        let mut req = client.get(format!("{url}{path}"));
+        match (&cookie, &token) {
+            (Some(c), _) => req = req.header(reqwest::header::COOKIE, c),
+            (None, Some(t)) => req = req.bearer_auth(t),
+            (None, None) => {}
         }
         let resp = req.send().await.map_err(fail)?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(fail)?;
         if !status.is_success() {
             return Err(fail(format!(
-                "GET /v1/reports: {status}: {}",
+                "GET {path}: {status}: {}",
                 String::from_utf8_lossy(&body)
             )));
         }

@@ -314,6 +314,7 @@ pub async fn run(o: Options) -> Result<Report, BenchError> {
                 seed: 2 * r as u64 + 1,
                 reports: 0,
                 report_every: Duration::from_secs(1),
+                probe: "/v1/reports".into(),
                 token: None,
                 data: None,
             };

@@ -155,6 +155,10 @@ enum Command {
         reports: usize,
         #[arg(long, default_value_t = 200)]
         report_every_ms: u64,
+        /// What `--reports` times: an API path, or a dashboard page
+        /// (`/ui/…`: the token logs in first).
+        #[arg(long, default_value = "/v1/reports")]
+        probe: String,
         /// API token for the reports (default: the config's first).
         #[arg(long, env = "NUDGE_API_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -443,6 +447,7 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
             seed,
             reports,
             report_every_ms,
+            probe,
             token,
             data,
             json,
@@ -460,6 +465,7 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
                 seed,
                 reports,
                 report_every: std::time::Duration::from_millis(report_every_ms),
+                probe,
                 token,
                 data,
             };

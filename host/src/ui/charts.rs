@@ -38,8 +38,14 @@ fn extent(values: impl Iterator<Item = f64>, include_zero: bool) -> (f64, f64) {
 }
 
 /// Points with their intervals on one axis, with the zero line: "the big
-/// wins" right of it, losses left.
-pub fn forest(title: &str, rows: &[Row], fmt: impl Fn(f64) -> String) -> String {
+/// wins" right of it, losses left. The axis stays within `bounds` (an
+/// interval past them is drawn to the edge).
+pub fn forest(
+    title: &str,
+    rows: &[Row],
+    bounds: (f64, f64),
+    fmt: impl Fn(f64) -> String,
+) -> String {
     let left = 170.0;
     let row_h = 26.0;
     let h = row_h * rows.len().max(1) as f64 + 40.0;
@@ -48,7 +54,8 @@ pub fn forest(title: &str, rows: &[Row], fmt: impl Fn(f64) -> String) -> String 
             .flat_map(|r| r.interval.into_iter().flatten().chain(r.point)),
         true,
     );
-    let x = |v: f64| left + (v - lo) / (hi - lo) * (W - left - 20.0);
+    let (lo, hi) = (lo.max(bounds.0), hi.min(bounds.1));
+    let x = |v: f64| left + (v.clamp(lo, hi) - lo) / (hi - lo) * (W - left - 30.0);
     let mut s = String::new();
     let _ = write!(
         s,
@@ -100,10 +107,10 @@ pub fn forest(title: &str, rows: &[Row], fmt: impl Fn(f64) -> String) -> String 
             }
         }
     }
-    for v in [lo, 0.0, hi] {
+    for (v, anchor) in [(lo, "start"), (0.0, "middle"), (hi, "end")] {
         let _ = write!(
             s,
-            r#"<text class="tick" x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            r#"<text class="tick" x="{:.1}" y="{:.1}" text-anchor="{anchor}">{}</text>"#,
             x(v),
             h - 6.0,
             esc(&fmt(v))
@@ -300,7 +307,7 @@ mod tests {
                 class: "muted",
             },
         ];
-        let svg = forest("diff", &rows, |v| format!("{v:.2}"));
+        let svg = forest("diff", &rows, (-1.0, 1.0), |v| format!("{v:.2}"));
         assert!(svg.contains("&lt;b&gt;win&lt;/b&gt;"));
         assert!(!svg.contains("<b>"));
         assert!(svg.contains(r#"class="zero""#));

@@ -261,6 +261,8 @@ pub fn campaigns_body(
     s.push_str(&charts::forest(
         "Difference in conversion rate, treated minus control, with its always-valid 95% interval",
         &rows,
+        // Differences of rates: never past ±100 points.
+        (-1.0, 1.0),
         pts,
     ));
     s.push_str(r#"<p class="hint">Each line is a campaign's always-valid 95% interval of the difference in conversion rate (safe to look at every day); right of zero, the campaign adds conversions.</p>"#);
