@@ -45,7 +45,8 @@ for label in ("overview", "campaigns"):
     rs = runs[label]
     p50 = statistics.median(r["report_p50_ms"] for r in rs)
     p99 = statistics.median(r["report_p99_ms"] for r in rs)
-    print(f"GET /ui/{label:<10} p50 {p50:.2f} ms  p99 {p99:.2f} ms  ({sum(r[\"reports\"] for r in rs)} pages over {len(rs)} runs)")
+    pages = sum(r["reports"] for r in rs)
+    print(f"GET /ui/{label:<10} p50 {p50:.2f} ms  p99 {p99:.2f} ms  ({pages} pages over {len(rs)} runs)")
 base = statistics.median(r["decided_events_per_sec"] for r in runs["ingest"])
 for label in ("ingest", "ingest+poll"):
     rs = runs[label]
@@ -53,6 +54,7 @@ for label in ("ingest", "ingest+poll"):
     m = statistics.median(eps)
     extra = ""
     if rs[0]["reports"]:
-        extra = f"  live part p50 {statistics.median(r[\"report_p50_ms\"] for r in rs):.2f} ms"
+        live = statistics.median(r["report_p50_ms"] for r in rs)
+        extra = f"  live part p50 {live:.2f} ms"
     print(f"{label:<12} decided median {m:.0f} events/s ({m / base:.2f}x ingest)  runs: {eps}{extra}")
 '

@@ -536,3 +536,67 @@ fn aa_calibration_always_valid_interval_covers_zero() {
         "A/A: always-valid covered 0 in {covered}/{pairs}, fixed 95% in {covered_fixed}/{pairs}"
     );
 }
+
+/// `nudge report --html` writes the Overview and Campaigns as one file that
+/// needs nothing else: no script, nothing fetched; its totals are the sums
+/// of the campaigns' numbers.
+#[test]
+fn a_backtest_is_one_self_contained_html_file() {
+    let out = tempfile::tempdir().unwrap();
+    let opts = options(fixture("seed1/events.jsonl"), out.path());
+    let summary = replay::run(&opts).unwrap();
+    let html = out.path().join("results.html");
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_nudge-under-test"))
+        .arg("report")
+        .arg("--measured")
+        .arg(out.path().join("measure.jsonl"))
+        .arg("--html")
+        .arg(&html)
+        .output()
+        .unwrap();
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let page = std::fs::read_to_string(&html).unwrap();
+    for m in &summary.measures {
+        assert!(
+            page.contains(&format!("data-campaign=\"{}\"", m.campaign)),
+            "{}",
+            m.campaign
+        );
+    }
+    assert!(page.contains("<svg") && page.contains("<style>"));
+    for outside in ["<script", "src=", "href=\"http", "@import", "url("] {
+        assert!(
+            !page.contains(outside),
+            "the page refers outside: {outside}"
+        );
+    }
+    let total: f64 = summary
+        .measures
+        .iter()
+        .filter(|m| m.incremental_conversions_ci95.is_some())
+        .filter_map(|m| m.incremental_conversions)
+        .sum();
+    let shown = page
+        .split("id=\"total-conversions\" data-value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap();
+    assert!((shown - total).abs() < 1e-9, "{shown} vs {total}");
+    // A line that is not a measure is refused naming the file and line.
+    std::fs::write(out.path().join("bad.jsonl"), "{\"campaign\": 1}\n").unwrap();
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_nudge-under-test"))
+        .arg("report")
+        .arg("--measured")
+        .arg(out.path().join("bad.jsonl"))
+        .arg("--html")
+        .arg(&html)
+        .output()
+        .unwrap();
+    assert!(!cli.status.success());
+    assert!(String::from_utf8_lossy(&cli.stderr).contains("bad.jsonl:1"));
+}

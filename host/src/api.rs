@@ -15,8 +15,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::config::Role;
-use crate::deliver::{self, AgentAction, Delivery};
-use crate::event::{format_ts, now_ms};
+use crate::deliver::AgentAction;
+use crate::event::now_ms;
 use crate::ingest::{self, Endpoint, IngestError};
 use crate::serve::Shared;
 
@@ -351,88 +351,13 @@ async fn action_outcome(
             format!("outcome: {:?} (accepted or declined)", req.outcome),
         );
     }
-    match record_outcome(&s.store, &id, &action, req.outcome, req.note) {
+    match crate::actions::record_outcome(&s.store, &id, &action, req.outcome, req.note) {
         Ok(a) => Json(a).into_response(),
         Err(r) => {
             let (status, message) = r.status();
             error(status, message)
         }
     }
-}
-
-/// Why an agent's answer was not recorded.
-pub(crate) enum Refused {
-    Missing(String),
-    Answered(String),
-    Expired(String),
-    Store(String),
-}
-
-impl From<crate::store::StoreError> for Refused {
-    fn from(e: crate::store::StoreError) -> Refused {
-        Refused::Store(e.to_string())
-    }
-}
-
-impl Refused {
-    pub(crate) fn status(&self) -> (StatusCode, String) {
-        match self {
-            Refused::Missing(m) => (StatusCode::NOT_FOUND, m.clone()),
-            Refused::Answered(m) => (StatusCode::CONFLICT, m.clone()),
-            Refused::Expired(m) => (StatusCode::GONE, m.clone()),
-            Refused::Store(m) => (StatusCode::INTERNAL_SERVER_ERROR, format!("store: {m}")),
-        }
-    }
-}
-
-/// Records an agent's answer (`accepted` or `declined`) to an action, and
-/// counts it in the campaign's funnel. Read, checked and answered under
-/// one lock: two agents answering one action at once cannot both succeed,
-/// nor count twice.
-pub(crate) fn record_outcome(
-    store: &crate::store::Store,
-    customer: &str,
-    action: &str,
-    outcome: String,
-    note: Option<String>,
-) -> Result<AgentAction, Refused> {
-    let now = now_ms();
-    store.update_action(customer, action, |current| {
-        let mut a: AgentAction = match current {
-            None => {
-                return Err(Refused::Missing(format!(
-                    "customer {customer:?} has no action {action:?}"
-                )))
-            }
-            Some(b) => serde_json::from_slice(&b).map_err(|e| Refused::Store(e.to_string()))?,
-        };
-        if let Some(prev) = &a.outcome {
-            return Err(Refused::Answered(format!(
-                "action {action:?} already has outcome {prev:?}"
-            )));
-        }
-        if a.expires_ms.is_some_and(|e| e <= now) {
-            return Err(Refused::Expired(format!(
-                "action {action:?} expired at {}",
-                a.expires_at.clone().unwrap_or_default()
-            )));
-        }
-        let accepted = outcome == "accepted";
-        a.outcome = Some(outcome);
-        a.outcome_at = Some(format_ts(now));
-        a.outcome_note = note;
-        let decided = crate::event::parse_ts(&a.decided_at).unwrap_or(now);
-        let tally =
-            crate::ledger::direct_edit(&a.campaign, decided, crate::ledger::AGENTS, move |f| {
-                if accepted {
-                    f.accepted += 1;
-                } else {
-                    f.declined += 1;
-                }
-            });
-        let json = serde_json::to_vec(&a).unwrap_or_default();
-        Ok((json, a, Some(tally)))
-    })
 }
 
 async fn dead_letters(State(s): State<AppState>, headers: HeaderMap) -> Response {
@@ -459,32 +384,10 @@ async fn retry_dead_letter(
     if let Err(r) = check_api(&s, &headers, Role::Operator) {
         return *r;
     }
-    match retry_dead_letter_now(&s, &id) {
+    match crate::actions::retry_dead_letter(&s.store, &s.deliver, &id) {
         Ok(()) => Json(json!({ "retrying": id })).into_response(),
         Err((status, message)) => error(status, message),
     }
-}
-
-/// Moves dead letter `id` back to the outbox, attempts reset, and hands it
-/// to the deliverer.
-pub(crate) fn retry_dead_letter_now(s: &Shared, id: &str) -> Result<(), (StatusCode, String)> {
-    let internal = |e: String| (StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}"));
-    let mut d: Delivery = match s.store.dead_letter_get(id) {
-        Ok(Some(b)) => serde_json::from_slice(&b).map_err(|e| internal(e.to_string()))?,
-        Ok(None) => return Err((StatusCode::NOT_FOUND, format!("no dead letter {id:?}"))),
-        Err(e) => return Err(internal(e.to_string())),
-    };
-    d.attempts = 0;
-    d.next_at = 0;
-    d.failed_at = None;
-    let json = d.to_json();
-    s.store
-        .retry_dead_letter(id, &json)
-        .map_err(|e| internal(e.to_string()))?;
-    if let Some(tx) = s.deliver.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        let _ = tx.send(deliver::Input::New(vec![json]));
-    }
-    Ok(())
 }
 
 async fn healthz(State(s): State<AppState>) -> Response {

@@ -15,6 +15,8 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::event::format_ts;
+pub use crate::metrics::metric_value;
+use crate::metrics::{buckets, quantile};
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -157,58 +159,8 @@ fn bodies(o: &Options, run: &str) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Cumulative bucket counts of one histogram: (upper bound, count).
-pub(crate) fn buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
-    let prefix = format!("{name}_bucket{{le=\"");
-    metrics
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix(&prefix)?;
-            let (le, rest) = rest.split_once("\"}")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, rest.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// The value of the sample named exactly `name` (labels included, e.g.
-/// `nudge_queue_depth{queue="outbox"}`) in Prometheus text, if present.
-pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| {
-        let (k, v) = l.split_once(' ')?;
-        (k == name).then(|| v.parse().ok())?
-    })
-}
-
 fn counter(metrics: &str, name: &str) -> f64 {
     metric_value(metrics, name).unwrap_or(0.0)
-}
-
-/// The upper bound (in ms) of the bucket holding quantile `q` of the
-/// observations between two scrapes.
-pub(crate) fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> Option<f64> {
-    let deltas: Vec<(f64, f64)> = after
-        .iter()
-        .map(|(le, n)| {
-            let b = before
-                .iter()
-                .find(|(l, _)| l == le)
-                .map_or(0.0, |(_, n)| *n);
-            (*le, n - b)
-        })
-        .collect();
-    let total = deltas.last()?.1;
-    if total <= 0.0 {
-        return None;
-    }
-    deltas
-        .iter()
-        .find(|(_, n)| *n >= q * total)
-        .map(|(le, _)| le * 1000.0)
 }
 
 /// The `q` quantile of sorted samples (nearest rank); 0 when empty.

@@ -49,6 +49,7 @@
 //! - [`logging`]: the host's log; control characters escaped in every record.
 //! - [`cli`]: the `nudge` command line.
 
+pub mod actions;
 pub mod admin;
 pub mod api;
 pub mod authoring;

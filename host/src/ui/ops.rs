@@ -16,8 +16,8 @@ use serde::Deserialize;
 use super::charts::{self, Series};
 use super::html::{self, esc, short, Nav, Viewer};
 use super::{back_to, checked, html_response, plain, session, viewer, Need};
-use crate::bench::{buckets, metric_value, quantile};
 use crate::event::{format_ts, now_ms};
+use crate::metrics::{buckets, metric_value, quantile};
 use crate::serve::Shared;
 
 /// How often the sampler reads the metrics.
@@ -168,7 +168,7 @@ fn live_body(s: &Shared, v: &Viewer<'_>) -> String {
         esc(&ms(latest.and_then(|x| x.decision_p99_ms))),
         esc(&ms(latest.and_then(|x| x.ack_p50_ms))),
         esc(&ms(latest.and_then(|x| x.ack_p99_ms))),
-        short(value("nudge_queue_depth{queue=\"inflight\"}")),
+        short(value("nudge_queue_depth{queue=\"inflight_events\"}")),
         short(value("nudge_events_held")),
         short(value("nudge_queue_depth{queue=\"outbox\"}")),
     );
@@ -337,7 +337,7 @@ pub async fn retry(
     if let Err(r) = checked(&s, &headers, Need::Operator, &f.csrf) {
         return *r;
     }
-    match crate::api::retry_dead_letter_now(&s, &f.id) {
+    match crate::actions::retry_dead_letter(&s.store, &s.deliver, &f.id) {
         Ok(()) => back_to("/ui/operations"),
         Err((status, message)) => plain(status, &message),
     }

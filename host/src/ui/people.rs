@@ -215,7 +215,8 @@ pub async fn outcome(
         return plain(StatusCode::BAD_REQUEST, "outcome: accepted or declined");
     }
     let note = f.note.filter(|n| !n.trim().is_empty());
-    match crate::api::record_outcome(&s.store, &f.customer, &f.action, f.outcome.clone(), note) {
+    match crate::actions::record_outcome(&s.store, &f.customer, &f.action, f.outcome.clone(), note)
+    {
         Ok(_) => {
             tracing::info!(agent = %sess.name, customer = %f.customer, action = %f.action, outcome = %f.outcome, "action answered in the dashboard");
             back_to(&format!("/ui/contact?id={}", html::url(&f.customer)))
