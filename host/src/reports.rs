@@ -86,14 +86,17 @@ pub fn compute(
             && rules.campaign(campaign).is_some()
     };
     let mut sums: BTreeMap<String, Sums> = BTreeMap::new();
-    for (campaign, days) in gather(
-        store,
-        rules,
-        period.campaign.as_deref(),
-        period.as_of,
-        first,
-        last,
-    )? {
+    let gathered = store.quiesced(|| {
+        gather(
+            store,
+            rules,
+            period.campaign.as_deref(),
+            period.as_of,
+            first,
+            last,
+        )
+    })?;
+    for (campaign, days) in gathered {
         let s = sums.entry(campaign).or_default();
         for (day, t) in days {
             s.add(day, &t);
@@ -124,19 +127,23 @@ pub fn cumulative(
     let Some(c) = rules.campaign(campaign) else {
         return Ok(Vec::new());
     };
-    let days = gather(store, rules, Some(campaign), as_of, i32::MIN, i32::MAX)?
+    let days = store
+        .quiesced(|| gather(store, rules, Some(campaign), as_of, i32::MIN, i32::MAX))?
         .remove(campaign)
         .unwrap_or_default();
+    // The days' funnels are attached to the last result only: each earlier
+    // one would copy every day before it.
     let mut sums = Sums::default();
     let mut out = Vec::with_capacity(days.len());
-    let n = days.len();
-    for (i, (day, t)) in days.into_iter().enumerate() {
+    for (day, t) in days {
+        let mut daily = std::mem::take(&mut sums.totals.daily);
         sums.add(day, &t);
-        let mut m = sums.measure(rules, c, as_of, settings);
-        if i + 1 < n {
-            m.daily.clear();
-        }
-        out.push((i64::from(day), m));
+        daily.append(&mut sums.totals.daily);
+        out.push((i64::from(day), sums.measure(rules, c, as_of, settings)));
+        sums.totals.daily = daily;
+    }
+    if let Some((_, last)) = out.last_mut() {
+        *last = sums.measure(rules, c, as_of, settings);
     }
     Ok(out)
 }
@@ -167,7 +174,18 @@ fn gather(
     let mut out: BTreeMap<String, BTreeMap<i32, Tally>> = BTreeMap::new();
     for r in store.tallies(campaign, first, last)? {
         if wanted(&r.campaign) {
-            let t = Tally::decode(&r.bytes, &r.campaign)?;
+            // One unreadable record costs its counts, not every report.
+            let t = match Tally::decode(&r.bytes, &r.campaign) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(
+                        day = r.day,
+                        writer = r.writer,
+                        "{e}: left out of the report"
+                    );
+                    continue;
+                }
+            };
             out.entry(r.campaign)
                 .or_default()
                 .entry(r.day)
@@ -179,7 +197,9 @@ fn gather(
     let mut discard = Changes::new();
     for t in store.due_maturities(as_of)? {
         if Maturity::parse(&t.key).is_some_and(|m| wanted(&m.campaign)) {
-            scratch.mature(store, &mut discard, &t)?;
+            if let Err(e) = scratch.mature(store, &mut discard, &t) {
+                tracing::error!(customer = %t.customer, key = %t.key, "{e}: left out of the report");
+            }
         }
     }
     for ((c, day), t) in scratch.into_tallies() {
@@ -223,13 +243,13 @@ impl Sums {
             .merge(&t.funnel);
         for arm in 0..2 {
             totals.arms[arm].merge(&t.arms[arm]);
-            self.matured[arm] += t.matured[arm];
+            self.matured[arm] = self.matured[arm].wrapping_add(t.matured[arm]);
             let timing = &mut totals.timing[arm];
             if timing.len() < t.timing[arm].len() {
                 timing.resize(t.timing[arm].len(), 0);
             }
             for (a, b) in timing.iter_mut().zip(&t.timing[arm]) {
-                *a += b;
+                *a = a.wrapping_add(*b);
             }
         }
     }

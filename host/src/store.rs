@@ -280,6 +280,10 @@ pub struct Store {
     /// Serialises the writers that bypass the write-back layer and
     /// read-modify-write (tallies of deliveries and agents' answers).
     direct: Arc<Mutex<()>>,
+    /// Commits and the persister's layer swaps hold it shared; a reader
+    /// that needs one state across several reads (a report) holds it
+    /// exclusively ([`Store::quiesced`]).
+    gate: Arc<std::sync::RwLock<()>>,
 }
 
 /// A page of the decision log: the lines, and the next page's cursor.
@@ -620,6 +624,7 @@ impl Store {
                 fresh: Default::default(),
             })),
             direct: Arc::new(Mutex::new(())),
+            gate: Arc::new(std::sync::RwLock::new(())),
         })
     }
 
@@ -861,6 +866,7 @@ impl Store {
         if ops.is_empty() {
             return;
         }
+        let _open = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let mut pending = self.lock();
         let shards = pending.timers.len();
         for (k, v) in ops {
@@ -896,6 +902,14 @@ impl Store {
         }
     }
 
+    /// Runs `f` with no commit and no persist in between: several reads in
+    /// it see one state of the store (a report's tallies, due timers and
+    /// units). Workers wait meanwhile, so `f` must be short.
+    pub fn quiesced<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _closed = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        f()
+    }
+
     /// Number of keys committed but not yet persisted.
     pub fn pending_len(&self) -> usize {
         self.lock().dirty.len()
@@ -912,6 +926,7 @@ impl Store {
     /// overlap (one thread persists).
     pub fn persist(&self) -> Result<Persisted> {
         let dirty = {
+            let _open = self.gate.read().unwrap_or_else(|e| e.into_inner());
             let mut pending = self.lock();
             if pending.dirty.is_empty() {
                 return Ok(Persisted::default());
@@ -932,6 +947,7 @@ impl Store {
         }
         let applied = self.db.apply_batch(batch);
         reclaim(dirty.len());
+        let _open = self.gate.read().unwrap_or_else(|e| e.into_inner());
         let mut pending = self.lock();
         pending.persisting = None;
         let keys = dirty.len();
@@ -1132,6 +1148,15 @@ impl Store {
         self.apply_direct(batch, tally)?;
         self.db.flush()?;
         Ok(())
+    }
+
+    /// The first `n` dead letters (by id).
+    pub fn dead_letters_first(&self, n: usize) -> Result<Vec<Vec<u8>>> {
+        self.db
+            .scan_prefix(b"L")
+            .take(n)
+            .map(|kv| Ok(kv?.1.to_vec()))
+            .collect()
     }
 
     pub fn dead_letters(&self) -> Result<Vec<Vec<u8>>> {

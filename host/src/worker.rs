@@ -405,7 +405,19 @@ impl Worker {
     fn mature(&mut self, t: &DueTimer) -> Result<(), WorkerError> {
         let mut changes = Changes::new();
         match &mut self.ledger {
-            Some(l) => l.mature(&self.store, &mut changes, t)?,
+            Some(l) => match l.mature(&self.store, &mut changes, t) {
+                Ok(()) => {}
+                // An unreadable unit or tally must not stop this shard's
+                // timers for good: the decision is left out of the
+                // measurement, and the timer is used up.
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    l.discard();
+                    tracing::error!(customer = %t.customer, key = %t.key, "{e}: a maturity left out of the measurement");
+                    changes = Changes::new();
+                    changes.host_timer(t.due, &t.customer, &t.key, None);
+                }
+                Err(e) => return Err(e.into()),
+            },
             None => changes.host_timer(t.due, &t.customer, &t.key, None),
         }
         self.commit(changes);

@@ -122,8 +122,11 @@ const MAX_HELD_TALLIES: usize = 4096;
 /// changed since the last commit.
 pub struct Ledger {
     writer: u16,
-    /// The latest due time of a maturity this writer processed.
-    clock: i64,
+    /// The latest due time of a maturity this writer processed, as stored
+    /// (`None`: not read yet), and a later one to store with the next
+    /// commit.
+    clock: Option<i64>,
+    clock_dirty: Option<i64>,
     /// By campaign, then day.
     tallies: HashMap<String, HashMap<i32, Tally>>,
     /// Touched since the last commit (a few per event).
@@ -135,7 +138,8 @@ impl Ledger {
     pub fn new(writer: u16) -> Ledger {
         Ledger {
             writer,
-            clock: i64::MIN,
+            clock: None,
+            clock_dirty: None,
             tallies: HashMap::new(),
             dirty: Vec::new(),
             units: HashMap::new(),
@@ -261,9 +265,18 @@ impl Ledger {
         t: &DueTimer,
     ) -> Result<(), StoreError> {
         changes.host_timer(t.due, &t.customer, &t.key, None);
-        if t.due > self.clock {
-            self.clock = t.due;
-            changes.ledger_clock(self.writer, t.due);
+        let stored = match self.clock {
+            Some(c) => c,
+            None => {
+                let c = store.ledger_clock_of(self.writer)?.unwrap_or(i64::MIN);
+                self.clock = Some(c);
+                c
+            }
+        };
+        // Never backwards: a late decision's overdue timer after a
+        // restart does not lower what reports may rely on.
+        if t.due > self.clock_dirty.unwrap_or(stored) {
+            self.clock_dirty = Some(t.due);
         }
         let Some(m) = Maturity::parse(&t.key) else {
             tracing::warn!(customer = %t.customer, key = %t.key, "unreadable maturity timer: dropped");
@@ -380,6 +393,10 @@ impl Ledger {
     /// Writes the tallies changed since the last call into `changes` (the
     /// commit that changed them).
     pub fn flush(&mut self, changes: &mut Changes) {
+        if let Some(c) = self.clock_dirty.take() {
+            changes.ledger_clock(self.writer, c);
+            self.clock = Some(c);
+        }
         for (campaign, day) in self.dirty.drain(..) {
             if let Some(t) = self.tallies.get(&campaign).and_then(|d| d.get(&day)) {
                 changes.tally(&campaign, day, self.writer, t.encode());
@@ -405,6 +422,7 @@ impl Ledger {
     /// Forgets everything not yet flushed (the commit was abandoned), so
     /// the next read comes from the store again.
     pub fn discard(&mut self) {
+        self.clock_dirty = None;
         for (campaign, day) in self.dirty.drain(..) {
             if let Some(days) = self.tallies.get_mut(&campaign) {
                 days.remove(&day);

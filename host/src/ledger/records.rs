@@ -97,24 +97,29 @@ impl Funnel {
     }
 
     pub fn merge(&mut self, o: &Funnel) {
-        self.fired += o.fired;
-        self.qualified += o.qualified;
-        self.suppressed_consent += o.suppressed_consent;
-        self.suppressed_frequency += o.suppressed_frequency;
-        self.suppressed_policy += o.suppressed_policy;
-        self.suppressed_arbitration += o.suppressed_arbitration;
+        self.fired = self.fired.wrapping_add(o.fired);
+        self.qualified = self.qualified.wrapping_add(o.qualified);
+        self.suppressed_consent = self.suppressed_consent.wrapping_add(o.suppressed_consent);
+        self.suppressed_frequency = self
+            .suppressed_frequency
+            .wrapping_add(o.suppressed_frequency);
+        self.suppressed_policy = self.suppressed_policy.wrapping_add(o.suppressed_policy);
+        self.suppressed_arbitration = self
+            .suppressed_arbitration
+            .wrapping_add(o.suppressed_arbitration);
         for (k, n) in &o.arbitration_lost_to {
-            *self.arbitration_lost_to.entry(k.clone()).or_default() += n;
+            let e = self.arbitration_lost_to.entry(k.clone()).or_default();
+            *e = e.wrapping_add(*n);
         }
-        self.sent += o.sent;
-        self.control += o.control;
-        self.delivered += o.delivered;
-        self.delivery_failed += o.delivery_failed;
-        self.dead_lettered += o.dead_lettered;
-        self.accepted += o.accepted;
-        self.declined += o.declined;
-        self.converted_treated += o.converted_treated;
-        self.converted_control += o.converted_control;
+        self.sent = self.sent.wrapping_add(o.sent);
+        self.control = self.control.wrapping_add(o.control);
+        self.delivered = self.delivered.wrapping_add(o.delivered);
+        self.delivery_failed = self.delivery_failed.wrapping_add(o.delivery_failed);
+        self.dead_lettered = self.dead_lettered.wrapping_add(o.dead_lettered);
+        self.accepted = self.accepted.wrapping_add(o.accepted);
+        self.declined = self.declined.wrapping_add(o.declined);
+        self.converted_treated = self.converted_treated.wrapping_add(o.converted_treated);
+        self.converted_control = self.converted_control.wrapping_add(o.converted_control);
     }
 
     /// How many plain counts a funnel has ([`Funnel::counts`]).
@@ -193,14 +198,14 @@ impl Tally {
     pub fn merge(&mut self, o: &Tally) {
         self.funnel.merge(&o.funnel);
         for arm in 0..2 {
-            self.matured[arm] += o.matured[arm];
+            self.matured[arm] = self.matured[arm].wrapping_add(o.matured[arm]);
             self.arms[arm].merge(&o.arms[arm]);
             let t = &mut self.timing[arm];
             if t.len() < o.timing[arm].len() {
                 t.resize(o.timing[arm].len(), 0);
             }
             for (a, b) in t.iter_mut().zip(&o.timing[arm]) {
-                *a += b;
+                *a = a.wrapping_add(*b);
             }
         }
     }

@@ -260,6 +260,13 @@ impl Store {
             .max())
     }
 
+    /// Writer `writer`'s own ledger clock, as committed.
+    pub fn ledger_clock_of(&self, writer: u16) -> Result<Option<i64>> {
+        let mut k = vec![b'Q'];
+        k.extend_from_slice(&writer.to_be_bytes());
+        Ok(self.get(&k)?.and_then(|v| super::time_from(&v)))
+    }
+
     /// The host's maturity timers due at or before `upto` that have not
     /// fired yet (a worker's clock is behind `upto`), in due order.
     pub fn due_maturities(&self, upto: i64) -> Result<Vec<DueTimer>> {

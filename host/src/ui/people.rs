@@ -152,7 +152,17 @@ pub async fn contact(
     let mut body = search("/ui/contact", "Customer on the line", &id);
     if !id.is_empty() {
         let now = now_ms();
-        let actions: Vec<AgentAction> = match s.store.actions(&id) {
+        let (store, cid) = (s.store.clone(), id.clone());
+        let raw = tokio::task::spawn_blocking(move || store.actions(&cid))
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::store::StoreError::Corrupt {
+                    what: "actions",
+                    customer: String::new(),
+                    problem: e.to_string(),
+                })
+            });
+        let actions: Vec<AgentAction> = match raw {
             Ok(raw) => raw
                 .iter()
                 .filter_map(|b| serde_json::from_slice(b).ok())
