@@ -68,6 +68,7 @@ fn run(dir: &Path, fault: Option<&str>, deadline: Duration) -> (Summary, String)
         sort: false,
         measure: None,
         ledger: true,
+        compress: false,
     };
     let summary = replay::run(&opts).unwrap();
     let decisions = std::fs::read_to_string(&opts.decisions).unwrap();

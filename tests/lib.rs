@@ -555,6 +555,7 @@ pub fn replay_options(events: PathBuf, out: &Path) -> nudge::replay::Options {
         sort: false,
         measure: None,
         ledger: true,
+        compress: false,
     }
 }
 

@@ -75,10 +75,14 @@ fn a_tiny_memory_budget_decides_the_same() {
     let mut opts = options(fixture("seed1/events.jsonl"), out.path());
     opts.budget = nudge::store::Budget { total: 256 << 10 };
     opts.data = Some(out.path().join("data"));
+    // And compressed: what sled writes is zstd, what it gives back is not.
+    opts.compress = true;
     replay::run(&opts).unwrap();
     let got = std::fs::read(&opts.decisions).unwrap();
     let want = std::fs::read(fixture("seed1/decisions.jsonl")).unwrap();
     assert!(got == want, "decisions differ within a 256 KiB budget");
+    let conf = std::fs::read(out.path().join("data/conf")).unwrap();
+    assert!(String::from_utf8_lossy(&conf).contains("use_compression: true"));
     let got = std::fs::read_to_string(&opts.report).unwrap();
     let want = std::fs::read_to_string(fixture("seed1/report.jsonl")).unwrap();
     assert_eq!(got, want);

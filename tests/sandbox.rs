@@ -82,6 +82,7 @@ fn options(dir: &Path, label: &str, s: &Setup) -> Options {
         sort: false,
         measure: None,
         ledger: true,
+        compress: false,
     }
 }
 

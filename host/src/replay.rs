@@ -93,6 +93,8 @@ pub struct Options {
     /// Keep the measurement's tallies in the store (what `nudge report
     /// --data` reads); off only to measure what keeping them costs.
     pub ledger: bool,
+    /// A new store compresses what it writes (`--compress`).
+    pub compress: bool,
 }
 
 /// What a replay did.
@@ -199,7 +201,7 @@ pub fn run(opts: &Options) -> Result<Summary, ReplayError> {
         }
     };
     let shards = opts.workers.max(1);
-    let store = Store::open_with(&data_dir, shards, opts.budget)?;
+    let store = Store::open_compressed(&data_dir, shards, opts.budget, opts.compress)?;
 
     let size = std::fs::metadata(&opts.events)
         .map_err(io(&opts.events))?

@@ -118,10 +118,11 @@ pub async fn run_with(
         Some(d) => PluginSource::Dir(d.clone()),
         None => PluginSource::Embedded,
     };
-    let store = Store::open_with(
+    let store = Store::open_compressed(
         &cfg.server.data,
         workers,
         crate::store::Budget::mib(cfg.store.memory_mib),
+        cfg.store.compression,
     )?;
     let metrics = Arc::new(Metrics::new());
     let controls = Arc::new(Controls::new(

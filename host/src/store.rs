@@ -559,10 +559,28 @@ fn reclaim(keys: usize) {
     }
 }
 
-fn open_db(path: &Path, cache_bytes: usize) -> Result<sled::Db> {
+/// Whether the sled instance at `path` compresses: one that exists keeps
+/// what it was created with (sled refuses to open it otherwise); a new one
+/// does if `wanted`.
+fn compressed(path: &Path, wanted: bool) -> bool {
+    match std::fs::read(path.join("conf")) {
+        Ok(conf) => String::from_utf8_lossy(&conf)
+            .lines()
+            .any(|l| l.trim() == "use_compression: true"),
+        Err(_) => wanted,
+    }
+}
+
+/// zstd's level for sled's pages: the fast end, since the persister
+/// compresses every page it rewrites.
+const ZSTD_LEVEL: i32 = 1;
+
+fn open_db(path: &Path, cache_bytes: usize, compress: bool) -> Result<sled::Db> {
     let config = sled::Config::new()
         .path(path)
         .cache_capacity(cache_bytes as u64)
+        .use_compression(compressed(path, compress))
+        .compression_factor(ZSTD_LEVEL)
         .flush_every_ms(Some(1000));
     // sled releases its file lock when its last background thread ends,
     // shortly after the previous handle in this process dropped: wait a
@@ -598,12 +616,24 @@ impl Store {
     /// Opens the store with the timer queue split into `shards` by customer
     /// ([`shard_of`]), one per worker, its caches within `budget`.
     pub fn open_with(dir: &Path, shards: usize, budget: Budget) -> Result<Store> {
+        Store::open_compressed(dir, shards, budget, false)
+    }
+
+    /// [`Store::open_with`], a new store compressing what it writes when
+    /// `compress` (`[store] compression`); an existing one keeps what it
+    /// was created with.
+    pub fn open_compressed(
+        dir: &Path,
+        shards: usize,
+        budget: Budget,
+        compress: bool,
+    ) -> Result<Store> {
         let shards = shards.max(1);
         // Durability comes from `persist` + `flush`; the background flush
         // only bounds how much a crash can lose between them.
-        let db = open_db(dir, budget.sled_cache())?;
+        let db = open_db(dir, budget.sled_cache(), compress)?;
         upgrade(&db, dir)?;
-        let inbox = open_db(&dir.join("inbox"), budget.inbox_cache())?;
+        let inbox = open_db(&dir.join("inbox"), budget.inbox_cache(), compress)?;
         let mut timers = vec![TimerQueue::new(budget.timers() / shards); shards];
         for kv in db.scan_prefix(b"T") {
             let (k, v) = kv?;
@@ -1468,6 +1498,30 @@ mod tests {
     }
 
     #[test]
+    fn a_store_keeps_the_compression_it_was_created_with() {
+        for created in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            {
+                let s = Store::open_compressed(dir.path(), 1, Budget::default(), created).unwrap();
+                let mut c = Changes::new();
+                c.set_traits("c1", &serde_json::from_str(r#"{"a":"x"}"#).unwrap());
+                s.commit(c);
+                s.flush().unwrap();
+            }
+            let conf = String::from_utf8_lossy(&std::fs::read(dir.path().join("conf")).unwrap())
+                .into_owned();
+            assert!(
+                conf.contains(&format!("use_compression: {created}")),
+                "{conf}"
+            );
+            // Opened asking for the other: sled would refuse a change, so
+            // the store keeps its own, and reads back what it holds.
+            let s = Store::open_compressed(dir.path(), 1, Budget::default(), !created).unwrap();
+            assert_eq!(s.traits("c1").unwrap()["a"], "x");
+        }
+    }
+
+    #[test]
     fn timer_queue_orders_by_due_then_customer() {
         let (_d, s) = open();
         let mut c = Changes::new();
@@ -1530,7 +1584,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             // Format 1: one key per state key, a size key, no `F`.
-            let db = open_db(dir.path(), 1 << 20).unwrap();
+            let db = open_db(dir.path(), 1 << 20, false).unwrap();
             let old = |c: &str, p: &str, k: &str| plugin_key(c, b's', p, k);
             db.insert(old("u1", "p", "a"), &b"1"[..]).unwrap();
             db.insert(old("u1", "p", "b"), &b"22"[..]).unwrap();
@@ -1580,7 +1634,7 @@ mod tests {
         drop(s);
         // A store of a newer format is refused, naming it.
         {
-            let db = open_db(dir.path(), 1 << 20).unwrap();
+            let db = open_db(dir.path(), 1 << 20, false).unwrap();
             db.insert(FORMAT_KEY, &[FORMAT + 1]).unwrap();
             db.flush().unwrap();
         }
