@@ -241,6 +241,7 @@ fn the_dashboard_shows_what_the_api_says_and_acts_for_the_right_roles() {
     login(&b, &server, OPERATOR);
     b.goto(&server.url("/ui/campaigns/welcome"));
     b.click("#campaign-pause");
+    b.element("#campaign-resume");
     assert!(
         b.text("#campaign-state").contains("paused"),
         "{}",

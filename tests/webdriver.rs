@@ -235,22 +235,37 @@ impl Browser {
     }
 
     pub fn click(&self, css: &str) {
-        let e = self.element(css);
-        self.cmd("POST", &format!("/element/{e}/click"), Some(json!({})));
+        self.on_element(css, "POST", "/click", Some(json!({})));
     }
 
     pub fn type_into(&self, css: &str, text: &str) {
-        let e = self.element(css);
-        self.cmd(
-            "POST",
-            &format!("/element/{e}/value"),
-            Some(json!({ "text": text })),
-        );
+        self.on_element(css, "POST", "/value", Some(json!({ "text": text })));
     }
 
+    /// `op` on the first element matching `css` (a WebDriver call under
+    /// `/element/{id}`). An element found on a page that a navigation then
+    /// replaced is looked up again.
+    fn on_element(&self, css: &str, method: &str, op: &str, body: Option<Value>) -> Value {
+        let started = Instant::now();
+        loop {
+            let e = self.element(css);
+            let p = format!("/session/{}/element/{e}{op}", self.session);
+            match self.raw(method, &p, body.clone()) {
+                Ok(v) => return v["value"].clone(),
+                Err(err)
+                    if err.contains("stale element")
+                        && started.elapsed() < Duration::from_secs(10) =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(err) => panic!("{err}"),
+            }
+        }
+    }
+
+    /// The text of the first element matching `css`.
     pub fn text(&self, css: &str) -> String {
-        let e = self.element(css);
-        self.cmd("GET", &format!("/element/{e}/text"), None)
+        self.on_element(css, "GET", "/text", None)
             .as_str()
             .unwrap_or_default()
             .to_owned()
