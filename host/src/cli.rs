@@ -608,7 +608,23 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
                             query.push((k, v));
                         }
                     }
-                    runtime()?.block_on(crate::reports::fetch(&url, token.as_deref(), &query))?
+                    // The operator commands' client: auth, errors naming
+                    // the server's message.
+                    let mut path = reqwest::Url::parse("http://nudge/v1/reports")?;
+                    path.query_pairs_mut().extend_pairs(&query);
+                    let remote = crate::remote::Remote {
+                        url,
+                        token,
+                        json: false,
+                    };
+                    let answer = runtime()?.block_on(remote.call(
+                        reqwest::Method::GET,
+                        &format!("/v1/reports?{}", path.query().unwrap_or("")),
+                    ))?;
+                    serde_json::from_value::<Vec<crate::measure::Measure>>(
+                        answer["campaigns"].clone(),
+                    )
+                    .context("the server's report is not one this version of nudge reads")?
                 }
                 (None, None) => anyhow::bail!("give --data DIR or --url URL"),
             };

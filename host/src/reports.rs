@@ -291,43 +291,6 @@ pub fn from_folder(
     }
 }
 
-/// `nudge report --url`: a running server's `GET /v1/reports`.
-pub async fn fetch(
-    base: &str,
-    token: Option<&str>,
-    query: &[(&str, String)],
-) -> anyhow::Result<Vec<Measure>> {
-    use anyhow::Context;
-    let url = format!("{}/v1/reports", base.trim_end_matches('/'));
-    let mut req = reqwest::Client::new().get(&url).query(query);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let resp = req
-        .send()
-        .await
-        .with_context(|| format!("reaching {url}"))?;
-    let status = resp.status();
-    let body = resp
-        .bytes()
-        .await
-        .with_context(|| format!("reading the answer of {url}"))?;
-    if !status.is_success() {
-        let message = serde_json::from_slice::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-        anyhow::bail!("{url}: {status}: {message}");
-    }
-    #[derive(Deserialize)]
-    struct Answer {
-        campaigns: Vec<Measure>,
-    }
-    let answer: Answer = serde_json::from_slice(&body)
-        .with_context(|| format!("{url}: not a report this version of nudge reads"))?;
-    Ok(answer.campaigns)
-}
-
 pub fn routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/v1/reports", get(list))
