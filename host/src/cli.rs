@@ -1,7 +1,7 @@
 //! The `nudge` command line. The binary's `main` only sets the allocator and
 //! calls [`main`], so tests can run the very same CLI as a subprocess.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -245,6 +245,16 @@ enum Command {
         /// Comma-separated values of the headline fields.
         #[arg(long)]
         csv: bool,
+    },
+    /// What a stopped server's (or a replay's) store holds, by kind of
+    /// key (keys, bytes of keys and values), against its size on disk.
+    StoreUsage {
+        /// The store folder (`server.data`, or replay's `--data`).
+        #[arg(long)]
+        data: PathBuf,
+        /// One JSON object: kinds, totals and bytes on disk.
+        #[arg(long)]
+        json: bool,
     },
     /// Rules: validate campaigns and policies against the plugins.
     Rules {
@@ -743,6 +753,7 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
                 crate::authoring::print_test(&run)
             }
         },
+        Command::StoreUsage { data, json } => store_usage(&data, json),
         Command::Status { all, remote } => runtime()?.block_on(crate::remote::status(&remote, all)),
         Command::Rollback { to, remote } => {
             runtime()?.block_on(crate::remote::rollback(&remote, to))
@@ -762,4 +773,53 @@ fn run(log: &str, command: Command) -> anyhow::Result<()> {
             runtime()?.block_on(crate::remote::release(&remote, &plugin))
         }
     }
+}
+
+/// `nudge store-usage`.
+fn store_usage(data: &Path, json: bool) -> anyhow::Result<()> {
+    if !data.join("db").exists() {
+        anyhow::bail!("{}: not a nudge store (no `db` in it)", data.display());
+    }
+    let store = crate::store::Store::open(data)
+        .with_context(|| format!("opening the store {}", data.display()))?;
+    let usage = store
+        .usage()
+        .with_context(|| format!("reading the store {}", data.display()))?;
+    drop(store);
+    let disk = crate::store::disk_bytes(data);
+    let (keys, bytes) = usage.values().fold((0, 0), |(k, b), u| {
+        (k + u.keys, b + u.key_bytes + u.value_bytes)
+    });
+    if json {
+        let out = serde_json::json!({
+            "kinds": usage,
+            "keys": keys,
+            "content_bytes": bytes,
+            "disk_bytes": disk,
+        });
+        println!("{out}");
+        return Ok(());
+    }
+    let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+    println!(
+        "{:<28} {:>12} {:>12} {:>12} {:>9}",
+        "kind", "keys", "key bytes", "value bytes", "per key"
+    );
+    for (kind, u) in &usage {
+        println!(
+            "{:<28} {:>12} {:>12} {:>12} {:>9}",
+            kind,
+            u.keys,
+            mb(u.key_bytes),
+            mb(u.value_bytes),
+            format!("{} B", (u.key_bytes + u.value_bytes) / u.keys.max(1)),
+        );
+    }
+    println!(
+        "content {} in {keys} keys; on disk {} ({:.2}x)",
+        mb(bytes),
+        mb(disk),
+        disk as f64 / bytes.max(1) as f64
+    );
+    Ok(())
 }

@@ -13,7 +13,8 @@
 //! `Message-ID`, the HTTP `Idempotency-Key`), derived from the decision, so
 //! a retry after a crash is recognisable by the receiver.
 
-use std::collections::{BTreeSet, HashMap};
+mod backlog;
+
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -166,6 +167,17 @@ struct Senders {
     http: reqwest::Client,
 }
 
+/// An outbox entry, or `None` (logged) if it cannot be read.
+fn parse(bytes: &[u8]) -> Option<Delivery> {
+    match serde_json::from_slice::<Delivery>(bytes) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            tracing::error!("unreadable outbox entry skipped: {e}");
+            None
+        }
+    }
+}
+
 /// How long a delivery of a quarantined channel plugin waits before it is
 /// looked at again.
 const HOLD_MS: i64 = 5_000;
@@ -184,10 +196,8 @@ pub struct Deliverer {
     cfg: config::Delivery,
     metrics: Arc<Metrics>,
     rt: tokio::runtime::Runtime,
-    /// Pending deliveries by id.
-    pending: HashMap<String, Delivery>,
-    /// (not before, id) of every pending delivery: the next due is first.
-    schedule: BTreeSet<(i64, String)>,
+    /// Pending deliveries held in memory, a bounded window onto the outbox.
+    backlog: backlog::Backlog,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -236,6 +246,7 @@ impl Deliverer {
             message_id_domain: smtp.message_id_domain.clone(),
             http,
         };
+        let backlog = backlog::Backlog::new(store.budget().deliveries() / backlog::ENTRY_BYTES);
         Ok(Deliverer {
             store,
             current,
@@ -246,27 +257,33 @@ impl Deliverer {
             cfg,
             metrics,
             rt,
-            pending: HashMap::new(),
-            schedule: BTreeSet::new(),
+            backlog,
         })
     }
 
     fn add(&mut self, bytes: &[u8]) {
-        match serde_json::from_slice::<Delivery>(bytes) {
-            Ok(d) => {
-                self.schedule(d);
+        if let Some(d) = parse(bytes) {
+            let spilled = self.backlog.spilled();
+            self.backlog.offer(d);
+            if !spilled && self.backlog.spilled() {
+                tracing::warn!(
+                    window = self.backlog.cap(),
+                    "deliveries are behind: pending deliveries past the window wait in the outbox on disk"
+                );
             }
-            Err(e) => tracing::error!("unreadable outbox entry skipped: {e}"),
         }
     }
 
-    /// Adds or replaces a pending delivery.
-    fn schedule(&mut self, d: Delivery) {
-        if let Some(old) = self.pending.get(&d.id) {
-            self.schedule.remove(&(old.next_at, old.id.clone()));
+    /// Brings waiting outbox entries into the window when it has room.
+    fn refill(&mut self) -> Result<(), DeliverError> {
+        let now = now_ms();
+        if self.backlog.pass_at().is_some_and(|t| t <= now) {
+            self.backlog.refill(&self.store, now, parse)?;
+            if !self.backlog.spilled() {
+                tracing::info!("deliveries caught up: every pending delivery is in memory again");
+            }
         }
-        self.schedule.insert((d.next_at, d.id.clone()));
-        self.pending.insert(d.id.clone(), d);
+        Ok(())
     }
 
     /// Delivers until `input` closes, then returns (what is left stays in
@@ -284,20 +301,23 @@ impl Deliverer {
     }
 
     fn deliver_until_closed(&mut self, input: Receiver<Input>) -> Result<(), DeliverError> {
-        for bytes in self.store.outbox()? {
-            self.add(&bytes);
-        }
-        if !self.pending.is_empty() {
+        self.backlog.resume();
+        self.refill()?;
+        if !self.backlog.is_empty() {
             tracing::info!(
-                pending = self.pending.len(),
+                pending = self.backlog.len(),
+                more_on_disk = self.backlog.spilled(),
                 "resuming deliveries from the outbox"
             );
         }
         loop {
             self.metrics
-                .set_queue_depth("outbox", self.pending.len() as i64);
+                .set_queue_depth("outbox", self.backlog.len() as i64);
             let now = now_ms();
-            let next = self.schedule.first().map(|(t, _)| *t);
+            let next = match (self.backlog.next_due(), self.backlog.pass_at()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let wait = match next {
                 Some(t) if t <= now => Duration::ZERO,
                 Some(t) => Duration::from_millis((t - now).min(1000) as u64),
@@ -317,6 +337,7 @@ impl Deliverer {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
             }
+            self.refill()?;
             self.round()?;
         }
     }
@@ -326,15 +347,9 @@ impl Deliverer {
         let now = now_ms();
         let mut due: Vec<Delivery> = Vec::new();
         while due.len() < self.cfg.concurrency.max(1) {
-            match self.schedule.first() {
-                Some((t, _)) if *t <= now => {}
-                _ => break,
-            }
-            let Some((_, id)) = self.schedule.pop_first() else {
-                break;
-            };
-            if let Some(d) = self.pending.get(&id) {
-                due.push(d.clone());
+            match self.backlog.pop_due(now) {
+                Some(d) => due.push(d),
+                None => break,
             }
         }
         if due.is_empty() {
@@ -360,7 +375,7 @@ impl Deliverer {
                 // or the quarantine is lifted.
                 d.next_at = now + HOLD_MS;
                 self.metrics.delivery(&d.channel, "held");
-                self.schedule(d);
+                self.backlog.offer(d);
                 continue;
             }
             let rendered = match (d.expires_at, gen.plugin(&d.plugin)) {
@@ -423,7 +438,7 @@ impl Deliverer {
                 Attempt::Done(_) => {
                     self.metrics.delivery(&d.channel, "ok");
                     tracing::info!(id = %d.id, customer = %d.customer, campaign = %d.campaign, channel = %d.channel, "delivered");
-                    self.pending.remove(&d.id);
+                    self.backlog.remove(&d.id);
                 }
                 Attempt::Retry(e) if d.attempts + 1 < self.cfg.max_attempts => {
                     d.attempts += 1;
@@ -441,7 +456,7 @@ impl Deliverer {
                         direct_edit(&d.campaign, d.ts, DELIVERER, |f| f.delivery_failed += 1);
                     self.store
                         .outbox_update(&d.id, &d.to_json(), Some(failed))?;
-                    self.schedule(d);
+                    self.backlog.retry(d, now_ms());
                 }
                 Attempt::Retry(e) | Attempt::Permanent(e) => {
                     d.attempts += 1;
@@ -454,7 +469,7 @@ impl Deliverer {
                         f.dead_lettered += 1;
                     });
                     self.store.dead_letter(&d.id, &d.to_json(), Some(dead))?;
-                    self.pending.remove(&d.id);
+                    self.backlog.remove(&d.id);
                 }
             }
         }
