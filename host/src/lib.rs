@@ -56,6 +56,7 @@ pub mod authoring;
 pub mod bench;
 pub mod bench_reload;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod controls;
 pub mod customer;

@@ -34,6 +34,8 @@ pub enum ServeError {
     Plugin(#[from] crate::plugins::PluginError),
     #[error(transparent)]
     Deliver(#[from] deliver::DeliverError),
+    #[error("[cluster] is set, but this version of nudge serve runs one process only: the cluster's ingest and slot ownership are not built yet (ARCHITECTURE.md, \"The cluster\"); remove the section")]
+    ClusterNotYet,
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -102,6 +104,11 @@ pub async fn run_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), ServeError> {
+    // Refused rather than ignored: an operator who configured a cluster
+    // must not get a lone node that believes it owns every customer.
+    if cfg.cluster.is_some() {
+        return Err(ServeError::ClusterNotYet);
+    }
     // Plain legacy tokens become named operator tokens once, here, rather
     // than on every request.
     cfg.api.token = cfg.api.all_tokens();

@@ -1,0 +1,166 @@
+//! The cluster's fenced commit log against a real 3-node NATS JetStream
+//! cluster (R3) on loopback: claims are compare-and-set, a replaced owner
+//! can commit nothing, commits are all-or-nothing, a retried commit is
+//! stored once, and commits go on after the loss of a NATS node.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nudge::cluster::log::{Epoch, LogError, SlotLog};
+use nudge::cluster::slots::Layout;
+use nudge::config::ClusterConfig;
+use nudge_integration_tests::nats::NatsCluster;
+
+async fn open(nats: &NatsCluster, prefix: &str) -> SlotLog {
+    let cfg = ClusterConfig {
+        servers: nats.urls(),
+        node: "test".into(),
+        prefix: prefix.into(),
+        request_timeout: nudge::config::Dur(Duration::from_secs(2)),
+        ..ClusterConfig::default()
+    };
+    let (client, js) = nudge::cluster::connect(&cfg, |_| None)
+        .await
+        .expect("connect to the NATS cluster");
+    // The stream may take a moment while the cluster elects its meta leader.
+    let start = Instant::now();
+    loop {
+        match SlotLog::open(client.clone(), js.clone(), Layout::new(prefix, 16), 3).await {
+            Ok(log) => return log,
+            Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                eprintln!("log stream not ready yet: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("log stream: {e}"),
+        }
+    }
+}
+
+fn records(tag: &str, n: usize) -> Vec<Bytes> {
+    (0..n).map(|i| Bytes::from(format!("{tag}-{i}"))).collect()
+}
+
+fn payloads(rs: &[nudge::cluster::log::Record]) -> Vec<String> {
+    rs.iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_current_epoch_commits() {
+    let nats = NatsCluster::start(3);
+    let log = open(&nats, "fence").await;
+    let slot = 5;
+    assert_eq!(log.epoch(slot).await.unwrap(), None);
+
+    // A claims the fresh slot and commits.
+    let a = log.claim(slot, "a", None).await.unwrap();
+    assert_eq!(log.epoch(slot).await.unwrap().as_ref(), Some(&a));
+    let c = log.commit(&a, "a-1", &records("a1", 3)).await.unwrap();
+    assert!(c.last_seq.is_some());
+
+    // B takes the slot over from A's epoch; a second claim from the same
+    // (now stale) epoch loses.
+    let b = log.claim(slot, "b", Some(&a)).await.unwrap();
+    assert!(b.seq > a.seq);
+    match log.claim(slot, "c", Some(&a)).await {
+        Err(LogError::Lost { slot: s }) => assert_eq!(s, slot),
+        other => panic!("a claim from a replaced epoch must lose: {other:?}"),
+    }
+
+    // A, unaware (frozen, say), commits again: refused, nothing stored.
+    match log.commit(&a, "a-2", &records("a2", 4)).await {
+        Err(LogError::Fenced { slot: s, epoch }) => assert_eq!((s, epoch), (slot, a.seq)),
+        other => panic!("a replaced owner's commit must be fenced: {other:?}"),
+    }
+    log.commit(&b, "b-1", &records("b1", 2)).await.unwrap();
+
+    // A retry of B's commit (its acknowledgement lost) is not stored twice.
+    let again = log.commit(&b, "b-1", &records("b1", 2)).await.unwrap();
+    assert_eq!(again.last_seq, None, "a retried commit is a duplicate");
+
+    let stored = payloads(&log.commits(slot, 0, 100).await.unwrap());
+    assert_eq!(stored, ["a1-0", "a1-1", "a1-2", "b1-0", "b1-1"]);
+    // Other slots are untouched.
+    assert!(log.commits(slot + 1, 0, 100).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_claims_have_one_winner() {
+    let nats = NatsCluster::start(3);
+    let log = open(&nats, "race").await;
+    for slot in 0..8u16 {
+        let current: Option<Epoch> = log.epoch(slot).await.unwrap();
+        let tries = (0..4).map(|n| {
+            let log = log.clone();
+            let current = current.clone();
+            tokio::spawn(async move { log.claim(slot, &format!("n{n}"), current.as_ref()).await })
+        });
+        let mut won = 0;
+        for t in tries {
+            match t.await.unwrap() {
+                Ok(_) => won += 1,
+                Err(LogError::Lost { .. }) => {}
+                Err(e) => panic!("claim: {e}"),
+            }
+        }
+        assert_eq!(won, 1, "slot {slot}: exactly one claim wins");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_go_on_after_a_nats_node_is_killed() {
+    let mut nats = NatsCluster::start(3);
+    let log = open(&nats, "failover").await;
+    let slot = 3;
+    let owner = log.claim(slot, "a", None).await.unwrap();
+    let mut committed = Vec::new();
+    let mut longest = Duration::ZERO;
+    for i in 0..40 {
+        if i == 10 {
+            // The stream's leader: the loss that costs an election.
+            let leader = log.leader().await.unwrap().expect("a leader");
+            nats.kill(nats.index_of(&leader).expect("the leader is one of ours"));
+        }
+        let id = format!("c-{i}");
+        let rs = records(&id, 5);
+        let started = Instant::now();
+        // Retried with the same id until acknowledged, as an owner does.
+        loop {
+            match log.commit(&owner, &id, &rs).await {
+                Ok(_) => break,
+                Err(LogError::Nats(e)) => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(30),
+                        "commit {i} still failing after 30 s: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("commit {i}: {e}"),
+            }
+        }
+        longest = longest.max(started.elapsed());
+        committed.extend(rs.iter().map(|b| String::from_utf8_lossy(b).into_owned()));
+    }
+    eprintln!("longest commit across the NATS node's loss: {longest:?}");
+    let stored = payloads(&log.commits(slot, 0, 1000).await.unwrap());
+    assert_eq!(
+        stored, committed,
+        "every acknowledged commit once, in order"
+    );
+}
+
+#[tokio::test]
+async fn serve_refuses_a_cluster_section_until_it_is_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = nudge_integration_tests::test_config(dir.path());
+    cfg.cluster = Some(ClusterConfig {
+        node: "n1".into(),
+        ..ClusterConfig::default()
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = nudge::serve::run(cfg, listener, std::future::pending())
+        .await
+        .expect_err("a [cluster] section must not start a lone node");
+    assert!(err.to_string().contains("[cluster]"), "{err}");
+}
