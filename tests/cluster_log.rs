@@ -1,7 +1,8 @@
-//! The cluster's fenced commit log against a real 3-node NATS JetStream
+//! The cluster's JetStream layer against a real 3-node NATS JetStream
 //! cluster (R3) on loopback: claims are compare-and-set, a replaced owner
 //! can commit nothing, commits are all-or-nothing, a retried commit is
-//! stored once, and commits go on after the loss of a NATS node.
+//! stored once, commits go on after the loss of a NATS node, and ingest
+//! stores every acknowledged event once, on its slot's subject.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,10 @@ use nudge::cluster::log::{Epoch, LogError, SlotLog};
 use nudge::cluster::slots::Layout;
 use nudge::config::ClusterConfig;
 use nudge_integration_tests::nats::NatsCluster;
+
+/// One NATS cluster at a time: three at once on two cores turn leader
+/// elections into timeouts.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn open(nats: &NatsCluster, prefix: &str) -> SlotLog {
     let cfg = ClusterConfig {
@@ -48,6 +53,7 @@ fn payloads(rs: &[nudge::cluster::log::Record]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_current_epoch_commits() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let nats = NatsCluster::start(3);
     let log = open(&nats, "fence").await;
     let slot = 5;
@@ -79,14 +85,19 @@ async fn only_the_current_epoch_commits() {
     let again = log.commit(&b, "b-1", &records("b1", 2)).await.unwrap();
     assert_eq!(again.last_seq, None, "a retried commit is a duplicate");
 
-    let stored = payloads(&log.commits(slot, 0, 100).await.unwrap());
-    assert_eq!(stored, ["a1-0", "a1-1", "a1-2", "b1-0", "b1-1"]);
+    let stored = log.commits(slot, 0, 100).await.unwrap();
+    assert_eq!(
+        payloads(&stored),
+        ["a1-0", "a1-1", "a1-2", "b1-0", "b1-1"],
+        "{stored:?}"
+    );
     // Other slots are untouched.
     assert!(log.commits(slot + 1, 0, 100).await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_claims_have_one_winner() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let nats = NatsCluster::start(3);
     let log = open(&nats, "race").await;
     for slot in 0..8u16 {
@@ -110,6 +121,7 @@ async fn racing_claims_have_one_winner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_go_on_after_a_nats_node_is_killed() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let mut nats = NatsCluster::start(3);
     let log = open(&nats, "failover").await;
     let slot = 3;
@@ -163,4 +175,95 @@ async fn serve_refuses_a_cluster_section_until_it_is_built() {
         .await
         .expect_err("a [cluster] section must not start a lone node");
     assert!(err.to_string().contains("[cluster]"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_stores_every_acknowledged_event_once_on_its_slot() {
+    use nudge::cluster::ingest::{Event, Publisher};
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut nats = NatsCluster::start(3);
+    let cfg = ClusterConfig {
+        servers: nats.urls(),
+        node: "test".into(),
+        prefix: "ingest".into(),
+        ..ClusterConfig::default()
+    };
+    let (_client, js) = nudge::cluster::connect(&cfg, |_| None).await.unwrap();
+    let layout = Layout::new("ingest", 16);
+    let start = Instant::now();
+    let publisher = loop {
+        match Publisher::open(js.clone(), layout.clone(), 3).await {
+            Ok(p) => break p,
+            Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                eprintln!("events stream not ready yet: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("events stream: {e}"),
+        }
+    };
+    // Customers whose ids could not be subject tokens, 600 events in
+    // batches of 50, every tenth batch sent twice (a client's retry); the
+    // stream's leader is killed halfway.
+    let customers = ["a.b", "c*d", "e>f", "plain", "ünï", "x y"];
+    let mut acknowledged = std::collections::BTreeMap::new();
+    for batch in 0..12 {
+        if batch == 6 {
+            let info = js
+                .get_stream(layout.events_stream())
+                .await
+                .unwrap()
+                .cached_info()
+                .clone();
+            let leader = info.cluster.and_then(|c| c.leader).expect("a leader");
+            nats.kill(nats.index_of(&leader).expect("one of ours"));
+        }
+        let ids: Vec<(String, &str)> = (0..50)
+            .map(|i| {
+                let n = batch * 50 + i;
+                (format!("m-{n}"), customers[n % customers.len()])
+            })
+            .collect();
+        let events: Vec<Event> = ids
+            .iter()
+            .map(|(id, c)| Event {
+                customer: c,
+                message_id: id,
+                body: bytes::Bytes::from(format!("{{\"messageId\":\"{id}\"}}")),
+            })
+            .collect();
+        let stored = publisher.publish(&events).await.unwrap();
+        assert!(
+            stored.iter().all(|s| !s.duplicate),
+            "batch {batch}: first sending"
+        );
+        if batch % 10 == 0 {
+            let again = publisher.publish(&events).await.unwrap();
+            assert!(again.iter().all(|s| s.duplicate), "a repeat is a duplicate");
+            assert_eq!(
+                again.iter().map(|s| s.seq).collect::<Vec<_>>(),
+                stored.iter().map(|s| s.seq).collect::<Vec<_>>(),
+                "a repeat points at the first copy"
+            );
+        }
+        for ((id, c), s) in ids.iter().zip(&stored) {
+            acknowledged.insert(id.clone(), (c.to_string(), s.seq));
+        }
+    }
+    // Every acknowledged event once, on its customer's slot and vshard.
+    let mut found = std::collections::BTreeMap::new();
+    for slot in 0..16 {
+        for r in publisher.events(slot, 0, 10_000).await.unwrap() {
+            let id = r.message_id.clone().expect("a message id");
+            assert!(
+                found.insert(id, (r.subject, r.seq)).is_none(),
+                "stored twice"
+            );
+        }
+    }
+    assert_eq!(found.len(), 600);
+    for (id, (customer, seq)) in &acknowledged {
+        let (subject, at) = &found[id];
+        assert_eq!(subject, &layout.event_subject(customer), "{id}");
+        assert_eq!(at, seq, "{id}");
+    }
 }

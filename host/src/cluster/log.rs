@@ -34,6 +34,7 @@ use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 
 use super::slots::Layout;
+pub use super::Record;
 
 /// JetStream's header naming the subject whose last sequence
 /// `Nats-Expected-Last-Subject-Sequence` checks (server 2.11+; async-nats
@@ -53,10 +54,6 @@ mod code {
 
 /// Records in one commit at most (JetStream's limit for an atomic batch).
 pub const MAX_RECORDS: usize = 1000;
-
-/// How long a read of the log keeps trying while the NATS cluster
-/// recovers (a leader election takes up to about 9 s).
-const READ_PATIENCE: Duration = Duration::from_secs(20);
 
 /// How long stored commits are de-duplicated by message id.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
@@ -93,14 +90,6 @@ pub struct Epoch {
     pub node: String,
 }
 
-/// What a stored commit looks like to a reader.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
-    /// Stream sequence.
-    pub seq: u64,
-    pub payload: Bytes,
-}
-
 /// The outcome of a commit.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Committed {
@@ -126,15 +115,18 @@ impl SlotLog {
         layout: Layout,
         replicas: usize,
     ) -> Result<SlotLog> {
-        js.get_or_create_stream(stream::Config {
-            name: layout.log_stream(),
-            subjects: vec![layout.all_log()],
-            num_replicas: replicas,
-            storage: stream::StorageType::File,
-            duplicate_window: DUPLICATE_WINDOW,
-            allow_atomic_publish: true,
-            ..Default::default()
-        })
+        super::ensure_stream(
+            &js,
+            stream::Config {
+                name: layout.log_stream(),
+                subjects: vec![layout.all_log()],
+                num_replicas: replicas,
+                storage: stream::StorageType::File,
+                duplicate_window: DUPLICATE_WINDOW,
+                allow_atomic_publish: true,
+                ..Default::default()
+            },
+        )
         .await
         .map_err(nats)?;
         Ok(SlotLog { client, js, layout })
@@ -298,50 +290,15 @@ impl SlotLog {
     /// The slot's commits stored after stream sequence `after`, in order,
     /// at most `limit`.
     pub async fn commits(&self, slot: u16, after: u64, limit: usize) -> Result<Vec<Record>> {
-        use futures_util::StreamExt;
-        let stream = self
-            .js
-            .get_stream_no_info(self.layout.log_stream())
-            .await
-            .map_err(nats)?;
-        // Creating a consumer needs the cluster's meta leader, which a
-        // NATS node's loss can take seconds to re-elect: try again until
-        // READ_PATIENCE has passed.
-        let started = std::time::Instant::now();
-        let consumer = loop {
-            let created = stream
-                .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                    filter_subject: self.layout.commit_subject(slot),
-                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: after + 1,
-                    },
-                    ..Default::default()
-                })
-                .await;
-            match created {
-                Ok(c) => break c,
-                Err(e) if started.elapsed() < READ_PATIENCE => {
-                    tracing::debug!("reading slot {slot}'s commits, trying again: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                Err(e) => return Err(nats(e)),
-            }
-        };
-        let pending = consumer.cached_info().num_pending as usize;
-        let mut messages = consumer.messages().await.map_err(nats)?;
-        let mut out = Vec::new();
-        while out.len() < pending.min(limit) {
-            let Some(m) = messages.next().await else {
-                break;
-            };
-            let m = m.map_err(nats)?;
-            let seq = m.info().map_err(nats)?.stream_sequence;
-            out.push(Record {
-                seq,
-                payload: m.payload.clone(),
-            });
-        }
-        Ok(out)
+        super::read(
+            &self.js,
+            &self.layout.log_stream(),
+            &self.layout.commit_subject(slot),
+            after,
+            limit,
+        )
+        .await
+        .map_err(nats)
     }
 }
 

@@ -7,9 +7,11 @@
 //! # Layout
 //!
 //! - [`slots`]: customers → virtual shards → slots; subject and stream names.
+//! - [`ingest`]: events into the events stream, acknowledged once stored.
 //! - [`log`]: claims (compare-and-set epochs) and fenced atomic commits.
 //! - [`connect`]: a NATS connection and JetStream context from `[cluster]`.
 
+pub mod ingest;
 pub mod log;
 pub mod slots;
 
@@ -65,4 +67,116 @@ pub async fn connect(
         .timeout(cfg.request_timeout.0)
         .build(client.clone());
     Ok((client, js))
+}
+
+/// A message as stored in a stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Stream sequence.
+    pub seq: u64,
+    pub subject: String,
+    /// Its `Nats-Msg-Id`, if it had one.
+    pub message_id: Option<String>,
+    pub payload: bytes::Bytes,
+}
+
+/// How long a read keeps trying while the NATS cluster recovers (a
+/// leader election takes up to about 9 s).
+const READ_PATIENCE: Duration = Duration::from_secs(20);
+
+/// The messages of `stream` on `filter` stored after sequence `after`, in
+/// order, at most `limit`: what was there when the read began.
+pub(crate) async fn read(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    filter: &str,
+    after: u64,
+    limit: usize,
+) -> Result<Vec<Record>, String> {
+    use async_nats::jetstream::consumer::{pull::OrderedConfig, DeliverPolicy};
+    use futures_util::StreamExt;
+    let stream = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Creating a consumer needs the cluster's meta leader, which a NATS
+    // node's loss can take seconds to re-elect: try again meanwhile.
+    let started = std::time::Instant::now();
+    let consumer = loop {
+        let created = stream
+            .create_consumer(OrderedConfig {
+                filter_subject: filter.to_owned(),
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: after + 1,
+                },
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(c) => break c,
+            Err(e) if started.elapsed() < READ_PATIENCE => {
+                tracing::debug!("reading {filter}, trying again: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    let pending = consumer.cached_info().num_pending as usize;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    while out.len() < pending.min(limit) {
+        let Some(m) = messages.next().await else {
+            break;
+        };
+        let m = m.map_err(|e| e.to_string())?;
+        let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+        out.push(Record {
+            seq,
+            subject: m.subject.to_string(),
+            message_id: m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                .map(|v| v.to_string()),
+            payload: m.payload.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// Creates `config`'s stream if it does not exist, and waits until it has
+/// a leader (a new replicated stream elects one first; a publish before
+/// that finds no stream).
+pub(crate) async fn ensure_stream(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::stream::Config,
+) -> Result<(), String> {
+    let name = config.name.clone();
+    let replicated = config.num_replicas > 1;
+    js.get_or_create_stream(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
+    loop {
+        let info = js
+            .get_stream_no_info(&name)
+            .await
+            .map_err(|e| e.to_string())?
+            .get_info()
+            .await;
+        match info {
+            Ok(i) if !replicated || i.cluster.as_ref().is_some_and(|c| c.leader.is_some()) => {
+                return Ok(())
+            }
+            Ok(_) | Err(_) if started.elapsed() < READ_PATIENCE => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Ok(_) => {
+                return Err(format!(
+                    "stream {name} has no leader after {READ_PATIENCE:?}"
+                ))
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
