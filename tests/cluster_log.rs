@@ -267,3 +267,82 @@ async fn ingest_stores_every_acknowledged_event_once_on_its_slot() {
         assert_eq!(at, seq, "{id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_come_and_go_with_their_keys() {
+    use nudge::cluster::members::{Member, MemberError, Members};
+    let _one = ONE_AT_A_TIME.lock().await;
+    let nats = NatsCluster::start(3);
+    let cfg = ClusterConfig {
+        servers: nats.urls(),
+        node: "test".into(),
+        prefix: "members".into(),
+        ..ClusterConfig::default()
+    };
+    let (_client, js) = nudge::cluster::connect(&cfg, |_| None).await.unwrap();
+    let ttl = Duration::from_secs(2);
+    let start = Instant::now();
+    let members = loop {
+        match Members::open(js.clone(), "members", 3, ttl).await {
+            Ok(m) => break m,
+            Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                eprintln!("members bucket not ready yet: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("members bucket: {e}"),
+        }
+    };
+    let member = |n: &str| Member {
+        node: n.into(),
+        api: format!("http://{n}:8080"),
+    };
+    let mut a = members.join(member("a")).await.unwrap();
+    let mut b = members.join(member("b")).await.unwrap();
+    assert_eq!(members.list().await.unwrap(), [member("a"), member("b")]);
+
+    // A second "a" while the first renews: waited out for a TTL, refused.
+    let dup = {
+        let members = members.clone();
+        tokio::spawn(async move { members.join(member("a")).await })
+    };
+    while !dup.is_finished() {
+        members.renew(&mut a).await.unwrap();
+        members.renew(&mut b).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    match dup.await.unwrap() {
+        Err(MemberError::NameTaken { node }) => assert_eq!(node, "a"),
+        other => panic!("a duplicate name must be refused: {other:?}"),
+    }
+
+    // b stops renewing: gone within the TTL and a moment; a stays.
+    members.renew(&mut b).await.unwrap();
+    let stopped = Instant::now();
+    loop {
+        members.renew(&mut a).await.unwrap();
+        let live = members.list().await.unwrap();
+        if live == [member("a")] {
+            assert!(stopped.elapsed() >= ttl / 2, "b left before its TTL");
+            break;
+        }
+        assert!(
+            stopped.elapsed() < ttl + Duration::from_secs(5),
+            "b still listed: {live:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "a member that stopped renewing left after {:?}",
+        stopped.elapsed()
+    );
+    // b wakes up: its renewal is refused, it must rejoin.
+    match members.renew(&mut b).await {
+        Err(MemberError::Expired { node }) => assert_eq!(node, "b"),
+        other => panic!("an expired member's renewal must be refused: {other:?}"),
+    }
+    members.join(member("b")).await.unwrap();
+
+    // A clean leave is seen at once.
+    members.leave(&a).await.unwrap();
+    assert_eq!(members.list().await.unwrap(), [member("b")]);
+}

@@ -28,10 +28,31 @@ impl NatsCluster {
     /// Starts `n` JetStream nodes routed to each other (a cluster when
     /// `n > 1`) and waits until JetStream is up on every one.
     pub fn start(n: usize) -> NatsCluster {
+        // A port handed out as free can be taken by someone else before
+        // the server binds it, and then the cluster never forms: start
+        // again on fresh ports.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut c = NatsCluster::spawn_all(n);
+            match (0..n).try_for_each(|i| c.ready_within(i, Duration::from_secs(30))) {
+                Ok(()) => return c,
+                Err(e) if tries < 3 => eprintln!("NATS cluster did not form, again: {e}"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    fn spawn_all(n: usize) -> NatsCluster {
         let dir = tempfile::tempdir().expect("nats dir");
-        let ports: Vec<(u16, u16, u16)> = (0..n)
-            .map(|_| (free_port(), free_port(), free_port()))
-            .collect();
+        let mut taken = std::collections::HashSet::new();
+        let mut port = || loop {
+            let p = free_port();
+            if taken.insert(p) {
+                return p;
+            }
+        };
+        let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (port(), port(), port())).collect();
         let routes: Vec<String> = ports
             .iter()
             .map(|(_, cluster, _)| format!("nats://127.0.0.1:{cluster}"))
@@ -77,9 +98,6 @@ impl NatsCluster {
         for i in 0..n {
             c.spawn(i);
         }
-        for i in 0..n {
-            c.wait_ready(i);
-        }
         c
     }
 
@@ -96,27 +114,34 @@ impl NatsCluster {
 
     /// Waits until node `i` answers its health check with JetStream up.
     pub fn wait_ready(&mut self, i: usize) {
+        if let Err(e) = self.ready_within(i, Duration::from_secs(30)) {
+            panic!("{e}");
+        }
+    }
+
+    fn ready_within(&mut self, i: usize, limit: Duration) -> Result<(), String> {
         let start = Instant::now();
         let port = self.nodes[i].monitor_port;
         loop {
             if let Some(child) = self.nodes[i].child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
+                    return Err(format!(
                         "nats-server {} exited ({status}); log: {}",
                         self.nodes[i].name,
                         self.log(i)
-                    );
+                    ));
                 }
             }
             if healthy(port) {
-                return;
+                return Ok(());
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "nats-server {} not healthy; log: {}",
-                self.nodes[i].name,
-                self.log(i)
-            );
+            if start.elapsed() > limit {
+                return Err(format!(
+                    "nats-server {} not healthy after {limit:?}; log: {}",
+                    self.nodes[i].name,
+                    self.log(i)
+                ));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }

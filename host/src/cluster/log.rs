@@ -317,7 +317,7 @@ fn batch_id() -> String {
 }
 
 /// The JetStream API error code behind `err`, if any.
-fn error_code(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
+pub(crate) fn error_code(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(api) = e.downcast_ref::<jetstream::Error>() {

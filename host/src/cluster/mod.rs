@@ -9,10 +9,12 @@
 //! - [`slots`]: customers → virtual shards → slots; subject and stream names.
 //! - [`ingest`]: events into the events stream, acknowledged once stored.
 //! - [`log`]: claims (compare-and-set epochs) and fenced atomic commits.
+//! - [`members`]: live nodes as keys with a time to live.
 //! - [`connect`]: a NATS connection and JetStream context from `[cluster]`.
 
 pub mod ingest;
 pub mod log;
+pub mod members;
 pub mod slots;
 
 use std::time::Duration;
@@ -82,7 +84,7 @@ pub struct Record {
 
 /// How long a read keeps trying while the NATS cluster recovers (a
 /// leader election takes up to about 9 s).
-const READ_PATIENCE: Duration = Duration::from_secs(20);
+pub(crate) const READ_PATIENCE: Duration = Duration::from_secs(20);
 
 /// The messages of `stream` on `filter` stored after sequence `after`, in
 /// order, at most `limit`: what was there when the read began.
@@ -156,19 +158,27 @@ pub(crate) async fn ensure_stream(
     js.get_or_create_stream(config)
         .await
         .map_err(|e| e.to_string())?;
+    if replicated {
+        wait_for_leader(js, &name).await?;
+    }
+    Ok(())
+}
+
+/// Waits until the replicated stream `name` has a leader (a new one elects
+/// it first; a request before that finds no responders).
+pub(crate) async fn wait_for_leader(
+    js: &async_nats::jetstream::Context,
+    name: &str,
+) -> Result<(), String> {
     let started = std::time::Instant::now();
     loop {
-        let info = js
-            .get_stream_no_info(&name)
-            .await
-            .map_err(|e| e.to_string())?
-            .get_info()
-            .await;
+        let info = match js.get_stream_no_info(name).await {
+            Ok(s) => s.get_info().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
         match info {
-            Ok(i) if !replicated || i.cluster.as_ref().is_some_and(|c| c.leader.is_some()) => {
-                return Ok(())
-            }
-            Ok(_) | Err(_) if started.elapsed() < READ_PATIENCE => {
+            Ok(i) if i.cluster.as_ref().is_some_and(|c| c.leader.is_some()) => return Ok(()),
+            _ if started.elapsed() < READ_PATIENCE => {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
             Ok(_) => {
@@ -176,7 +186,7 @@ pub(crate) async fn ensure_stream(
                     "stream {name} has no leader after {READ_PATIENCE:?}"
                 ))
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e),
         }
     }
 }
