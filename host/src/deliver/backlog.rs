@@ -83,13 +83,27 @@ impl Backlog {
     }
 
     /// Adds or replaces a pending delivery that is in the outbox on disk.
-    /// A new one past the cap stays on disk only.
-    pub fn offer(&mut self, d: Delivery) {
+    /// A new one past the cap takes the place of the delivery due last if
+    /// that one is not due before `now` + [`HORIZON_MS`] (it waits on disk
+    /// instead), and otherwise stays on disk itself: a window full of
+    /// retries backing off never holds back deliveries due now.
+    pub fn offer(&mut self, d: Delivery, now: i64) {
         if let Some(old) = self.pending.get(&d.id) {
             self.schedule.remove(&(old.next_at, old.id.clone()));
         } else if self.pending.len() >= self.cap {
-            self.left_on_disk();
-            return;
+            let latest = self.schedule.last().cloned();
+            match latest {
+                Some((at, id)) if at > now + HORIZON_MS && at > d.next_at => {
+                    self.remove(&id);
+                    self.spilled = true;
+                    self.clean = false;
+                    self.next_pass = self.next_pass.min(at - HORIZON_MS);
+                }
+                _ => {
+                    self.left_on_disk();
+                    return;
+                }
+            }
         }
         self.schedule.insert((d.next_at, d.id.clone()));
         self.pending.insert(d.id.clone(), d);
@@ -106,7 +120,7 @@ impl Backlog {
             self.next_pass = self.next_pass.min(d.next_at - HORIZON_MS);
             return;
         }
-        self.offer(d);
+        self.offer(d, now);
     }
 
     /// Forgets a delivery (done, dead-lettered, or left on disk).
@@ -210,7 +224,7 @@ impl Backlog {
                     self.next_pass = i64::MIN;
                     return Ok(added);
                 }
-                self.offer(d);
+                self.offer(d, now);
                 added += 1;
             }
         }
@@ -295,7 +309,7 @@ mod tests {
                     .collect();
                 enqueue(&store, &fresh);
                 for d in fresh {
-                    b.offer(d);
+                    b.offer(d, now);
                 }
                 assert!(b.len() <= 16);
             }
@@ -344,5 +358,36 @@ mod tests {
         b.refill(&store, later, parse).unwrap();
         assert_eq!(deliver_due(&store, &mut b, later).len(), 16);
         assert!(!b.spilled());
+    }
+
+    #[test]
+    fn deliveries_due_now_displace_retries_backing_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let now = 1_000_000;
+        // The window fills with retries backing off ten minutes (a channel
+        // that is down), before anything was spilled.
+        let mut b = Backlog::new(16);
+        let retrying: Vec<_> = (0..16).map(|n| delivery(n, now + 600_000)).collect();
+        enqueue(&store, &retrying);
+        for d in retrying {
+            b.offer(d, now);
+        }
+        assert!(!b.spilled());
+        // Deliveries due now arrive: each takes a backing-off one's place.
+        let fresh: Vec<_> = (100..110).map(|n| delivery(n, 0)).collect();
+        enqueue(&store, &fresh);
+        for d in fresh {
+            b.offer(d, now);
+        }
+        assert_eq!(b.len(), 16);
+        assert!(b.spilled(), "the displaced ones wait on disk");
+        assert_eq!(deliver_due(&store, &mut b, now).len(), 10);
+        // The displaced retries come back when nearly due, and go once.
+        let later = now + 600_000;
+        assert!(b.pass_at().is_some_and(|t| t <= later));
+        b.refill(&store, later, parse).unwrap();
+        assert_eq!(deliver_due(&store, &mut b, later).len(), 16);
+        assert!(store.outbox_page(None, 100).unwrap().is_empty());
     }
 }

@@ -264,7 +264,7 @@ impl Deliverer {
     fn add(&mut self, bytes: &[u8]) {
         if let Some(d) = parse(bytes) {
             let spilled = self.backlog.spilled();
-            self.backlog.offer(d);
+            self.backlog.offer(d, now_ms());
             if !spilled && self.backlog.spilled() {
                 tracing::warn!(
                     window = self.backlog.cap(),
@@ -375,7 +375,7 @@ impl Deliverer {
                 // or the quarantine is lifted.
                 d.next_at = now + HOLD_MS;
                 self.metrics.delivery(&d.channel, "held");
-                self.backlog.offer(d);
+                self.backlog.offer(d, now);
                 continue;
             }
             let rendered = match (d.expires_at, gen.plugin(&d.plugin)) {
