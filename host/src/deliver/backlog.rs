@@ -9,8 +9,10 @@
 //! *spilled*; passes over the outbox (in key order, a page at a time, from
 //! a cursor) bring entries back as the window drains. A delivery backing
 //! off for longer than [`HORIZON_MS`] while others wait on disk leaves the
-//! window, so retries of a channel that is down do not hold back the
-//! others; passes skip such entries until they are nearly due. The backlog
+//! window, and a delivery due now takes the place of the one due last when
+//! that one backs off past it, so retries of a channel that is down do not
+//! hold back the others; passes skip such entries until they are nearly
+//! due. The backlog
 //! is whole again after a pass over the entire outbox that found room for
 //! everything due and skipped nothing.
 
