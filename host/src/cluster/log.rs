@@ -41,16 +41,9 @@ pub use super::Record;
 /// has no constant for it).
 const EXPECTED_SUBJECT: &str = "Nats-Expected-Last-Subject-Sequence-Subject";
 
-/// JetStream's error codes this module tells apart.
-mod code {
-    /// Wrong last sequence (the expected sequence did not match).
-    pub const WRONG_LAST_SEQUENCE: u64 = 10071;
-    /// Wrong last sequence, reported without the sequence (replicated
-    /// streams, and checks against a subject with a write in flight).
-    pub const WRONG_LAST_SEQUENCE_CONSTANT: u64 = 10164;
-    /// An atomic batch held a message id already stored.
-    pub const BATCH_DUPLICATE: u64 = 10201;
-}
+/// JetStream's error code for an atomic batch that held a message id
+/// already stored.
+const BATCH_DUPLICATE: u64 = 10201;
 
 /// Records in one commit at most (JetStream's limit for an atomic batch).
 pub const MAX_RECORDS: usize = 1000;
@@ -199,12 +192,8 @@ impl SlotLog {
                 seq: ack.sequence,
                 node: node.to_owned(),
             }),
-            Err(e) => match error_code(&e) {
-                Some(code::WRONG_LAST_SEQUENCE | code::WRONG_LAST_SEQUENCE_CONSTANT) => {
-                    Err(LogError::Lost { slot })
-                }
-                _ => Err(nats(e)),
-            },
+            Err(e) if super::refused_as_stale(&e) => Err(LogError::Lost { slot }),
+            Err(e) => Err(nats(e)),
         }
     }
 
@@ -262,18 +251,17 @@ impl SlotLog {
                         })
                     }
                     Ok(Response::Err { error }) => {
-                        return Err(match error.error_code().0 {
-                            code::WRONG_LAST_SEQUENCE | code::WRONG_LAST_SEQUENCE_CONSTANT => {
-                                LogError::Fenced {
-                                    slot: epoch.slot,
-                                    epoch: epoch.seq,
-                                }
-                            }
-                            code::BATCH_DUPLICATE => {
-                                return Ok(Committed { last_seq: None });
-                            }
-                            _ => nats(error),
-                        })
+                        let code = error.error_code().0;
+                        return if super::wrong_last_sequence(code) {
+                            Err(LogError::Fenced {
+                                slot: epoch.slot,
+                                epoch: epoch.seq,
+                            })
+                        } else if code == BATCH_DUPLICATE {
+                            Ok(Committed { last_seq: None })
+                        } else {
+                            Err(nats(error))
+                        };
                     }
                     Err(e) => return Err(nats(format!("unreadable reply to a commit: {e}"))),
                 }
@@ -314,16 +302,4 @@ fn batch_id() -> String {
             .unwrap_or([7; 16]);
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// The JetStream API error code behind `err`, if any.
-pub(crate) fn error_code(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if let Some(api) = e.downcast_ref::<jetstream::Error>() {
-            return Some(api.error_code().0);
-        }
-        cur = e.source();
-    }
-    None
 }

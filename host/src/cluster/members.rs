@@ -151,17 +151,10 @@ impl Members {
                 m.revision = ack.sequence;
                 Ok(())
             }
-            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                Err(MemberError::Expired {
-                    node: m.member.node.clone(),
-                })
-            }
-            Err(e) => match super::log::error_code(&e) {
-                Some(10071 | 10164) => Err(MemberError::Expired {
-                    node: m.member.node.clone(),
-                }),
-                _ => Err(nats(e)),
-            },
+            Err(e) if super::refused_as_stale(&e) => Err(MemberError::Expired {
+                node: m.member.node.clone(),
+            }),
+            Err(e) => Err(nats(e)),
         }
     }
 

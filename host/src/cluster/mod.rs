@@ -190,3 +190,29 @@ pub(crate) async fn wait_for_leader(
         }
     }
 }
+
+/// Whether JetStream error `code` says an expected last sequence did not
+/// match: 10071, or 10164 (reported without the sequence, by replicated
+/// streams and for a subject with a write in flight).
+pub(crate) fn wrong_last_sequence(code: u64) -> bool {
+    matches!(code, 10071 | 10164)
+}
+
+/// Whether a publish was refused because its expected last sequence was
+/// stale (a compare-and-set that lost).
+pub(crate) fn refused_as_stale(e: &async_nats::jetstream::context::PublishError) -> bool {
+    e.kind() == async_nats::jetstream::context::PublishErrorKind::WrongLastSequence
+        || error_code(e).is_some_and(wrong_last_sequence)
+}
+
+/// The JetStream API error code behind `err`, if any.
+fn error_code(err: &(dyn std::error::Error + 'static)) -> Option<u64> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(api) = e.downcast_ref::<async_nats::jetstream::Error>() {
+            return Some(api.error_code().0);
+        }
+        cur = e.source();
+    }
+    None
+}

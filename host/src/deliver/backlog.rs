@@ -96,10 +96,7 @@ impl Backlog {
             let latest = self.schedule.last().cloned();
             match latest {
                 Some((at, id)) if at > now + HORIZON_MS && at > d.next_at => {
-                    self.remove(&id);
-                    self.spilled = true;
-                    self.clean = false;
-                    self.next_pass = self.next_pass.min(at - HORIZON_MS);
+                    self.set_aside(&id, at);
                 }
                 _ => {
                     self.left_on_disk();
@@ -116,13 +113,19 @@ impl Backlog {
     /// disk, one that is not due soon waits there too.
     pub fn retry(&mut self, d: Delivery, now: i64) {
         if self.spilled && d.next_at > now + HORIZON_MS {
-            self.remove(&d.id);
-            self.spilled = true;
-            self.clean = false;
-            self.next_pass = self.next_pass.min(d.next_at - HORIZON_MS);
+            self.set_aside(&d.id, d.next_at);
             return;
         }
         self.offer(d, now);
+    }
+
+    /// Leaves delivery `id`, not due before `next_at`, to wait on disk: a
+    /// pass brings it back when it is nearly due.
+    fn set_aside(&mut self, id: &str, next_at: i64) {
+        self.remove(id);
+        self.spilled = true;
+        self.clean = false;
+        self.next_pass = self.next_pass.min(next_at - HORIZON_MS);
     }
 
     /// Forgets a delivery (done, dead-lettered, or left on disk).
