@@ -29,6 +29,10 @@ pub struct Work {
     pub event: Event,
     /// When its request arrived (none for events recovered at start-up).
     pub received: Option<Instant>,
+    /// In a cluster, the tenure of the slot's ownership it was read under
+    /// (see `cluster::Tenures`): a worker drops work of a tenure that
+    /// ended. 0 outside a cluster.
+    pub tenure: u64,
 }
 
 /// What the client is told.
@@ -148,6 +152,7 @@ pub fn recover(store: &Store) -> Result<Recovered, crate::store::StoreError> {
                 seq,
                 event,
                 received: None,
+                tenure: 0,
             });
         }
         if last.is_empty() {
@@ -363,6 +368,7 @@ fn commit_loop(
                         seq: next,
                         event: inc.event,
                         received: Some(s.received),
+                        tenure: 0,
                     });
                     next += 1;
                 } else {
@@ -567,6 +573,7 @@ mod tests {
                     seq,
                     event,
                     received: None,
+                    tenure: 0,
                 },
                 now,
             );
@@ -627,6 +634,7 @@ mod tests {
                 seq: 4,
                 event,
                 received: None,
+                tenure: 0,
             },
             now,
         );

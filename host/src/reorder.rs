@@ -336,6 +336,7 @@ mod tests {
             seq,
             event: Event::parse(&line).unwrap(),
             received: None,
+            tenure: 0,
         }
     }
 

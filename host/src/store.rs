@@ -70,11 +70,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+mod cluster;
 mod ledger;
 mod queue;
 mod state;
 mod usage;
 
+pub use cluster::{decode_ops, encode_ops, slot_of_key, Admitted, Op};
 pub use ledger::{decode_unit, encode_unit, TallyEdit, TallyRecord, MATURITY};
 use queue::TimerQueue;
 pub use state::StateRecord;
@@ -175,6 +177,10 @@ pub enum StoreError {
     Open { path: String, error: sled::Error },
     #[error("store {path}: written in format {found}, newer than this nudge reads ({FORMAT}): run a newer nudge")]
     Newer { path: String, found: u8 },
+    /// The cluster's commit log did not take a persist's changes (they
+    /// stay pending).
+    #[error("commit log: {0}")]
+    Log(String),
     #[error("store: corrupt {what} for customer {customer:?}: {problem}")]
     Corrupt {
         what: &'static str,
@@ -299,6 +305,8 @@ pub struct Store {
     /// that needs one state across several reads (a report) holds it
     /// exclusively ([`Store::quiesced`]).
     gate: Arc<std::sync::RwLock<()>>,
+    /// Set when the store is a cluster node's copy of its slots.
+    side: Arc<std::sync::OnceLock<cluster::Side>>,
 }
 
 /// A page of the decision log: the lines, and the next page's cursor.
@@ -670,6 +678,7 @@ impl Store {
             })),
             direct: Arc::new(Mutex::new(())),
             gate: Arc::new(std::sync::RwLock::new(())),
+            side: Arc::new(std::sync::OnceLock::new()),
         })
     }
 
@@ -1012,22 +1021,7 @@ impl Store {
         }
         let mut persisted = Persisted::default();
         for (k, v) in dirty {
-            match k.first() {
-                // Only customer keys are read back; the logs, inbox and
-                // outbox are written here and read by scans.
-                // ... but not the timeline (`e`), read only by the API.
-                Some(b'c') if !is_timeline(&k) && !pending.dirty.contains_key(&k) => {
-                    pending.cache(k, v)
-                }
-                Some(b'O') => persisted.outbox.extend(v),
-                Some(b'W') if k.len() == 3 => {
-                    let vshard = usize::from(u16::from_be_bytes([k[1], k[2]]));
-                    if let Some(seq) = v.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes) {
-                        persisted.watermarks.push((vshard, seq));
-                    }
-                }
-                _ => {}
-            }
+            self.settle(&mut pending, &mut persisted, k, v);
         }
         tracing::debug!(
             keys,
@@ -1035,6 +1029,33 @@ impl Store {
             "persisted"
         );
         Ok(persisted)
+    }
+
+    /// A key just written to sled: into the read cache, or into what
+    /// waits for the persist (outbox entries, watermarks).
+    fn settle(
+        &self,
+        pending: &mut Pending,
+        persisted: &mut Persisted,
+        k: Vec<u8>,
+        v: Option<Vec<u8>>,
+    ) {
+        match k.first() {
+            // Only customer keys are read back; the logs, inbox and
+            // outbox are written here and read by scans.
+            // ... but not the timeline (`e`), read only by the API.
+            Some(b'c') if !is_timeline(&k) && !pending.dirty.contains_key(&k) => {
+                pending.cache(k, v)
+            }
+            Some(b'O') => persisted.outbox.extend(v),
+            Some(b'W') if k.len() == 3 => {
+                let vshard = usize::from(u16::from_be_bytes([k[1], k[2]]));
+                if let Some(seq) = v.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes) {
+                    persisted.watermarks.push((vshard, seq));
+                }
+            }
+            _ => {}
+        }
     }
 
     /// Persists, then waits until it is on disk. Returns what it wrote,
@@ -1133,27 +1154,41 @@ impl Store {
             let group = decode_group(&v).ok_or_else(|| corrupt("inbox group", &k))?;
             state.groups.push((first, group));
         }
+        (state.watermarks, state.above) = self.inbox_marks()?;
+        Ok(state)
+    }
+
+    /// The inbox watermarks, (virtual shard, seq), and the events decided
+    /// above them, as persisted.
+    #[allow(clippy::type_complexity)]
+    fn inbox_marks(&self) -> Result<(Vec<(usize, u64)>, Vec<(usize, u64)>)> {
+        let corrupt = |what: &'static str, k: &[u8]| StoreError::Corrupt {
+            what,
+            customer: String::new(),
+            problem: format!("{k:?}"),
+        };
+        let (mut watermarks, mut above) = (Vec::new(), Vec::new());
         for kv in self.db.scan_prefix(b"W") {
             let (k, v) = kv?;
             let seq = || -> Option<u64> { Some(u64::from_be_bytes(v.as_ref().try_into().ok()?)) };
             match (&k[..], seq()) {
-                ([b'W', a, b], Some(seq)) => state
-                    .watermarks
-                    .push((usize::from(u16::from_be_bytes([*a, *b])), seq)),
+                ([b'W', a, b], Some(seq)) => {
+                    watermarks.push((usize::from(u16::from_be_bytes([*a, *b])), seq))
+                }
                 _ => return Err(corrupt("inbox watermark", &k)),
             }
         }
         for k in self.db.scan_prefix(b"X").keys() {
             let k = k?;
             match (k.get(1..3), k.get(3..11)) {
-                (Some(v), Some(seq)) if k.len() == 11 => state.above.push((
+                (Some(v), Some(seq)) if k.len() == 11 => above.push((
                     usize::from(u16::from_be_bytes([v[0], v[1]])),
                     u64::from_be_bytes(seq.try_into().unwrap_or_default()),
                 )),
                 _ => return Err(corrupt("inbox record above the watermark", &k)),
             }
         }
-        Ok(state)
+        Ok((watermarks, above))
     }
 
     /// Every pending delivery in the outbox.
@@ -1188,9 +1223,7 @@ impl Store {
     /// Rewrites a pending delivery (its attempts so far).
     /// A delivery's new state (a failed attempt, counted by `tally`).
     pub fn outbox_update(&self, id: &str, json: &[u8], tally: Option<TallyEdit>) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        batch.insert(tagged(b'O', id), json);
-        self.apply_direct(batch, tally)
+        self.apply_direct(vec![(tagged(b'O', id), Some(json.to_vec()))], tally)
     }
 
     /// A delivery is done: out of the outbox and, for the agent queue, its
@@ -1201,20 +1234,20 @@ impl Store {
         action: Option<(&str, &str, &[u8])>,
         tally: Option<TallyEdit>,
     ) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        batch.remove(tagged(b'O', id));
+        let mut ops = vec![(tagged(b'O', id), None)];
         if let Some((customer, action_id, json)) = action {
-            batch.insert(action_key(customer, action_id), json);
+            ops.push((action_key(customer, action_id), Some(json.to_vec())));
         }
-        self.apply_direct(batch, tally)
+        self.apply_direct(ops, tally)
     }
 
     /// Moves a delivery from the outbox to the dead letters.
     pub fn dead_letter(&self, id: &str, json: &[u8], tally: Option<TallyEdit>) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        batch.remove(tagged(b'O', id));
-        batch.insert(tagged(b'L', id), json);
-        self.apply_direct(batch, tally)?;
+        let ops = vec![
+            (tagged(b'O', id), None),
+            (tagged(b'L', id), Some(json.to_vec())),
+        ];
+        self.apply_direct(ops, tally)?;
         self.db.flush()?;
         Ok(())
     }
@@ -1238,10 +1271,11 @@ impl Store {
 
     /// Moves a dead letter back to the outbox as `json` (attempts reset).
     pub fn retry_dead_letter(&self, id: &str, json: &[u8]) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        batch.remove(tagged(b'L', id));
-        batch.insert(tagged(b'O', id), json);
-        self.db.apply_batch(batch)?;
+        let ops = vec![
+            (tagged(b'L', id), None),
+            (tagged(b'O', id), Some(json.to_vec())),
+        ];
+        self.apply_direct(ops, None)?;
         self.db.flush()?;
         Ok(())
     }

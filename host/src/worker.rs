@@ -216,6 +216,11 @@ impl TraitsCache {
         self.map.get(customer)
     }
 
+    fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
+
     fn insert(&mut self, customer: &str, traits: Arc<Map<String, Value>>) {
         let cost = 64 + customer.len() + map_bytes(&traits);
         if self.bytes + cost > self.budget {
@@ -248,6 +253,9 @@ pub struct Worker {
     traits: TraitsCache,
     /// Earliest pending timer (a lower bound: it may have been cancelled).
     next_due: Option<i64>,
+    /// Other timer queues' earliest timers, while the worker works on
+    /// another ([`Worker::set_slot`]).
+    parked_dues: HashMap<usize, Option<i64>>,
     pub stats: Stats,
     /// Live server: `sent` decisions get a pre-thought treatment and an
     /// outbox entry, and late timers are marked.
@@ -293,6 +301,7 @@ impl Worker {
             instances: Instances::new(runtime),
             traits,
             next_due,
+            parked_dues: HashMap::new(),
             stats: Stats::default(),
             live: false,
             mark_late: false,
@@ -318,6 +327,44 @@ impl Worker {
             self.gen_number = gen.number;
             self.instances.retain(gen.plugins.iter());
         }
+    }
+
+    /// Works on cluster slot `slot` from now on: its timer queue (the
+    /// store of a cluster node has one queue per slot) and its tallies.
+    /// Call between events only.
+    pub fn set_slot(&mut self, slot: u16) -> Result<(), WorkerError> {
+        let q = usize::from(slot);
+        if let Some(l) = &mut self.ledger {
+            l.set_writer(slot);
+        }
+        if q == self.shard {
+            return Ok(());
+        }
+        let due = match self.parked_dues.remove(&q) {
+            Some(d) => d,
+            None => self.store.first_timer(q)?.map(|t| t.due),
+        };
+        self.parked_dues
+            .insert(self.shard, std::mem::replace(&mut self.next_due, due));
+        self.shard = q;
+        Ok(())
+    }
+
+    /// Forgets what the worker holds of the store's state (its slots were
+    /// taken or given up, and the store's copy changed under it).
+    pub fn forget_cached(&mut self) -> Result<(), WorkerError> {
+        self.traits.clear();
+        if let Some(l) = &mut self.ledger {
+            l.forget();
+        }
+        self.parked_dues.clear();
+        self.next_due = self.store.first_timer(self.shard)?.map(|t| t.due);
+        Ok(())
+    }
+
+    /// The share of the traits cache this worker may use, of `workers`.
+    pub fn share_traits(&mut self, workers: usize) {
+        self.traits = TraitsCache::new(self.store.budget().traits_cache() / workers.max(1));
     }
 
     /// The earliest pending timer of this shard (a lower bound).

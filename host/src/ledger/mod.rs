@@ -132,7 +132,13 @@ pub struct Ledger {
     /// Touched since the last commit (a few per event).
     dirty: Vec<(String, i32)>,
     units: HashMap<UnitId, Unit>,
+    /// Other writers' clocks and tallies, kept while this ledger writes as
+    /// another ([`Ledger::set_writer`]).
+    others: HashMap<u16, Parked>,
 }
+
+/// A writer's state while its ledger writes as another.
+type Parked = (Option<i64>, HashMap<String, HashMap<i32, Tally>>);
 
 impl Ledger {
     pub fn new(writer: u16) -> Ledger {
@@ -143,7 +149,32 @@ impl Ledger {
             tallies: HashMap::new(),
             dirty: Vec::new(),
             units: HashMap::new(),
+            others: HashMap::new(),
         }
+    }
+
+    /// Writes as `writer` from now on (a cluster's worker writes each
+    /// slot's tallies as that slot). Call between commits only.
+    pub fn set_writer(&mut self, writer: u16) {
+        if writer == self.writer {
+            return;
+        }
+        let (clock, tallies) = self.others.remove(&writer).unwrap_or_default();
+        let parked = (
+            std::mem::replace(&mut self.clock, clock),
+            std::mem::replace(&mut self.tallies, tallies),
+        );
+        self.others.insert(self.writer, parked);
+        self.writer = writer;
+    }
+
+    /// Forgets every writer's cached clock and tallies, to be read again
+    /// from the store (the store's copy of a slot changed under it).
+    pub fn forget(&mut self) {
+        self.discard();
+        self.clock = None;
+        self.tallies.clear();
+        self.others.clear();
     }
 
     /// The tally of `campaign` on `day`, marked as changed. Allocates

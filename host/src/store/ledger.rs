@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 
 use super::{customer_key, decode_conversion, log_key, time_bytes, Changes, Result};
-use super::{DueTimer, Store, StoreError};
+use super::{DueTimer, Op, Store, StoreError};
 
 /// The plugin name of the host's own timers: a decision's goal window
 /// closes (it matures). Plugin names are never empty (checked at load).
@@ -90,16 +90,25 @@ impl Store {
     /// under one lock so that concurrent writers of direct tallies never
     /// lose each other's counts. Not through the write-back layer: these
     /// keys are never read through it.
-    pub(super) fn apply_direct(
-        &self,
-        mut batch: sled::Batch,
-        tally: Option<TallyEdit>,
-    ) -> Result<()> {
+    ///
+    /// In a cluster, the ops that belong to a slot are also journalled for
+    /// its next commit (before they are applied: a removed outbox entry's
+    /// value names its slot).
+    pub(super) fn apply_direct(&self, mut ops: Vec<Op>, tally: Option<TallyEdit>) -> Result<()> {
         let _only = self.direct.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(t) = tally {
             let k = tally_key(&t.campaign, t.day, t.writer);
             let current = self.db.get(&k)?;
-            batch.insert(k, (t.edit)(current.as_deref()));
+            let v = (t.edit)(current.as_deref());
+            ops.push((k, Some(v)));
+        }
+        self.journal(&ops);
+        let mut batch = sled::Batch::default();
+        for (k, v) in ops {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
         }
         self.db.apply_batch(batch)?;
         Ok(())
@@ -123,12 +132,19 @@ impl Store {
             .map_err(StoreError::from)?
             .map(|v| v.to_vec());
         let (json, out, tally) = f(current)?;
-        let mut batch = sled::Batch::default();
-        batch.insert(key, json);
+        let mut ops: Vec<Op> = vec![(key, Some(json))];
         if let Some(t) = tally {
             let k = tally_key(&t.campaign, t.day, t.writer);
             let current = self.db.get(&k).map_err(StoreError::from)?;
-            batch.insert(k, (t.edit)(current.as_deref()));
+            ops.push((k, Some((t.edit)(current.as_deref()))));
+        }
+        self.journal(&ops);
+        let mut batch = sled::Batch::default();
+        for (k, v) in ops {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
         }
         self.db.apply_batch(batch).map_err(StoreError::from)?;
         self.db.flush().map_err(StoreError::from)?;
