@@ -142,6 +142,10 @@ pub fn decode_ops(mut b: &[u8]) -> Option<Vec<Op>> {
 /// had already stored).
 pub type Admitted = HashMap<u16, Option<u64>>;
 
+/// Virtual shards' inbox watermarks, and the events decided above them:
+/// (virtual shard, seq).
+pub type Marks = (HashMap<usize, u64>, Vec<(usize, u64)>);
+
 impl Store {
     /// Makes this store a cluster node's copy of `slots` slots: from now
     /// on, writes reach sled only through [`Store::persist_gated`].
@@ -386,7 +390,7 @@ impl Store {
 
     /// The inbox marks of `vshards`: each one's watermark, and the events
     /// decided above it (persisted).
-    pub fn marks(&self, vshards: &[usize]) -> Result<(HashMap<usize, u64>, Vec<(usize, u64)>)> {
+    pub fn marks(&self, vshards: &[usize]) -> Result<Marks> {
         let (watermarks, above) = self.inbox_marks()?;
         let wanted: std::collections::HashSet<usize> = vshards.iter().copied().collect();
         Ok((
