@@ -162,21 +162,6 @@ async fn commits_go_on_after_a_nats_node_is_killed() {
     );
 }
 
-#[tokio::test]
-async fn serve_refuses_a_cluster_section_until_it_is_built() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = nudge_integration_tests::test_config(dir.path());
-    cfg.cluster = Some(ClusterConfig {
-        node: "n1".into(),
-        ..ClusterConfig::default()
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = nudge::serve::run(cfg, listener, std::future::pending())
-        .await
-        .expect_err("a [cluster] section must not start a lone node");
-    assert!(err.to_string().contains("[cluster]"), "{err}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_stores_every_acknowledged_event_once_on_its_slot() {
     use nudge::cluster::ingest::{Event, Publisher};

@@ -203,7 +203,11 @@ async fn ingest(s: AppState, endpoint: Endpoint, headers: HeaderMap, body: Body)
     s.metrics
         .events_unattributed
         .inc_by(parsed.unattributed as u64);
-    match s.inbox.submit(parsed.events, received).await {
+    let submitted = match &s.node {
+        Some(node) => node.submit(parsed.events).await,
+        None => s.inbox.submit(parsed.events, received).await,
+    };
+    match submitted {
         Ok(ack) => Json(json!({
             "success": true,
             "accepted": ack.accepted,

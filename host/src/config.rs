@@ -437,6 +437,10 @@ pub struct ClusterConfig {
     /// How long a JetStream request (a publish's acknowledgement, a
     /// commit) may take before it is retried with the same message id.
     pub request_timeout: Dur,
+    /// How long a node stays a member (and the assigner keeps its role)
+    /// without renewing: a node silent this long loses its slots to the
+    /// others. It renews every third of it. Whole seconds, 1s to 5min.
+    pub lease: Dur,
 }
 
 impl Default for ClusterConfig {
@@ -448,6 +452,7 @@ impl Default for ClusterConfig {
             replicas: 3,
             prefix: "nudge".into(),
             request_timeout: Dur(Duration::from_secs(2)),
+            lease: Dur(Duration::from_secs(6)),
         }
     }
 }
@@ -484,6 +489,15 @@ impl ClusterConfig {
             return Some(format!(
                 "cluster.prefix = {:?}: letters, digits, '-' or '_'",
                 self.prefix
+            ));
+        }
+        let lease = self.lease.0;
+        if lease < Duration::from_secs(1)
+            || lease > Duration::from_secs(300)
+            || lease.subsec_nanos() != 0
+        {
+            return Some(format!(
+                "cluster.lease = {lease:?}: whole seconds, from 1s to 5min"
             ));
         }
         None

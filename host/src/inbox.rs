@@ -104,6 +104,7 @@ impl Groups {
 }
 
 /// What start-up found in the inbox.
+#[derive(Default)]
 pub struct Recovered {
     /// Acknowledged events not yet decided, in order.
     pub work: Vec<Work>,
@@ -206,6 +207,16 @@ impl Inbox {
             },
             committer,
         ))
+    }
+
+    /// An inbox that takes nothing (a cluster node: events go to the
+    /// events stream), counting `inflight` events read and not decided.
+    pub fn detached(inflight: Arc<AtomicUsize>, max_inflight: usize) -> Inbox {
+        Inbox {
+            tx: Mutex::new(None),
+            inflight,
+            max_inflight,
+        }
     }
 
     /// Records `events` durably; resolves once they are on disk.

@@ -76,7 +76,7 @@ mod queue;
 mod state;
 mod usage;
 
-pub use cluster::{decode_ops, encode_ops, slot_of_key, Admitted, Op};
+pub use cluster::{decode_ops, encode_ops, slot_of_key, Admission, Admitted, Op};
 pub use ledger::{decode_unit, encode_unit, TallyEdit, TallyRecord, MATURITY};
 use queue::TimerQueue;
 pub use state::StateRecord;

@@ -68,7 +68,18 @@ impl Members {
         replicas: usize,
         ttl: Duration,
     ) -> Result<Members, MemberError> {
-        let bucket = format!("{prefix}_members");
+        Members::open_bucket(js, &format!("{prefix}_members"), replicas, ttl).await
+    }
+
+    /// [`Members::open`] on the bucket named `bucket` (the assigner's
+    /// lease is a member of a bucket of its own).
+    pub async fn open_bucket(
+        js: jetstream::Context,
+        bucket: &str,
+        replicas: usize,
+        ttl: Duration,
+    ) -> Result<Members, MemberError> {
+        let bucket = bucket.to_owned();
         let ttl = ttl.max(Duration::from_secs(1));
         let kv = match js.get_key_value(&bucket).await {
             Ok(kv) => kv,
@@ -125,6 +136,27 @@ impl Members {
                 Err(e) => return Err(nats(e)),
             }
         }
+    }
+
+    /// Joins as `member` if no live key has its name, without waiting:
+    /// `None` when one does (a lease someone else holds).
+    pub async fn try_join(&self, member: Member) -> Result<Option<Membership>, MemberError> {
+        let value = Bytes::from(serde_json::to_vec(&member).map_err(nats)?);
+        match self.kv.create_with_ttl(&member.node, value, self.ttl).await {
+            Ok(revision) => Ok(Some(Membership { member, revision })),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(nats(e)),
+        }
+    }
+
+    /// The member under `name`, if its key is alive.
+    pub async fn get(&self, name: &str) -> Result<Option<Member>, MemberError> {
+        Ok(self
+            .kv
+            .get(name)
+            .await
+            .map_err(nats)?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
     }
 
     /// Renews the membership's key for another TTL. [`MemberError::Expired`]

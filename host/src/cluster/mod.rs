@@ -1,8 +1,7 @@
 //! Several `nudge serve` nodes on NATS JetStream (`[cluster]`).
 //!
-//! Built so far: the slot layout and subjects, and the fenced commit log
-//! that ownership rests on. See ARCHITECTURE.md, "The cluster", for the
-//! whole design and what is not built yet.
+//! See ARCHITECTURE.md, "The cluster", for the design, the path of an
+//! event and the failure cases.
 //!
 //! # Layout
 //!
@@ -10,12 +9,21 @@
 //! - [`ingest`]: events into the events stream, acknowledged once stored.
 //! - [`log`]: claims (compare-and-set epochs) and fenced atomic commits.
 //! - [`members`]: live nodes as keys with a time to live.
+//! - [`assign`]: the slot map and the assigner's policy.
+//! - [`tenure`]: which slots this node decides now, as its workers see it.
+//! - [`feed`]: a held slot's events to its worker.
+//! - [`node`]: one node: membership, assigner, taking and giving up
+//!   slots, committing through the log.
 //! - [`connect`]: a NATS connection and JetStream context from `[cluster]`.
 
+pub mod assign;
+pub mod feed;
 pub mod ingest;
 pub mod log;
 pub mod members;
+pub mod node;
 pub mod slots;
+pub mod tenure;
 
 use std::time::Duration;
 

@@ -37,6 +37,9 @@ use crate::plugins::{Call, Fault, Instances, Outbound, Plugin, Recipient, Runtim
 use crate::rules::Campaign;
 use crate::store::Store;
 
+/// Whether this node holds a customer's slot (a cluster node).
+pub type Owns = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// One `sent` decision's delivery, as kept in the outbox.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Delivery {
@@ -192,6 +195,10 @@ pub struct Deliverer {
     /// Channel plugin faults count towards quarantine; deliveries of a
     /// quarantined plugin wait (no attempt used) until it is released.
     pub controls: Option<Arc<Controls>>,
+    /// In a cluster: whether this node holds the slot of a customer. A
+    /// delivery of a slot it does not hold waits (no attempt used): the
+    /// slot's owner sends it.
+    pub owns: Option<Owns>,
     senders: Senders,
     cfg: config::Delivery,
     metrics: Arc<Metrics>,
@@ -253,6 +260,7 @@ impl Deliverer {
             instances: Instances::new(runtime),
             gen_number: 0,
             controls: None,
+            owns: None,
             senders,
             cfg,
             metrics,
@@ -370,6 +378,12 @@ impl Deliverer {
                 && gen
                     .plugin(&d.plugin)
                     .is_some_and(|p| view.as_ref().is_some_and(|v| v.plugin_quarantined(p)));
+            let elsewhere = self.owns.as_ref().is_some_and(|owns| !owns(&d.customer));
+            if elsewhere {
+                d.next_at = now + HOLD_MS;
+                self.backlog.offer(d, now);
+                continue;
+            }
             if held {
                 // Not an attempt: it goes once a fixed version is published
                 // or the quarantine is lifted.

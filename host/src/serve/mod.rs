@@ -24,6 +24,7 @@ use crate::replay::PluginSource;
 use crate::store::{shard_of, Store};
 use crate::worker::Worker;
 
+mod cluster;
 mod work;
 use work::work;
 
@@ -37,8 +38,8 @@ pub enum ServeError {
     Plugin(#[from] crate::plugins::PluginError),
     #[error(transparent)]
     Deliver(#[from] deliver::DeliverError),
-    #[error("[cluster] is set, but this version of nudge serve runs one process only: the cluster's ingest and slot ownership are not built yet (ARCHITECTURE.md, \"The cluster\"); remove the section")]
-    ClusterNotYet,
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::node::NodeError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -83,6 +84,8 @@ pub struct Shared {
     pub deliver: std::sync::Mutex<Option<Sender<deliver::Input>>>,
     /// The dashboard's sessions and metric samples.
     pub ui: crate::ui::UiState,
+    /// This server as a cluster node (`[cluster]`), else `None`.
+    pub node: Option<Arc<crate::cluster::node::Node>>,
 }
 
 /// [`run_with`], telling no one when it is ready.
@@ -107,11 +110,6 @@ pub async fn run_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ready: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), ServeError> {
-    // Refused rather than ignored: an operator who configured a cluster
-    // must not get a lone node that believes it owns every customer.
-    if cfg.cluster.is_some() {
-        return Err(ServeError::ClusterNotYet);
-    }
     // Plain legacy tokens become named operator tokens once, here, rather
     // than on every request.
     cfg.api.token = cfg.api.all_tokens();
@@ -128,9 +126,12 @@ pub async fn run_with(
         Some(d) => PluginSource::Dir(d.clone()),
         None => PluginSource::Embedded,
     };
+    let cluster = cfg.cluster.clone();
+    // A cluster node's store has a timer queue per slot (each slot keeps
+    // its own clock); a lone server's, one per worker.
     let store = Store::open_compressed(
         &cfg.server.data,
-        workers,
+        cluster.as_ref().map_or(workers, |c| usize::from(c.slots)),
         crate::store::Budget::mib(cfg.store.memory_mib),
         cfg.store.compression,
     )?;
@@ -168,7 +169,14 @@ pub async fn run_with(
     }
     let inflight = Arc::new(AtomicUsize::new(0));
 
-    let recovered = crate::inbox::recover(&store)?;
+    let recovered = match &cluster {
+        None => crate::inbox::recover(&store)?,
+        // A cluster node's events wait in the events stream, not here.
+        Some(_) => crate::inbox::Recovered::default(),
+    };
+    let tenures = cluster
+        .as_ref()
+        .map(|c| Arc::new(crate::cluster::tenure::Tenures::new(c.slots, workers)));
 
     let watermarks = Watermarks::new(workers);
 
@@ -189,13 +197,30 @@ pub async fn run_with(
         let (current, inflight, metrics) = (current.clone(), inflight.clone(), metrics.clone());
         let marks = watermarks.clone();
         let clock = cfg.server.clock;
-        let mut held = Reorder::new(Policy {
+        let policy = Policy {
             clock,
             window: cfg.server.reorder_window(),
             // Under ingest's in-flight bound, so a full buffer releases
             // rather than ingest refusing.
             max_held: (cfg.ingest.max_inflight_events / (2 * workers)).max(1),
-        });
+        };
+        if let Some(tenures) = &tenures {
+            worker.share_traits(workers);
+            let tenures = tenures.clone();
+            worker_threads.push(
+                std::thread::Builder::new()
+                    .name(format!("nudge-worker-{shard}"))
+                    .spawn(move || {
+                        work::work_slots(
+                            worker, shard, rx, current, policy, tenures, inflight, metrics,
+                        )
+                    })
+                    .map_err(io("worker thread"))?,
+            );
+            senders.push(tx);
+            continue;
+        }
+        let mut held = Reorder::new(policy);
         held.publish(marks, shard);
         for &(v, seq) in &recovered.above {
             if v % workers == shard {
@@ -224,16 +249,41 @@ pub async fn run_with(
         let _ = senders[shard].send(w);
     }
     let groups = recovered.groups;
-    let (inbox, committer) = Inbox::start(
-        store.clone(),
-        senders,
-        recovered.next_seq,
-        groups.clone(),
-        inflight.clone(),
-        cfg.ingest.max_inflight_events,
-        metrics.clone(),
-    )
-    .map_err(io("inbox thread"))?;
+    let (inbox, committer, node) = match &cluster {
+        None => {
+            let (inbox, committer) = Inbox::start(
+                store.clone(),
+                senders,
+                recovered.next_seq,
+                groups.clone(),
+                inflight.clone(),
+                cfg.ingest.max_inflight_events,
+                metrics.clone(),
+            )
+            .map_err(io("inbox thread"))?;
+            (inbox, Some(committer), None)
+        }
+        Some(c) => {
+            let api = format!("http://{}", listener.local_addr().map_err(io("listener"))?);
+            let node = crate::cluster::node::Node::open(
+                c,
+                api,
+                store.clone(),
+                senders,
+                tenures.clone().unwrap_or_else(|| {
+                    Arc::new(crate::cluster::tenure::Tenures::new(c.slots, workers))
+                }),
+                inflight.clone(),
+                cfg.ingest.max_inflight_events,
+            )
+            .await?;
+            (
+                Inbox::detached(inflight.clone(), cfg.ingest.max_inflight_events),
+                None,
+                Some(node),
+            )
+        }
+    };
 
     // Delivery.
     let (deliver_tx, deliver_rx) = mpsc::channel();
@@ -249,12 +299,14 @@ pub async fn run_with(
             controls.clone(),
         );
         let (smtp, delivery) = (cfg.smtp.clone(), cfg.delivery.clone());
+        let owns = node.as_ref().map(|n| cluster::owns(n, &store));
         std::thread::Builder::new()
             .name("nudge-deliver".into())
             .spawn(move || {
                 match Deliverer::new(store, current, runtime, &smtp, delivery, metrics) {
                     Ok(mut d) => {
                         d.controls = Some(controls);
+                        d.owns = owns;
                         let _ = ready_tx.send(Ok(()));
                         if let Err(e) = d.run(deliver_rx) {
                             tracing::error!("delivery stopped: {e}");
@@ -280,7 +332,20 @@ pub async fn run_with(
 
     // Persister.
     let stop_persist = Arc::new(AtomicBool::new(false));
-    let persister = {
+    let persister = if let Some(node) = &node {
+        cluster::hand_over_deliveries(node, &store, &deliver_tx);
+        let (store, stop, tx, node) = (
+            store.clone(),
+            stop_persist.clone(),
+            deliver_tx.clone(),
+            node.clone(),
+        );
+        let handle = tokio::runtime::Handle::current();
+        std::thread::Builder::new()
+            .name("nudge-persist".into())
+            .spawn(move || cluster::persist_loop(store, stop, tx, node, handle))
+            .map_err(io("persist thread"))?
+    } else {
         let (store, stop, tx) = (store.clone(), stop_persist.clone(), deliver_tx.clone());
         let window = cfg.ingest.dedupe_window.0;
         let (groups, marks) = (groups.clone(), recovered.watermarks);
@@ -319,7 +384,9 @@ pub async fn run_with(
         watermarks,
         deliver: std::sync::Mutex::new(Some(deliver_tx)),
         ui: crate::ui::UiState::default(),
+        node: node.clone(),
     });
+    let node_task = node.as_ref().map(|n| tokio::spawn(n.clone().run()));
     let addr = listener.local_addr().map_err(io("listener"))?;
     tracing::info!(%addr, workers, clock = ?cfg.server.clock, "nudge serving");
     let app = crate::api::router(shared.clone());
@@ -340,8 +407,14 @@ pub async fn run_with(
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     shared.inbox.close();
+    if let Some(node) = &node {
+        // Nothing more is read; what was read is decided and committed.
+        node.stop().await;
+    }
     let _ = tokio::task::spawn_blocking(move || {
-        let _ = committer.join();
+        if let Some(c) = committer {
+            let _ = c.join();
+        }
         for w in worker_threads {
             let _ = w.join();
         }
@@ -349,6 +422,12 @@ pub async fn run_with(
     .await;
     stop_persist.store(true, Ordering::Release);
     let _ = tokio::task::spawn_blocking(move || persister.join()).await;
+    if let Some(node) = &node {
+        node.leave().await;
+    }
+    if let Some(t) = node_task {
+        t.abort();
+    }
     shared
         .deliver
         .lock()

@@ -142,6 +142,16 @@ pub fn decode_ops(mut b: &[u8]) -> Option<Vec<Op>> {
 /// had already stored).
 pub type Admitted = HashMap<u16, Option<u64>>;
 
+/// What the commit log did with a persist's changes: the slots whose
+/// commits it stored, and those to try again (their changes stay
+/// pending). Changes of any other slot are dropped: the node does not
+/// hold it.
+#[derive(Debug, Default)]
+pub struct Admission {
+    pub admitted: Admitted,
+    pub retry: std::collections::HashSet<u16>,
+}
+
 /// Virtual shards' inbox watermarks, and the events decided above them:
 /// (virtual shard, seq).
 pub type Marks = (HashMap<usize, u64>, Vec<(usize, u64)>);
@@ -198,7 +208,7 @@ impl Store {
     /// persisted with the next call. Calls must not overlap.
     pub fn persist_gated(
         &self,
-        log: impl FnOnce(&BTreeMap<u16, Vec<Op>>) -> std::result::Result<Admitted, String>,
+        log: impl FnOnce(&BTreeMap<u16, Vec<Op>>) -> std::result::Result<Admission, String>,
     ) -> Result<Persisted> {
         let Some(side) = self.side.get() else {
             return self.persist();
@@ -237,7 +247,7 @@ impl Store {
         for (s, op) in journal.iter().cloned() {
             by_slot.entry(s).or_default().push(op);
         }
-        let admitted = match log(&by_slot) {
+        let Admission { admitted, retry } = match log(&by_slot) {
             Ok(a) => a,
             Err(e) => {
                 self.restore(dirty);
@@ -248,13 +258,27 @@ impl Store {
             }
         };
         let started = std::time::Instant::now();
-        let dropped_keys: std::collections::HashSet<&[u8]> = by_slot
-            .iter()
-            .filter(|(s, _)| !admitted.contains_key(s))
-            .flat_map(|(s, ops)| ops[..from_dirty.get(s).copied().unwrap_or(0)].iter())
-            .map(|(k, _)| k.as_slice())
-            .collect();
-        let kept = |k: &[u8]| !dropped_keys.contains(k);
+        let workers_ops = |pick: &dyn Fn(u16) -> bool| -> std::collections::HashSet<&[u8]> {
+            by_slot
+                .iter()
+                .filter(|(s, _)| pick(**s))
+                .flat_map(|(s, ops)| ops[..from_dirty.get(s).copied().unwrap_or(0)].iter())
+                .map(|(k, _)| k.as_slice())
+                .collect()
+        };
+        let held_back = workers_ops(&|s| retry.contains(&s));
+        let dropped_keys = workers_ops(&|s| !admitted.contains_key(&s) && !retry.contains(&s));
+        let kept = |k: &[u8]| !dropped_keys.contains(k) && !held_back.contains(k);
+        if !retry.is_empty() {
+            let again: Vec<(u16, Op)> = journal
+                .iter()
+                .filter(|(s, _)| retry.contains(s))
+                .cloned()
+                .collect();
+            let mut j = side.journal.lock().unwrap_or_else(|e| e.into_inner());
+            let newer = std::mem::replace(&mut *j, again);
+            j.extend(newer);
+        }
         let mut batch = sled::Batch::default();
         let mut keys = 0;
         for (k, v) in dirty.iter().filter(|(k, _)| kept(k)) {
@@ -271,7 +295,7 @@ impl Store {
         }
         let dropped: Vec<u16> = by_slot
             .keys()
-            .filter(|s| !admitted.contains_key(s))
+            .filter(|s| !admitted.contains_key(s) && !retry.contains(s))
             .copied()
             .collect();
         if !dropped.is_empty() {
@@ -294,10 +318,17 @@ impl Store {
         }
         let mut persisted = Persisted::default();
         for (k, v) in dirty {
-            if !kept(&k) {
-                continue;
+            if held_back.contains(k.as_slice()) {
+                // Not stored by the log: pending again, under anything
+                // committed since.
+                let pending = &mut *pending;
+                if let std::collections::hash_map::Entry::Vacant(e) = pending.dirty.entry(k) {
+                    pending.dirty_bytes += entry_cost(e.key(), &v);
+                    e.insert(v);
+                }
+            } else if kept(&k) {
+                self.settle(&mut pending, &mut persisted, k, v);
             }
-            self.settle(&mut pending, &mut persisted, k, v);
         }
         tracing::debug!(
             keys,

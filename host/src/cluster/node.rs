@@ -1,0 +1,608 @@
+//! One `nudge serve` node of a cluster: its membership, the assigner role,
+//! taking and giving up slots, and committing through the slots' log.
+//!
+//! # Layout
+//!
+//! - [`Node::open`]: connects, opens the streams and buckets, joins.
+//! - [`Node::run`]: the node's tasks until shutdown: renewing the
+//!   membership, the assigner (when it holds the lease), and the slot
+//!   manager, which follows the slot map: claims a slot given to this node
+//!   (its epoch), catches the store up from the slot's commit log, and
+//!   starts a feeder ([`super::feed`]); and gives up a slot the map moved
+//!   away or whose commit was fenced.
+//! - [`Node::commit`]: the persister's gate: each held slot's changes as
+//!   one fenced commit, all slots at once.
+//! - [`Node::stop`]: stops reading events, then (after the last persist)
+//!   [`Node::leave`] lets the others take the slots at once.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+
+use super::assign::{plan, SlotMap};
+use super::feed::Feed;
+use super::ingest::Publisher;
+use super::log::{Epoch, LogError, SlotLog};
+use super::members::{Member, MemberError, Members, Membership};
+use super::slots::Layout;
+use super::tenure::Tenures;
+use crate::config::ClusterConfig;
+use crate::inbox::Work;
+use crate::store::{decode_ops, encode_ops, Admission, Op, Store};
+
+/// How often the slot manager looks at the map.
+const MANAGE_EVERY: Duration = Duration::from_millis(100);
+
+/// How often the assigner plans.
+const ASSIGN_EVERY: Duration = Duration::from_millis(250);
+
+/// Bytes of changes per record of a commit (NATS's default largest
+/// message is 1 MiB).
+const RECORD_BYTES: usize = 256 << 10;
+
+/// How long a slot change waits for the workers to let go of the slot.
+const SETTLE_PATIENCE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Connect(#[from] super::ConnectError),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Ingest(#[from] super::ingest::IngestError),
+    #[error(transparent)]
+    Members(#[from] MemberError),
+    #[error("slot map bucket: {0}")]
+    Map(String),
+}
+
+/// A cluster node.
+pub struct Node {
+    me: Member,
+    layout: Layout,
+    js: jetstream::Context,
+    log: SlotLog,
+    publisher: Publisher,
+    members: Members,
+    lease: Members,
+    maps: kv::Store,
+    store: Store,
+    tenures: Arc<Tenures>,
+    /// Slots this node holds, with the epoch it claimed.
+    held: Mutex<HashMap<u16, Epoch>>,
+    /// Slots given up whose pending changes are still to be discarded.
+    lost: Mutex<Vec<u16>>,
+    workers: Mutex<Option<Vec<Sender<Work>>>>,
+    inflight: Arc<AtomicUsize>,
+    max_inflight: usize,
+    membership: tokio::sync::Mutex<Option<Membership>>,
+    assigner: tokio::sync::Mutex<Option<Membership>>,
+    commits: AtomicU64,
+    stop_feeding: Arc<AtomicBool>,
+    stopping: AtomicBool,
+    feeders: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Called with each slot taken, once the store caught up (the server
+    /// hands the slot's pending deliveries to its deliverer).
+    on_taken: Mutex<Option<TakenHook>>,
+}
+
+type TakenHook = Arc<dyn Fn(u16) + Send + Sync>;
+
+/// The slot map's key in its bucket.
+const MAP_KEY: &str = "map";
+
+impl Node {
+    /// Connects and joins the cluster as `cfg.node`, answering its API at
+    /// `api`. `workers`: the worker threads' queues, slot `s` going to
+    /// worker `s % workers`.
+    pub async fn open(
+        cfg: &ClusterConfig,
+        api: String,
+        store: Store,
+        workers: Vec<Sender<Work>>,
+        tenures: Arc<Tenures>,
+        inflight: Arc<AtomicUsize>,
+        max_inflight: usize,
+    ) -> Result<Arc<Node>, NodeError> {
+        let (client, js) = super::connect(cfg, |k| std::env::var(k).ok()).await?;
+        let layout = Layout::new(&cfg.prefix, cfg.slots);
+        let log = SlotLog::open(client.clone(), js.clone(), layout.clone(), cfg.replicas).await?;
+        let publisher = Publisher::open(js.clone(), layout.clone(), cfg.replicas).await?;
+        let members = Members::open(js.clone(), &cfg.prefix, cfg.replicas, cfg.lease.0).await?;
+        let lease = Members::open_bucket(
+            js.clone(),
+            &format!("{}_lease", cfg.prefix),
+            cfg.replicas,
+            cfg.lease.0,
+        )
+        .await?;
+        let bucket = format!("{}_slots", cfg.prefix);
+        let maps = match js.get_key_value(&bucket).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    history: 1,
+                    num_replicas: cfg.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| NodeError::Map(e.to_string()))?,
+        };
+        store.join_cluster(cfg.slots);
+        let me = Member {
+            node: cfg.node.clone(),
+            api,
+        };
+        let membership = members.join(me.clone()).await?;
+        tracing::info!(node = %me.node, slots = cfg.slots, "joined the cluster");
+        Ok(Arc::new(Node {
+            me,
+            layout,
+            js,
+            log,
+            publisher,
+            members,
+            lease,
+            maps,
+            store,
+            tenures,
+            held: Mutex::new(HashMap::new()),
+            lost: Mutex::new(Vec::new()),
+            workers: Mutex::new(Some(workers)),
+            inflight,
+            max_inflight,
+            membership: tokio::sync::Mutex::new(Some(membership)),
+            assigner: tokio::sync::Mutex::new(None),
+            commits: AtomicU64::new(0),
+            stop_feeding: Arc::new(AtomicBool::new(false)),
+            stopping: AtomicBool::new(false),
+            feeders: Mutex::new(Vec::new()),
+            on_taken: Mutex::new(None),
+        }))
+    }
+
+    pub fn tenures(&self) -> Arc<Tenures> {
+        self.tenures.clone()
+    }
+
+    /// Sets what is called with each slot taken.
+    pub fn on_taken(&self, hook: TakenHook) {
+        *self.on_taken.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    pub fn publisher(&self) -> &Publisher {
+        &self.publisher
+    }
+
+    pub fn name(&self) -> &str {
+        &self.me.node
+    }
+
+    /// The slots held now.
+    pub fn held(&self) -> Vec<u16> {
+        let mut h: Vec<u16> = self.lock_held().keys().copied().collect();
+        h.sort();
+        h
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<u16, Epoch>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs the node's tasks until [`Node::stop`].
+    pub async fn run(self: Arc<Self>) {
+        let renew = tokio::spawn(self.clone().renew_loop());
+        let assign = tokio::spawn(self.clone().assign_loop());
+        self.clone().manage_loop().await;
+        renew.abort();
+        assign.abort();
+    }
+
+    async fn renew_loop(self: Arc<Self>) {
+        let every = self.members.ttl() / 3;
+        loop {
+            tokio::time::sleep(every).await;
+            let mut guard = self.membership.lock().await;
+            let Some(m) = guard.as_mut() else {
+                return;
+            };
+            match self.members.renew(m).await {
+                Ok(()) => {}
+                Err(MemberError::Expired { .. }) => {
+                    tracing::warn!(node = %self.me.node, "membership expired (this node did not renew in time, e.g. it was frozen): its slots go to others; joining again");
+                    match self.members.join(self.me.clone()).await {
+                        Ok(n) => *m = n,
+                        Err(e) => tracing::warn!("joining again failed (trying again): {e}"),
+                    }
+                }
+                Err(e) => tracing::warn!("membership not renewed (trying again): {e}"),
+            }
+        }
+    }
+
+    async fn read_map(&self) -> Result<(SlotMap, Option<u64>), String> {
+        match self.maps.entry(MAP_KEY).await.map_err(|e| e.to_string())? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let map = serde_json::from_slice(&e.value).map_err(|e| e.to_string())?;
+                Ok((map, Some(e.revision)))
+            }
+            Some(e) => Ok((SlotMap::default(), Some(e.revision))),
+            None => Ok((SlotMap::default(), None)),
+        }
+    }
+
+    async fn assign_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(ASSIGN_EVERY).await;
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            if let Err(e) = self.assign_once().await {
+                tracing::debug!("assigner: {e}");
+            }
+        }
+    }
+
+    /// One round of the assigner: take or renew the lease; if held, plan
+    /// and write the map.
+    async fn assign_once(&self) -> Result<(), String> {
+        {
+            let mut lease = self.assigner.lock().await;
+            match lease.as_mut() {
+                None => match self.lease.try_join(self.me.clone()).await {
+                    Ok(Some(m)) => {
+                        tracing::info!(node = %self.me.node, "this node is the slot assigner");
+                        *lease = Some(m);
+                    }
+                    Ok(None) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                },
+                Some(m) => {
+                    // Renewed every round: a third of the lease is far
+                    // longer than a round.
+                    if let Err(e) = self.lease.renew(m).await {
+                        tracing::info!("no longer the slot assigner: {e}");
+                        *lease = None;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        let live: Vec<String> = self
+            .members
+            .list()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|m| m.node)
+            .collect();
+        let (map, revision) = self.read_map().await?;
+        let slots = self.layout.slots();
+        let mut next = plan(&map, slots, &live, false);
+        if next == map {
+            let loads: Vec<usize> = live.iter().map(|m| map.load(m)).collect();
+            let uneven = loads
+                .iter()
+                .max()
+                .zip(loads.iter().min())
+                .is_some_and(|(a, b)| a > &(b + 1));
+            if !uneven || !self.claims_match(&map).await? {
+                return Ok(());
+            }
+            next = plan(&map, slots, &live, true);
+            if next == map {
+                return Ok(());
+            }
+        }
+        let body = Bytes::from(serde_json::to_vec(&next).map_err(|e| e.to_string())?);
+        let written = match revision {
+            Some(r) => self
+                .maps
+                .update(MAP_KEY, body, r)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            None => self
+                .maps
+                .create(MAP_KEY, body)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        match written {
+            Ok(()) => {
+                let moved = next
+                    .owners
+                    .iter()
+                    .zip(map.owners.iter().chain(std::iter::repeat(&None)))
+                    .filter(|(a, b)| a != b)
+                    .count();
+                tracing::info!(moved, members = live.len(), "slot map written");
+                Ok(())
+            }
+            // Another assigner wrote first: plan again from its map.
+            Err(e) => Err(format!("slot map not written: {e}")),
+        }
+    }
+
+    /// Whether every slot's epoch is held by the owner the map names.
+    async fn claims_match(&self, map: &SlotMap) -> Result<bool, String> {
+        for (s, owner) in map.owners.iter().enumerate() {
+            let epoch = self.log.epoch(s as u16).await.map_err(|e| e.to_string())?;
+            if epoch.map(|e| e.node) != *owner {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn manage_loop(self: Arc<Self>) {
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            self.discard_lost().await;
+            match self.read_map().await {
+                Ok((map, _)) => {
+                    let mine: HashSet<u16> = map
+                        .owners
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, o)| o.as_deref() == Some(self.me.node.as_str()))
+                        .map(|(s, _)| s as u16)
+                        .collect();
+                    for s in self.held() {
+                        if !mine.contains(&s) {
+                            tracing::info!(slot = s, "slot moved to another node: giving it up");
+                            self.give_up(s);
+                        }
+                    }
+                    self.discard_lost().await;
+                    let held: HashSet<u16> = self.held().into_iter().collect();
+                    let mut wanted: Vec<u16> = mine.difference(&held).copied().collect();
+                    wanted.sort();
+                    for s in wanted {
+                        if self.stopping.load(Ordering::Acquire) {
+                            return;
+                        }
+                        if let Err(e) = self.take(s).await {
+                            tracing::warn!(slot = s, "slot not taken (trying again): {e}");
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!("slot map not read: {e}"),
+            }
+            tokio::time::sleep(MANAGE_EVERY).await;
+        }
+    }
+
+    /// Stops deciding `slot` at once; its pending changes are discarded
+    /// by the manager once no worker decides for it.
+    fn give_up(&self, slot: u16) {
+        if self.lock_held().remove(&slot).is_some() {
+            self.tenures.end(slot);
+            self.lost
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(slot);
+        }
+    }
+
+    async fn discard_lost(&self) {
+        let lost = std::mem::take(&mut *self.lost.lock().unwrap_or_else(|e| e.into_inner()));
+        if lost.is_empty() {
+            return;
+        }
+        let version = self.tenures.bump();
+        if !self.tenures.settled(version, SETTLE_PATIENCE).await {
+            tracing::warn!("workers slow to let go of slots given up");
+        }
+        for s in lost {
+            if self.tenures.current(s) == 0 {
+                self.store.discard_slot(s);
+            }
+        }
+    }
+
+    /// Claims `slot`, catches the store up from its commit log, and starts
+    /// feeding its events.
+    async fn take(&self, slot: u16) -> Result<(), NodeError> {
+        let started = Instant::now();
+        let current = self.log.epoch(slot).await?;
+        let epoch = match self.log.claim(slot, &self.me.node, current.as_ref()).await {
+            Ok(e) => e,
+            // Someone claimed since we read: the next round reads again.
+            Err(LogError::Lost { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        // Nobody decides the slot here now; what was pending of an earlier
+        // tenure goes before the store catches up.
+        let version = self.tenures.end(slot);
+        self.tenures.settled(version, SETTLE_PATIENCE).await;
+        self.store.discard_slot(slot);
+        let from = self
+            .store
+            .applied(slot)
+            .map_err(|e| LogError::Nats(e.to_string()))?;
+        let mut after = from;
+        let mut records = 0;
+        loop {
+            let batch = self.log.commits(slot, after, 1000).await?;
+            if batch.is_empty() {
+                break;
+            }
+            for r in batch {
+                let ops: Vec<Op> = decode_ops(&r.payload).ok_or_else(|| {
+                    LogError::Nats(format!("slot {slot}: commit record {} unreadable", r.seq))
+                })?;
+                self.store
+                    .apply_commit(slot, r.seq, &ops)
+                    .map_err(|e| LogError::Nats(e.to_string()))?;
+                after = r.seq;
+                records += 1;
+            }
+        }
+        let vshards: Vec<usize> = self.layout.vshards(slot).collect();
+        let (watermarks, above) = self
+            .store
+            .marks(&vshards)
+            .map_err(|e| LogError::Nats(e.to_string()))?;
+        let Some(worker) = self
+            .workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|w| w[self.tenures.worker_of(slot)].clone())
+        else {
+            return Ok(());
+        };
+        let tenure = self.tenures.begin(slot);
+        self.lock_held().insert(slot, epoch.clone());
+        let feed = Feed {
+            js: self.js.clone(),
+            layout: self.layout.clone(),
+            slot,
+            tenure,
+            tenures: self.tenures.clone(),
+            watermarks,
+            above: above.into_iter().collect(),
+            worker,
+            inflight: self.inflight.clone(),
+            max_inflight: self.max_inflight,
+            stop: self.stop_feeding.clone(),
+        };
+        let handle = tokio::spawn(feed.run());
+        self.feeders
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
+        let hook = self
+            .on_taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            hook(slot);
+        }
+        tracing::info!(
+            slot,
+            epoch = epoch.seq,
+            replaced = current.map(|e| e.node).unwrap_or_default(),
+            records,
+            ms = started.elapsed().as_millis() as u64,
+            "slot taken"
+        );
+        Ok(())
+    }
+
+    /// The persister's gate: commits each held slot's changes, all slots
+    /// at once, each fenced by the slot's epoch.
+    pub async fn commit(&self, by_slot: &BTreeMap<u16, Vec<Op>>) -> Admission {
+        let held = self.lock_held().clone();
+        let attempts = by_slot.iter().filter_map(|(slot, ops)| {
+            let epoch = held.get(slot)?.clone();
+            let n = self.commits.fetch_add(1, Ordering::Relaxed);
+            let id = format!("{}.{}.{}.{n}", self.me.node, slot, epoch.seq);
+            let records: Vec<Bytes> = encode_ops(ops, RECORD_BYTES)
+                .into_iter()
+                .map(Bytes::from)
+                .collect();
+            Some(async move {
+                let r = self.log.commit(&epoch, &id, &records).await;
+                (*slot, r)
+            })
+        });
+        let results = futures_util::future::join_all(attempts).await;
+        let mut out = Admission::default();
+        for (slot, r) in results {
+            match r {
+                Ok(c) => {
+                    out.admitted.insert(slot, c.last_seq);
+                }
+                Err(LogError::Fenced { epoch, .. }) => {
+                    tracing::warn!(slot, epoch, "fenced: another node claimed the slot; its uncommitted decisions are dropped (the new owner makes them)");
+                    self.give_up(slot);
+                }
+                Err(e) => {
+                    tracing::warn!(slot, "commit not stored (trying again): {e}");
+                    out.retry.insert(slot);
+                }
+            }
+        }
+        out
+    }
+
+    /// Ingest on this node: publishes `events` to the events stream and
+    /// answers once JetStream acknowledged every one (any node takes any
+    /// customer's events; the slot's owner decides them).
+    pub async fn submit(
+        &self,
+        events: Vec<crate::ingest::Incoming>,
+    ) -> Result<crate::inbox::Ack, crate::ingest::IngestError> {
+        use crate::ingest::IngestError;
+        if self.stopping.load(Ordering::Acquire) {
+            return Err(IngestError::Unavailable("shutting down".into()));
+        }
+        let batch: Vec<super::ingest::Event<'_>> = events
+            .iter()
+            .map(|i| super::ingest::Event {
+                customer: &i.event.customer,
+                message_id: &i.event.message_id,
+                body: Bytes::from(i.raw.clone()),
+            })
+            .collect();
+        match self.publisher.publish(&batch).await {
+            Ok(stored) => {
+                let duplicates = stored.iter().filter(|s| s.duplicate).count();
+                Ok(crate::inbox::Ack {
+                    accepted: stored.len() - duplicates,
+                    duplicates,
+                })
+            }
+            Err(e) => Err(IngestError::Busy {
+                message: e.to_string(),
+                retry_after: 1,
+            }),
+        }
+    }
+
+    /// Stops reading events (shutdown); held slots stay held until
+    /// [`Node::leave`], so what was read is decided and committed.
+    pub async fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop_feeding.store(true, Ordering::Release);
+        let feeders = std::mem::take(&mut *self.feeders.lock().unwrap_or_else(|e| e.into_inner()));
+        for f in feeders {
+            let _ = f.await;
+        }
+        // The workers' queues close once the feeders' copies are gone.
+        self.workers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    /// Leaves the cluster (after the last persist): the others take this
+    /// node's slots without waiting for its lease to run out.
+    pub async fn leave(&self) {
+        for s in self.held() {
+            self.give_up(s);
+        }
+        if let Some(m) = self.assigner.lock().await.take() {
+            let _ = self.lease.leave(&m).await;
+        }
+        if let Some(m) = self.membership.lock().await.take() {
+            if let Err(e) = self.members.leave(&m).await {
+                tracing::warn!("leaving the cluster: {e} (the others wait out the lease)");
+            }
+        }
+        tracing::info!(node = %self.me.node, "left the cluster");
+    }
+}

@@ -1,0 +1,81 @@
+//! What `nudge serve` does differently as a cluster node: the persister
+//! commits through the slots' log before it writes, and the deliverer
+//! sends only for slots the node holds.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use crate::cluster::node::Node;
+use crate::deliver;
+use crate::store::Store;
+
+use super::PERSIST_EVERY;
+
+/// Whether the node holds a customer's slot (the deliverer asks).
+pub(super) fn owns(node: &Arc<Node>, store: &Store) -> deliver::Owns {
+    let tenures = node.tenures();
+    let slots = store.cluster_slots().unwrap_or(1);
+    Arc::new(move |customer: &str| {
+        let slot = (crate::store::vshard_of(customer) % usize::from(slots.max(1))) as u16;
+        tenures.current(slot) != 0
+    })
+}
+
+/// When the node takes a slot, the slot's pending deliveries (intents
+/// committed by an earlier owner without a recorded result) go to the
+/// deliverer: a new owner sends only what has no result.
+pub(super) fn hand_over_deliveries(node: &Arc<Node>, store: &Store, tx: &Sender<deliver::Input>) {
+    let (store, tx) = (store.clone(), tx.clone());
+    let slots = store.cluster_slots().unwrap_or(1);
+    let tx = std::sync::Mutex::new(tx);
+    node.on_taken(Arc::new(move |slot: u16| {
+        let entries = match store.outbox() {
+            Ok(all) => all
+                .into_iter()
+                .filter(|v| crate::store::slot_of_key(b"O", Some(v), slots) == Some(slot))
+                .collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::error!(slot, "outbox not read: {e}");
+                return;
+            }
+        };
+        if !entries.is_empty() {
+            tracing::info!(
+                slot,
+                deliveries = entries.len(),
+                "pending deliveries of the slot taken over"
+            );
+            let tx = tx.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = tx.send(deliver::Input::New(entries));
+        }
+    }));
+}
+
+/// The cluster's persister: every [`PERSIST_EVERY`], what the workers and
+/// the deliverer changed goes to the slots' commit log, then what the log
+/// stored to sled and disk; only then are new deliveries handed on.
+pub(super) fn persist_loop(
+    store: Store,
+    stop: Arc<AtomicBool>,
+    deliver: Sender<deliver::Input>,
+    node: Arc<Node>,
+    rt: tokio::runtime::Handle,
+) {
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        let persisted = store.persist_gated(|by_slot| Ok(rt.block_on(node.commit(by_slot))));
+        match persisted.and_then(|p| store.sync().map(|()| p)) {
+            Ok(p) => {
+                if !p.outbox.is_empty() {
+                    let _ = deliver.send(deliver::Input::New(p.outbox));
+                }
+            }
+            Err(e) => tracing::error!("persist failed (retrying): {e}"),
+        }
+        if stopping {
+            return;
+        }
+        std::thread::sleep(PERSIST_EVERY);
+    }
+}
