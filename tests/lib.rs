@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
 
+pub mod cluster;
 pub mod nats;
 pub mod webdriver;
 

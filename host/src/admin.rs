@@ -6,6 +6,9 @@
 //! - `POST /v1/generations/{n}/activate`, `POST /v1/generations/rollback`.
 //! - `GET /v1/campaigns`; `POST /v1/campaigns/{id}/pause` and `/resume`.
 //! - `DELETE /v1/plugins/{name}/quarantine`: release by hand.
+//! - `GET /v1/cluster` (a cluster node): members, the assigner, each
+//!   slot's assigned node, owner, epoch and lag (asked of every member);
+//!   `GET /v1/cluster/lag`: this node's slots' lag.
 //!
 //! Reads take a `viewer` (or `operator`) token; every change an
 //! `operator` one. Generation and pause records name the token that asked
@@ -39,6 +42,78 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/campaigns/{id}/pause", post(pause))
         .route("/v1/campaigns/{id}/resume", post(resume))
         .route("/v1/plugins/{name}/quarantine", delete(release))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/cluster/lag", get(cluster_lag))
+}
+
+fn not_a_cluster() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "this server is not a cluster node (no [cluster] section)".into(),
+    )
+}
+
+/// The cluster's status, with every member's lag.
+async fn cluster(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_api(&s, &headers, Role::Viewer) {
+        return *r;
+    }
+    let Some(node) = &s.node else {
+        return not_a_cluster();
+    };
+    let mut st = match node.status().await {
+        Ok(st) => st,
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cluster status: {e}"),
+            )
+        }
+    };
+    // The other members' lag, with the caller's own credential (every
+    // node has the same tokens); one that does not answer shows none.
+    let token = crate::api::bearer(&headers).map(str::to_owned);
+    let client = reqwest::Client::new();
+    for (name, api) in st.members.clone() {
+        if name == node.name() {
+            continue;
+        }
+        let mut req = client
+            .get(format!("{}/v1/cluster/lag", api.trim_end_matches('/')))
+            .timeout(std::time::Duration::from_secs(2));
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        let lags: Option<std::collections::BTreeMap<u16, u64>> = match req.send().await {
+            Ok(r) if r.status().is_success() => r
+                .bytes()
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok()),
+            _ => None,
+        };
+        for (slot, lag) in lags.into_iter().flatten() {
+            if let Some(x) = st
+                .slots
+                .iter_mut()
+                .find(|x| x.slot == slot && x.owner.as_deref() == Some(name.as_str()))
+            {
+                x.lag = Some(lag);
+            }
+        }
+    }
+    Json(json!({ "node": node.name(), "status": st })).into_response()
+}
+
+/// This node's slots: events stored and not yet read.
+async fn cluster_lag(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_api(&s, &headers, Role::Viewer) {
+        return *r;
+    }
+    match &s.node {
+        Some(node) => Json(node.lags()).into_response(),
+        None => not_a_cluster(),
+    }
 }
 
 fn reload_error(e: ReloadError) -> Response {

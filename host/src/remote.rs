@@ -149,7 +149,61 @@ pub async fn status(remote: &Remote, all: bool) -> anyhow::Result<()> {
     };
     let v = remote.call(reqwest::Method::GET, path).await?;
     remote.print(&v, status_text);
+    // A cluster node also shows the cluster; a lone server answers 404.
+    if let Ok(c) = remote.call(reqwest::Method::GET, "/v1/cluster").await {
+        remote.print(&c, cluster_text);
+    }
     Ok(())
+}
+
+/// The cluster as `GET /v1/cluster` describes it, for people.
+pub fn cluster_text(v: &Value) -> String {
+    let st = &v["status"];
+    let mut out = format!(
+        "\ncluster (asked {}): assigner {}\n",
+        s(v, "node"),
+        st["assigner"].as_str().unwrap_or("none")
+    );
+    let members = st["members"].as_array().cloned().unwrap_or_default();
+    out.push_str(&format!("members ({}):\n", members.len()));
+    let slots = st["slots"].as_array().cloned().unwrap_or_default();
+    for m in &members {
+        let name = m[0].as_str().unwrap_or("");
+        let held = slots
+            .iter()
+            .filter(|x| x["owner"].as_str() == Some(name))
+            .count();
+        out.push_str(&format!(
+            "  {name:<20} {:<28} {held} slots\n",
+            m[1].as_str().unwrap_or("")
+        ));
+    }
+    for st in st["streams"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "stream {}: {} messages, {} bytes, leader {}\n",
+            s(st, "name"),
+            st["messages"],
+            st["bytes"],
+            st["leader"].as_str().unwrap_or("none")
+        ));
+    }
+    out.push_str("slot  owner                 epoch       lag  (assigned to)\n");
+    for x in &slots {
+        let owner = x["owner"].as_str().unwrap_or("-");
+        let assigned = x["assigned"].as_str().unwrap_or("-");
+        let moving = if owner != assigned {
+            format!("  (moving to {assigned})")
+        } else {
+            String::new()
+        };
+        let lag = x["lag"].as_u64().map_or("?".to_string(), |l| l.to_string());
+        out.push_str(&format!(
+            "{:>4}  {owner:<20} {:>6} {lag:>9}{moving}\n",
+            x["slot"],
+            x["epoch"].as_u64().map_or("-".into(), |e| e.to_string()),
+        ));
+    }
+    out
 }
 
 pub async fn rollback(remote: &Remote, to: Option<u64>) -> anyhow::Result<()> {

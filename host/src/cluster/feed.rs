@@ -46,6 +46,8 @@ pub struct Feed {
     /// Set at shutdown: stop reading, keep the tenure (what was read is
     /// decided and committed).
     pub stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Per slot: events stored and not yet read, as last seen.
+    pub lag: Arc<[std::sync::atomic::AtomicU64]>,
 }
 
 impl Feed {
@@ -57,6 +59,12 @@ impl Feed {
             .map(|v| self.watermarks.get(&v).copied().unwrap_or(0))
             .min()
             .unwrap_or(0)
+    }
+
+    fn set_lag(&self, n: u64) {
+        if let Some(l) = self.lag.get(usize::from(self.slot)) {
+            l.store(n, Ordering::Relaxed);
+        }
     }
 
     fn live(&self) -> bool {
@@ -99,7 +107,11 @@ impl Feed {
             };
             loop {
                 let next = match tokio::time::timeout(CHECK, messages.next()).await {
-                    Err(_) if self.live() => continue,
+                    Err(_) if self.live() => {
+                        // Nothing for a while: everything stored was read.
+                        self.set_lag(0);
+                        continue;
+                    }
                     Err(_) => break 'consumer,
                     Ok(None) => continue 'consumer,
                     Ok(Some(Err(e))) => {
@@ -112,6 +124,7 @@ impl Feed {
                     continue 'consumer;
                 };
                 let seq = info.stream_sequence;
+                self.set_lag(info.pending);
                 // Its age on arrival: the decision latency counts from the
                 // acknowledgement, not from this read.
                 let published = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;

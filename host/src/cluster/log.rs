@@ -290,6 +290,31 @@ impl SlotLog {
     }
 }
 
+impl SlotLog {
+    /// Every claim of `slot` still in the log, in order (`nudge status`
+    /// and the tests check commits against them).
+    pub async fn claims(&self, slot: u16) -> Result<Vec<Record>> {
+        super::read(
+            &self.js,
+            &self.layout.log_stream(),
+            &self.layout.epoch_subject(slot),
+            0,
+            usize::MAX,
+        )
+        .await
+        .map_err(nats)
+    }
+}
+
+/// The epoch a commit record was made under, from its message id
+/// (`<node>.<slot>.<epoch>.<n>:<record>`, as nodes name their commits).
+pub fn epoch_of_record(message_id: &str) -> Option<u64> {
+    let head = message_id.rsplit_once(':')?.0;
+    let mut parts = head.rsplitn(3, '.');
+    let _n = parts.next()?;
+    parts.next()?.parse().ok()
+}
+
 /// A batch id: 32 random hex digits (JetStream allows up to 64 bytes).
 fn batch_id() -> String {
     let mut b = [0u8; 16];

@@ -56,6 +56,8 @@ pub struct Members {
 #[derive(Clone, Debug)]
 pub struct Membership {
     pub member: Member,
+    /// Its key in the bucket (the member's name, or a role's name).
+    pub key: String,
     pub revision: u64,
 }
 
@@ -126,7 +128,13 @@ impl Members {
                 .create_with_ttl(&member.node, value.clone(), self.ttl)
                 .await
             {
-                Ok(revision) => return Ok(Membership { member, revision }),
+                Ok(revision) => {
+                    return Ok(Membership {
+                        key: member.node.clone(),
+                        member,
+                        revision,
+                    })
+                }
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                     if started.elapsed() > self.ttl + Duration::from_secs(1) {
                         return Err(MemberError::NameTaken { node: member.node });
@@ -138,12 +146,21 @@ impl Members {
         }
     }
 
-    /// Joins as `member` if no live key has its name, without waiting:
-    /// `None` when one does (a lease someone else holds).
-    pub async fn try_join(&self, member: Member) -> Result<Option<Membership>, MemberError> {
+    /// Takes `key` for `member` if no live key has that name, without
+    /// waiting: `None` when one does (a role someone else holds, such as
+    /// the assigner's lease).
+    pub async fn try_claim(
+        &self,
+        key: &str,
+        member: Member,
+    ) -> Result<Option<Membership>, MemberError> {
         let value = Bytes::from(serde_json::to_vec(&member).map_err(nats)?);
-        match self.kv.create_with_ttl(&member.node, value, self.ttl).await {
-            Ok(revision) => Ok(Some(Membership { member, revision })),
+        match self.kv.create_with_ttl(key, value, self.ttl).await {
+            Ok(revision) => Ok(Some(Membership {
+                member,
+                key: key.to_owned(),
+                revision,
+            })),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
             Err(e) => Err(nats(e)),
         }
@@ -171,7 +188,7 @@ impl Members {
             HeaderValue::from(m.revision),
         );
         let value = Bytes::from(serde_json::to_vec(&m.member).map_err(nats)?);
-        let subject = format!("$KV.{}.{}", self.bucket, m.member.node);
+        let subject = format!("$KV.{}.{}", self.bucket, m.key);
         let ack = self
             .js
             .publish_with_headers(subject, h, value)
@@ -184,7 +201,7 @@ impl Members {
                 Ok(())
             }
             Err(e) if super::refused_as_stale(&e) => Err(MemberError::Expired {
-                node: m.member.node.clone(),
+                node: m.key.clone(),
             }),
             Err(e) => Err(nats(e)),
         }
@@ -192,7 +209,7 @@ impl Members {
 
     /// Leaves at once (a clean shutdown), so nobody waits out the TTL.
     pub async fn leave(&self, m: &Membership) -> Result<(), MemberError> {
-        self.kv.purge(&m.member.node).await.map_err(nats)
+        self.kv.purge(&m.key).await.map_err(nats)
     }
 
     /// The live members, by name. Listing creates a consumer, which needs

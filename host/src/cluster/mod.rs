@@ -10,6 +10,7 @@
 //! - [`log`]: claims (compare-and-set epochs) and fenced atomic commits.
 //! - [`members`]: live nodes as keys with a time to live.
 //! - [`assign`]: the slot map and the assigner's policy.
+//! - [`status`]: members, the map, epochs and streams, for `nudge status`.
 //! - [`tenure`]: which slots this node decides now, as its workers see it.
 //! - [`feed`]: a held slot's events to its worker.
 //! - [`node`]: one node: membership, assigner, taking and giving up
@@ -23,6 +24,7 @@ pub mod log;
 pub mod members;
 pub mod node;
 pub mod slots;
+pub mod status;
 pub mod tenure;
 
 use std::time::Duration;

@@ -90,12 +90,19 @@ pub struct Node {
     /// Called with each slot taken, once the store caught up (the server
     /// hands the slot's pending deliveries to its deliverer).
     on_taken: Mutex<Option<TakenHook>>,
+    client: async_nats::Client,
+    /// Per slot: events stored and not yet read by this node's feeder.
+    lag: Arc<[AtomicU64]>,
+    cfg: ClusterConfig,
 }
 
 type TakenHook = Arc<dyn Fn(u16) + Send + Sync>;
 
 /// The slot map's key in its bucket.
-const MAP_KEY: &str = "map";
+pub(crate) const MAP_KEY: &str = "map";
+
+/// The assigner's lease: its key in the lease bucket.
+pub(crate) const ASSIGNER_KEY: &str = "assigner";
 
 impl Node {
     /// Connects and joins the cluster as `cfg.node`, answering its API at
@@ -165,11 +172,35 @@ impl Node {
             stopping: AtomicBool::new(false),
             feeders: Mutex::new(Vec::new()),
             on_taken: Mutex::new(None),
+            client,
+            lag: (0..cfg.slots).map(|_| AtomicU64::new(0)).collect(),
+            cfg: cfg.clone(),
         }))
     }
 
     pub fn tenures(&self) -> Arc<Tenures> {
         self.tenures.clone()
+    }
+
+    /// The cluster's status as JetStream holds it, with the lag of the
+    /// slots this node holds.
+    pub async fn status(&self) -> Result<super::status::Status, String> {
+        let mut st = super::status::read(&self.js, self.client.clone(), &self.cfg).await?;
+        let lags = self.lags();
+        for s in st.slots.iter_mut() {
+            if let Some(l) = lags.get(&s.slot) {
+                s.lag = Some(*l);
+            }
+        }
+        Ok(st)
+    }
+
+    /// Slot → events stored and not yet read, for the slots held.
+    pub fn lags(&self) -> BTreeMap<u16, u64> {
+        self.held()
+            .into_iter()
+            .map(|s| (s, self.lag[usize::from(s)].load(Ordering::Relaxed)))
+            .collect()
     }
 
     /// Sets what is called with each slot taken.
@@ -256,7 +287,7 @@ impl Node {
         {
             let mut lease = self.assigner.lock().await;
             match lease.as_mut() {
-                None => match self.lease.try_join(self.me.clone()).await {
+                None => match self.lease.try_claim(ASSIGNER_KEY, self.me.clone()).await {
                     Ok(Some(m)) => {
                         tracing::info!(node = %self.me.node, "this node is the slot assigner");
                         *lease = Some(m);
@@ -477,6 +508,7 @@ impl Node {
             inflight: self.inflight.clone(),
             max_inflight: self.max_inflight,
             stop: self.stop_feeding.clone(),
+            lag: self.lag.clone(),
         };
         let handle = tokio::spawn(feed.run());
         self.feeders
