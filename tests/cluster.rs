@@ -375,6 +375,20 @@ pub struct Run {
     pub shift: i64,
 }
 
+impl Drop for Run {
+    /// A failed test keeps the nodes' logs, in the temporary folder.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for node in &self.nodes {
+                let to = std::env::temp_dir()
+                    .join(format!("nudge-cluster-{}-{}.log", self.prefix, node.name));
+                let _ = std::fs::write(&to, node.logged());
+                eprintln!("{}'s log kept in {}", node.name, to.display());
+            }
+        }
+    }
+}
+
 impl Run {
     /// Starts NATS, SMTP and `n` Nudge nodes (the binary `bin`), and
     /// waits until the slots are spread over all of them.
@@ -458,21 +472,24 @@ impl Run {
     /// fair share.
     pub fn wait_spread(&self, n: usize) {
         let fair = usize::from(SLOTS) / n;
-        eventually(
-            Duration::from_secs(90),
-            "slots spread over the nodes",
-            || {
-                let owners = self.reader.owners(&self.http);
-                let mut load: HashMap<String, usize> = HashMap::new();
-                for o in owners.iter().flatten() {
-                    *load.entry(o.clone()).or_default() += 1;
-                }
-                (owners.iter().all(Option::is_some)
-                    && load.len() == n
-                    && load.values().all(|c| *c >= fair))
-                .then_some(())
-            },
-        );
+        let started = Instant::now();
+        loop {
+            let owners = self.reader.owners(&self.http);
+            let mut load: HashMap<String, usize> = HashMap::new();
+            for o in owners.iter().flatten() {
+                *load.entry(o.clone()).or_default() += 1;
+            }
+            if owners.iter().all(Option::is_some)
+                && load.len() == n
+                && load.values().all(|c| *c >= fair)
+            {
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(90) {
+                panic!("slots not spread over {n} nodes after 90 s: {owners:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The events in batches of 50, in file order.

@@ -199,7 +199,7 @@ pub fn cluster_text(v: &Value) -> String {
         let lag = x["lag"].as_u64().map_or("?".to_string(), |l| l.to_string());
         out.push_str(&format!(
             "{:>4}  {owner:<20} {:>6} {lag:>9}{moving}\n",
-            x["slot"],
+            x["slot"].as_u64().unwrap_or(0),
             x["epoch"].as_u64().map_or("-".into(), |e| e.to_string()),
         ));
     }

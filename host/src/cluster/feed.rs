@@ -125,6 +125,13 @@ impl Feed {
                 };
                 let seq = info.stream_sequence;
                 self.set_lag(info.pending);
+                // The client's ordered consumer starts itself over after a
+                // gap or a lost server, and may deliver again what it had:
+                // never hand on anything twice.
+                if seq <= last {
+                    skipped += 1;
+                    continue;
+                }
                 // Its age on arrival: the decision latency counts from the
                 // acknowledgement, not from this read.
                 let published = (info.published.unix_timestamp_nanos() / 1_000_000) as i64;

@@ -45,6 +45,9 @@ const ASSIGN_EVERY: Duration = Duration::from_millis(250);
 /// message is 1 MiB).
 const RECORD_BYTES: usize = 256 << 10;
 
+/// How long start-up waits for NATS JetStream to answer.
+const OPEN_PATIENCE: Duration = Duration::from_secs(60);
+
 /// How long a slot change waits for the workers to let go of the slot.
 const SETTLE_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -93,6 +96,8 @@ pub struct Node {
     client: async_nats::Client,
     /// Per slot: events stored and not yet read by this node's feeder.
     lag: Arc<[AtomicU64]>,
+    /// Slots whose commits are failing: attempts so far.
+    failing: Mutex<HashMap<u16, u64>>,
     cfg: ClusterConfig,
 }
 
@@ -119,35 +124,35 @@ impl Node {
     ) -> Result<Arc<Node>, NodeError> {
         let (client, js) = super::connect(cfg, |k| std::env::var(k).ok()).await?;
         let layout = Layout::new(&cfg.prefix, cfg.slots);
-        let log = SlotLog::open(client.clone(), js.clone(), layout.clone(), cfg.replicas).await?;
-        let publisher = Publisher::open(js.clone(), layout.clone(), cfg.replicas).await?;
-        let members = Members::open(js.clone(), &cfg.prefix, cfg.replicas, cfg.lease.0).await?;
-        let lease = Members::open_bucket(
-            js.clone(),
-            &format!("{}_lease", cfg.prefix),
-            cfg.replicas,
-            cfg.lease.0,
-        )
-        .await?;
-        let bucket = format!("{}_slots", cfg.prefix);
-        let maps = match js.get_key_value(&bucket).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    history: 1,
-                    num_replicas: cfg.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| NodeError::Map(e.to_string()))?,
+        // A NATS cluster that is starting (or electing) times requests
+        // out for a while: the streams and buckets are tried again until
+        // it answers, for up to a minute.
+        let started = Instant::now();
+        let (log, publisher, members, lease, maps) = loop {
+            match Node::streams(&client, &js, &layout, cfg).await {
+                Ok(all) => break all,
+                Err(e) if started.elapsed() < OPEN_PATIENCE => {
+                    tracing::warn!("NATS JetStream not ready (trying again): {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
         };
         store.join_cluster(cfg.slots);
         let me = Member {
             node: cfg.node.clone(),
             api,
         };
-        let membership = members.join(me.clone()).await?;
+        let membership = loop {
+            match members.join(me.clone()).await {
+                Ok(m) => break m,
+                Err(MemberError::Nats(e)) if started.elapsed() < OPEN_PATIENCE => {
+                    tracing::warn!("joining the cluster (trying again): {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         tracing::info!(node = %me.node, slots = cfg.slots, "joined the cluster");
         Ok(Arc::new(Node {
             me,
@@ -174,8 +179,47 @@ impl Node {
             on_taken: Mutex::new(None),
             client,
             lag: (0..cfg.slots).map(|_| AtomicU64::new(0)).collect(),
+            failing: Mutex::new(HashMap::new()),
             cfg: cfg.clone(),
         }))
+    }
+
+    /// Opens (creating if need be) the streams and buckets.
+    async fn streams(
+        client: &async_nats::Client,
+        js: &jetstream::Context,
+        layout: &Layout,
+        cfg: &ClusterConfig,
+    ) -> Result<(SlotLog, Publisher, Members, Members, kv::Store), NodeError> {
+        let log = SlotLog::open(client.clone(), js.clone(), layout.clone(), cfg.replicas).await?;
+        let publisher = Publisher::open(js.clone(), layout.clone(), cfg.replicas).await?;
+        let members = Members::open(js.clone(), &cfg.prefix, cfg.replicas, cfg.lease.0).await?;
+        let lease = Members::open_bucket(
+            js.clone(),
+            &format!("{}_lease", cfg.prefix),
+            cfg.replicas,
+            cfg.lease.0,
+        )
+        .await?;
+        let bucket = format!("{}_slots", cfg.prefix);
+        let maps = match js.get_key_value(&bucket).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(kv::Config {
+                    bucket: bucket.clone(),
+                    history: 1,
+                    num_replicas: cfg.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| NodeError::Map(e.to_string()))?,
+        };
+        if cfg.replicas > 1 {
+            super::wait_for_leader(js, &format!("KV_{bucket}"))
+                .await
+                .map_err(NodeError::Map)?;
+        }
+        Ok((log, publisher, members, lease, maps))
     }
 
     pub fn tenures(&self) -> Arc<Tenures> {
@@ -221,6 +265,10 @@ impl Node {
         let mut h: Vec<u16> = self.lock_held().keys().copied().collect();
         h.sort();
         h
+    }
+
+    fn lock_failing(&self) -> std::sync::MutexGuard<'_, HashMap<u16, u64>> {
+        self.failing.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<u16, Epoch>> {
@@ -399,13 +447,8 @@ impl Node {
                     let held: HashSet<u16> = self.held().into_iter().collect();
                     let mut wanted: Vec<u16> = mine.difference(&held).copied().collect();
                     wanted.sort();
-                    for s in wanted {
-                        if self.stopping.load(Ordering::Acquire) {
-                            return;
-                        }
-                        if let Err(e) = self.take(s).await {
-                            tracing::warn!(slot = s, "slot not taken (trying again): {e}");
-                        }
+                    if !wanted.is_empty() && !self.stopping.load(Ordering::Acquire) {
+                        self.take(wanted).await;
                     }
                 }
                 Err(e) => tracing::debug!("slot map not read: {e}"),
@@ -442,22 +485,66 @@ impl Node {
         }
     }
 
-    /// Claims `slot`, catches the store up from its commit log, and starts
-    /// feeding its events.
-    async fn take(&self, slot: u16) -> Result<(), NodeError> {
+    /// Claims `slots`, all at once; catches the store up on each one won
+    /// from its commit log, and starts feeding its events.
+    async fn take(&self, slots: Vec<u16>) {
         let started = Instant::now();
-        let current = self.log.epoch(slot).await?;
-        let epoch = match self.log.claim(slot, &self.me.node, current.as_ref()).await {
-            Ok(e) => e,
-            // Someone claimed since we read: the next round reads again.
-            Err(LogError::Lost { .. }) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        // Nobody decides the slot here now; what was pending of an earlier
-        // tenure goes before the store catches up.
-        let version = self.tenures.end(slot);
+        let claims = futures_util::future::join_all(slots.iter().map(|s| self.claim(*s))).await;
+        let mut won = Vec::new();
+        for (slot, c) in slots.iter().zip(claims) {
+            match c {
+                Ok(Some(c)) => won.push((*slot, c)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(slot, "slot not claimed (trying again): {e}"),
+            }
+        }
+        if won.is_empty() {
+            return;
+        }
+        // Nobody decides these slots here now; what was pending of an
+        // earlier tenure goes before the store catches up.
+        let mut version = 0;
+        for (slot, _) in &won {
+            version = self.tenures.end(*slot);
+        }
         self.tenures.settled(version, SETTLE_PATIENCE).await;
-        self.store.discard_slot(slot);
+        for (slot, _) in &won {
+            self.store.discard_slot(*slot);
+        }
+        let results = futures_util::future::join_all(
+            won.into_iter()
+                .map(|(slot, (replaced, epoch))| self.start(slot, epoch, replaced, started)),
+        )
+        .await;
+        for r in results {
+            if let Err(e) = r {
+                tracing::warn!(
+                    "slot claimed but not started (its epoch stays ours; trying again): {e}"
+                );
+            }
+        }
+    }
+
+    /// Claims `slot` from its current epoch: the epoch replaced and ours,
+    /// or `None` when another node claimed first.
+    async fn claim(&self, slot: u16) -> Result<Option<(Option<Epoch>, Epoch)>, NodeError> {
+        let current = self.log.epoch(slot).await?;
+        match self.log.claim(slot, &self.me.node, current.as_ref()).await {
+            Ok(e) => Ok(Some((current, e))),
+            // Someone claimed since we read: the next round reads again.
+            Err(LogError::Lost { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Catches the store up on a claimed slot and starts feeding it.
+    async fn start(
+        &self,
+        slot: u16,
+        epoch: Epoch,
+        current: Option<Epoch>,
+        started: Instant,
+    ) -> Result<(), NodeError> {
         let from = self
             .store
             .applied(slot)
@@ -557,13 +644,26 @@ impl Node {
             match r {
                 Ok(c) => {
                     out.admitted.insert(slot, c.last_seq);
+                    if let Some(n) = self.lock_failing().remove(&slot) {
+                        tracing::info!(slot, attempts = n, "commits stored again");
+                    }
                 }
                 Err(LogError::Fenced { epoch, .. }) => {
                     tracing::warn!(slot, epoch, "fenced: another node claimed the slot; its uncommitted decisions are dropped (the new owner makes them)");
                     self.give_up(slot);
                 }
                 Err(e) => {
-                    tracing::warn!(slot, "commit not stored (trying again): {e}");
+                    // Once per streak (and every 100th), not every 50 ms
+                    // while JetStream elects a leader.
+                    let n = {
+                        let mut failing = self.lock_failing();
+                        let n = failing.entry(slot).or_default();
+                        *n += 1;
+                        *n
+                    };
+                    if n == 1 || n % 100 == 0 {
+                        tracing::warn!(slot, attempts = n, "commit not stored (trying again): {e}");
+                    }
                     out.retry.insert(slot);
                 }
             }
