@@ -255,6 +255,44 @@ impl LogReader {
         LogReader { log, cfg }
     }
 
+    /// Stores `events` in the events stream again under other JetStream
+    /// message ids: what a client sending them again after JetStream's
+    /// two-minute window looks like to the owners.
+    pub fn republish(&self, http: &Http, events: &[Value]) {
+        http.rt.block_on(async {
+            let (_, js) = nudge::cluster::connect(&self.cfg, |_| None)
+                .await
+                .expect("connect");
+            let publisher = nudge::cluster::ingest::Publisher::open(
+                js,
+                Layout::new(&self.cfg.prefix, SLOTS),
+                3,
+            )
+            .await
+            .expect("events stream");
+            let batch: Vec<(String, String, Vec<u8>)> = events
+                .iter()
+                .map(|e| {
+                    (
+                        e["userId"].as_str().unwrap_or_default().to_owned(),
+                        format!("again-{}", e["messageId"].as_str().unwrap_or_default()),
+                        serde_json::to_vec(e).unwrap(),
+                    )
+                })
+                .collect();
+            let events: Vec<nudge::cluster::ingest::Event<'_>> = batch
+                .iter()
+                .map(|(c, id, body)| nudge::cluster::ingest::Event {
+                    customer: c,
+                    message_id: id,
+                    body: body.clone().into(),
+                })
+                .collect();
+            let stored = publisher.publish(&events).await.expect("published");
+            assert!(stored.iter().all(|s| !s.duplicate));
+        })
+    }
+
     /// Members, the map, epochs, as any node would read them.
     pub fn status(&self, http: &Http) -> nudge::cluster::status::Status {
         http.rt
@@ -636,6 +674,43 @@ impl Run {
         }
         let repeats = mails.values().map(|c| c.len() - 1).sum();
         (mails.len(), repeats)
+    }
+
+    /// A metric added up over the live nodes.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some() && !n.frozen)
+            .map(|n| {
+                let (_, text) = self.http.get(n.port, "/metrics");
+                nudge::metrics::metric_value(&text, name).unwrap_or(0.0)
+            })
+            .sum()
+    }
+
+    /// `GET /v1/customers/{id}` answers the same on every live node (the
+    /// slot's owner answers, wherever it is asked).
+    pub fn assert_customer_anywhere(&self, customer: &str) {
+        let path = format!("/v1/customers/{customer}");
+        let answers: Vec<(String, u16, String)> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some() && !n.frozen)
+            .map(|n| {
+                let (code, body) = self.http.get(n.port, &path);
+                (n.name.clone(), code, body)
+            })
+            .collect();
+        let (first, code, body) = &answers[0];
+        assert_eq!(*code, 200, "{first}: {body}");
+        assert!(body.contains("traits"), "{first}: {body}");
+        for (name, c, b) in &answers[1..] {
+            assert_eq!(
+                (c, b),
+                (code, body),
+                "{name} answers otherwise than {first}"
+            );
+        }
     }
 
     pub fn stop_all(&mut self) {

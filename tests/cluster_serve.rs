@@ -28,6 +28,7 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn finish(run: &mut Run, what: &str) {
     run.assert_decides_as_replay();
+    run.assert_customer_anywhere("c-000042");
     run.reader.assert_fenced(&run.http);
     let (delivered, repeats) = run.assert_emails();
     eprintln!("{what}: decisions as replay; {delivered} emails delivered, {repeats} repeats under the same Message-ID");
@@ -58,6 +59,15 @@ fn an_owner_killed_mid_stream_loses_nothing_and_the_cluster_decides_as_replay() 
         takeover < Duration::from_secs(LEASE_S + 8),
         "takeover took {takeover:?}"
     );
+    // The first batch, sent again past JetStream's de-duplication: the
+    // owners remember the message ids and decide none of it again.
+    run.assert_decides_as_replay();
+    let before = run.metric_sum("nudge_events_duplicate_total");
+    run.reader.republish(&run.http, &batches[0]);
+    eventually(Duration::from_secs(30), "the repeats dropped", || {
+        (run.metric_sum("nudge_events_duplicate_total") - before >= batches[0].len() as f64)
+            .then_some(())
+    });
     finish(&mut run, "SIGKILL");
 }
 

@@ -54,6 +54,10 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::forward::forward,
+        ))
         .with_state(state)
 }
 

@@ -163,6 +163,29 @@ fn counter(metrics: &str, name: &str) -> f64 {
     metric_value(metrics, name).unwrap_or(0.0)
 }
 
+/// The metrics of every node benchmarked.
+struct Scraped(Vec<String>);
+
+impl Scraped {
+    fn counter(&self, name: &str) -> f64 {
+        self.0.iter().map(|m| counter(m, name)).sum()
+    }
+
+    /// A histogram's buckets, added up over the nodes.
+    fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
+        let mut out: Vec<(f64, f64)> = Vec::new();
+        for m in &self.0 {
+            for (le, n) in buckets(m, name) {
+                match out.iter_mut().find(|(l, _)| *l == le) {
+                    Some(x) => x.1 += n,
+                    None => out.push((le, n)),
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The `q` quantile of sorted samples (nearest rank); 0 when empty.
 pub(crate) fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
@@ -203,6 +226,14 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
             format!("http://{addr}")
         }
     };
+    // Several nodes of a cluster (`--url a,b,c`): batches go round robin,
+    // and what was decided is added up over all of them.
+    let urls: Vec<String> = url
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    let url = urls.first().cloned().unwrap_or(url);
     let key = o
         .write_key
         .clone()
@@ -231,18 +262,24 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
         o.seed ^ started.elapsed().as_nanos() as u64 ^ std::process::id() as u64
     );
     let bodies = Arc::new(bodies(&o, &run_id));
-    let scrape = |client: reqwest::Client, url: String| async move {
-        client
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .map_err(fail)?
-            .text()
-            .await
-            .map_err(fail)
+    let scrape = |client: reqwest::Client, urls: Vec<String>| async move {
+        let mut all = Vec::new();
+        for u in urls {
+            all.push(
+                client
+                    .get(format!("{u}/metrics"))
+                    .send()
+                    .await
+                    .map_err(fail)?
+                    .text()
+                    .await
+                    .map_err(fail)?,
+            );
+        }
+        Ok::<_, BenchError>(Scraped(all))
     };
-    let before = scrape(client.clone(), url.clone()).await?;
-    let processed_before = counter(&before, "nudge_events_processed_total");
+    let before = scrape(client.clone(), urls.clone()).await?;
+    let processed_before = before.counter("nudge_events_processed_total");
 
     let token = o
         .token
@@ -263,9 +300,9 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
     let per_batch = o.batch.max(1) as f64;
     let mut tasks = Vec::new();
     for _ in 0..o.connections.max(1) {
-        let (client, url, key, bodies, next) = (
+        let (client, urls, key, bodies, next) = (
             client.clone(),
-            url.clone(),
+            urls.clone(),
             key.clone(),
             bodies.clone(),
             next.clone(),
@@ -284,6 +321,7 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
                 }
                 loop {
                     let sent = Instant::now();
+                    let url = &urls[i % urls.len()];
                     let mut req = client.post(format!("{url}/v1/batch")).body(body.clone());
                     if let Some(k) = &key {
                         req = req.bearer_auth(k);
@@ -320,8 +358,8 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
     // Every event decided, then the decision latencies are complete.
     let want = processed_before + o.events as f64;
     let after = loop {
-        let m = scrape(client.clone(), url.clone()).await?;
-        if counter(&m, "nudge_events_processed_total") >= want {
+        let m = scrape(client.clone(), urls.clone()).await?;
+        if m.counter("nudge_events_processed_total") >= want {
             break m;
         }
         if t0.elapsed() > Duration::from_secs(600) {
@@ -334,7 +372,7 @@ pub async fn run(o: Options, mut server: Config) -> Result<Report, BenchError> {
     let decided_seconds = t0.elapsed().as_secs_f64();
     lat.sort_by(|a, b| a.total_cmp(b));
     let name = "nudge_event_to_decision_seconds";
-    let (b, a) = (buckets(&before, name), buckets(&after, name));
+    let (b, a) = (before.buckets(name), after.buckets(name));
     let report = Report {
         events: o.events,
         batch: o.batch,

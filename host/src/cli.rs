@@ -129,7 +129,9 @@ enum Command {
     /// acknowledgement and event-to-decision latency.
     Bench {
         /// A running server; default: start one here on a free port with a
-        /// fresh store (and `--config`, if given).
+        /// fresh store (and `--config`, if given). Nodes of a cluster,
+        /// comma-separated: batches go to each in turn, and what they
+        /// decided is added up.
         #[arg(long)]
         url: Option<String>,
         /// Write key for `--url` (default: the config's first).

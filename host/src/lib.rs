@@ -63,6 +63,7 @@ pub mod customer;
 pub mod decide;
 pub mod deliver;
 pub mod event;
+pub mod forward;
 pub mod generation;
 pub mod inbox;
 pub mod ingest;

@@ -478,6 +478,15 @@ fn tagged(tag: u8, id: &str) -> Vec<u8> {
     k
 }
 
+/// `N` vshard id: a message id a cluster node decided (see
+/// `store/cluster.rs`).
+fn seen_key(vshard: usize, id: &str) -> Vec<u8> {
+    let mut k = vec![b'N'];
+    k.extend_from_slice(&(vshard.min(u16::MAX as usize) as u16).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 fn message_key(message_id: &str) -> Vec<u8> {
     tagged(b'M', message_id)
 }
@@ -1536,6 +1545,20 @@ impl Changes {
             self.del(k)
         } else {
             self.put(k, Vec::new())
+        }
+    }
+
+    /// A cluster node remembers message id `id` of `vshard` as decided
+    /// (at `at`, ms), with the event's effects.
+    pub fn message_seen(&mut self, vshard: usize, id: &str, at: i64) {
+        self.put(seen_key(vshard, id), time_bytes(at).to_vec());
+    }
+
+    /// Forgets a remembered message id (its key, as listed by
+    /// [`Store::seen_before`]).
+    pub fn forget_seen(&mut self, key: Vec<u8>) {
+        if key.first() == Some(&b'N') {
+            self.del(key);
         }
     }
 

@@ -270,6 +270,10 @@ pub struct Worker {
     event_late_ms: Option<i64>,
     /// Paused campaigns and quarantined plugins; faults are reported here.
     pub controls: Option<Arc<Controls>>,
+    /// A cluster node: message ids are remembered with the events' effects
+    /// (past JetStream's own two-minute window), and a repeat is not
+    /// decided again.
+    pub dedupe: bool,
     /// The controls as of this batch.
     view: Arc<View>,
     /// The generation of the last batch: when it changes, instances of
@@ -309,6 +313,7 @@ impl Worker {
             late_ms: None,
             event_late_ms: None,
             controls: None,
+            dedupe: false,
             view: Arc::new(View::default()),
             gen_number: 0,
             firings: None,
@@ -719,6 +724,18 @@ impl Worker {
             }
             for &seq in &m.forget {
                 changes.inbox_above(m.vshard, seq, true);
+            }
+            if self.dedupe {
+                if self.store.message_seen(m.vshard, &ev.message_id)? {
+                    // Sent again after JetStream forgot its id: only the
+                    // inbox mark moves.
+                    self.commit(changes);
+                    if let Some(mx) = &self.metrics {
+                        mx.events_duplicate.inc();
+                    }
+                    return Ok(());
+                }
+                changes.message_seen(m.vshard, &ev.message_id, crate::event::now_ms());
             }
         }
         let key = match ev.kind {

@@ -98,10 +98,25 @@ pub struct Node {
     lag: Arc<[AtomicU64]>,
     /// Slots whose commits are failing: attempts so far.
     failing: Mutex<HashMap<u16, u64>>,
+    /// The map and the members' API addresses as last read (forwarding).
+    routes: Mutex<Routes>,
     cfg: ClusterConfig,
 }
 
 type TakenHook = Arc<dyn Fn(u16) + Send + Sync>;
+
+/// Where requests about a slot's customers go.
+#[derive(Default)]
+struct Routes {
+    map: SlotMap,
+    /// Member name → API address.
+    apis: HashMap<String, String>,
+    /// When the members were last read.
+    read: Option<Instant>,
+}
+
+/// How often the members' addresses are read again.
+const ROUTES_EVERY: Duration = Duration::from_secs(1);
 
 /// The slot map's key in its bucket.
 pub(crate) const MAP_KEY: &str = "map";
@@ -180,6 +195,7 @@ impl Node {
             client,
             lag: (0..cfg.slots).map(|_| AtomicU64::new(0)).collect(),
             failing: Mutex::new(HashMap::new()),
+            routes: Mutex::new(Routes::default()),
             cfg: cfg.clone(),
         }))
     }
@@ -265,6 +281,36 @@ impl Node {
         let mut h: Vec<u16> = self.lock_held().keys().copied().collect();
         h.sort();
         h
+    }
+
+    fn lock_routes(&self) -> std::sync::MutexGuard<'_, Routes> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn routes_due(&self) -> bool {
+        let mut r = self.lock_routes();
+        let due = r.read.is_none_or(|t| t.elapsed() >= ROUTES_EVERY);
+        if due {
+            r.read = Some(Instant::now());
+        }
+        due
+    }
+
+    /// Whether this node decides `customer` now.
+    pub fn holds_customer(&self, customer: &str) -> bool {
+        self.tenures.current(self.layout.place(customer).0) != 0
+    }
+
+    /// The API address of the node the map gives `customer`'s slot to,
+    /// unless that is this node or unknown.
+    pub fn owner_api(&self, customer: &str) -> Option<String> {
+        let slot = usize::from(self.layout.place(customer).0);
+        let r = self.lock_routes();
+        let owner = r.map.owners.get(slot)?.as_ref()?;
+        if owner == &self.me.node {
+            return None;
+        }
+        r.apis.get(owner).cloned()
     }
 
     fn lock_failing(&self) -> std::sync::MutexGuard<'_, HashMap<u16, u64>> {
@@ -428,8 +474,15 @@ impl Node {
                 return;
             }
             self.discard_lost().await;
+            if self.routes_due() {
+                if let Ok(members) = self.members.list().await {
+                    self.lock_routes().apis =
+                        members.into_iter().map(|m| (m.node, m.api)).collect();
+                }
+            }
             match self.read_map().await {
                 Ok((map, _)) => {
+                    self.lock_routes().map = map.clone();
                     let mine: HashSet<u16> = map
                         .owners
                         .iter()

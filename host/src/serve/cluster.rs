@@ -61,8 +61,14 @@ pub(super) fn persist_loop(
     deliver: Sender<deliver::Input>,
     node: Arc<Node>,
     rt: tokio::runtime::Handle,
+    dedupe_window: std::time::Duration,
 ) {
+    let mut next_sweep = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
+        if std::time::Instant::now() >= next_sweep {
+            next_sweep = std::time::Instant::now() + super::DEDUPE_SWEEP_EVERY;
+            forget_seen(&store, &node, dedupe_window, &rt);
+        }
         let stopping = stop.load(Ordering::Acquire);
         let persisted = store.persist_gated(|by_slot| Ok(rt.block_on(node.commit(by_slot))));
         match persisted.and_then(|p| store.sync().map(|()| p)) {
@@ -77,5 +83,50 @@ pub(super) fn persist_loop(
             return;
         }
         std::thread::sleep(PERSIST_EVERY);
+    }
+}
+
+/// Forgets the message ids of the held slots decided longer ago than the
+/// de-duplication window, through the commit log like any change.
+fn forget_seen(
+    store: &Store,
+    node: &Arc<Node>,
+    window: std::time::Duration,
+    rt: &tokio::runtime::Handle,
+) {
+    let tenures = node.tenures();
+    let slots = usize::from(tenures.slots().max(1));
+    let before = crate::event::now_ms() - window.as_millis() as i64;
+    let held = |vshard: usize| tenures.current((vshard % slots) as u16) != 0;
+    let mut total = 0;
+    loop {
+        match store.seen_before(before, held, 10_000) {
+            Ok(keys) if keys.is_empty() => break,
+            Ok(keys) => {
+                total += keys.len();
+                let mut changes = crate::store::Changes::new();
+                for k in keys {
+                    changes.forget_seen(k);
+                }
+                store.commit(changes);
+                // Written before the next page is read, so it is not
+                // listed again.
+                if let Err(e) = store.persist_gated(|by_slot| Ok(rt.block_on(node.commit(by_slot))))
+                {
+                    tracing::warn!("message ids not forgotten: {e}");
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("message id sweep failed: {e}");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        tracing::info!(
+            forgotten = total,
+            "message ids past the de-duplication window"
+        );
     }
 }

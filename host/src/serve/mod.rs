@@ -206,6 +206,7 @@ pub async fn run_with(
         };
         if let Some(tenures) = &tenures {
             worker.share_traits(workers);
+            worker.dedupe = true;
             let tenures = tenures.clone();
             worker_threads.push(
                 std::thread::Builder::new()
@@ -341,9 +342,10 @@ pub async fn run_with(
             node.clone(),
         );
         let handle = tokio::runtime::Handle::current();
+        let window = cfg.ingest.dedupe_window.0;
         std::thread::Builder::new()
             .name("nudge-persist".into())
-            .spawn(move || cluster::persist_loop(store, stop, tx, node, handle))
+            .spawn(move || cluster::persist_loop(store, stop, tx, node, handle, window))
             .map_err(io("persist thread"))?
     } else {
         let (store, stop, tx) = (store.clone(), stop_persist.clone(), deliver_tx.clone());

@@ -18,6 +18,7 @@
 //! | key | value |
 //! |---|---|
 //! | `S` slot | sequence in the commit log of the slot's last commit applied here (node-local) |
+//! | `N` vshard messageId | when the event was decided (ms): repeats past JetStream's two-minute window are not decided again; kept for `[ingest] dedupe_window` |
 //!
 //! Keys without a slot (operator metadata, the format, the deliverer's
 //! and agents' tallies, which are per node) stay local to the node.
@@ -70,7 +71,7 @@ pub fn slot_of_key(k: &[u8], v: Option<&[u8]>, slots: u16) -> Option<u16> {
     match k.first()? {
         b'c' | b'A' => Some(slot_of_customer(customer_in(k.get(1..)?)?, slots)),
         b'T' | b'D' | b'V' => Some(slot_of_customer(customer_in(k.get(9..)?)?, slots)),
-        b'W' | b'X' => vshard(k.get(1..)?),
+        b'W' | b'X' | b'N' => vshard(k.get(1..)?),
         b'O' | b'L' => {
             #[derive(serde::Deserialize)]
             struct Owner {
@@ -419,6 +420,49 @@ impl Store {
         }
     }
 
+    /// Whether message id `id` of `vshard` was decided (a cluster node).
+    pub fn message_seen(&self, vshard: usize, id: &str) -> Result<bool> {
+        // Not through the read cache: it is for customer keys, which the
+        // persist keeps current; a cached absence of this key would be
+        // read for ever after it was written.
+        let key = super::seen_key(vshard, id);
+        {
+            let pending = self.lock();
+            let found = pending
+                .dirty
+                .get(&key)
+                .or_else(|| pending.persisting.as_ref().and_then(|p| p.get(&key)));
+            if let Some(v) = found {
+                return Ok(v.is_some());
+            }
+        }
+        Ok(self.db.contains_key(&key)?)
+    }
+
+    /// Keys of remembered message ids decided before `before` (ms), of the
+    /// virtual shards `keep` accepts, at most `limit`.
+    pub fn seen_before(
+        &self,
+        before: i64,
+        keep: impl Fn(usize) -> bool,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::new();
+        for kv in self.db.scan_prefix(b"N") {
+            let (k, v) = kv?;
+            let vshard = k.get(1..3).map_or(usize::MAX, |b| {
+                usize::from(u16::from_be_bytes([b[0], b[1]]))
+            });
+            if keep(vshard) && super::time_from(&v).is_some_and(|t| t < before) {
+                out.push(k.to_vec());
+                if out.len() >= limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The inbox marks of `vshards`: each one's watermark, and the events
     /// decided above it (persisted).
     pub fn marks(&self, vshards: &[usize]) -> Result<Marks> {
@@ -470,6 +514,47 @@ mod tests {
         let len = r.len();
         r[len - 2..].copy_from_slice(&(u16::MAX - 1).to_be_bytes());
         assert_eq!(slot_of_key(&r, None, slots), None);
+    }
+
+    #[test]
+    fn what_the_log_stored_is_written_and_what_it_refused_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.join_cluster(16);
+        let (a, b) = ("cust-a", "cust-b");
+        let (sa, sb) = (slot_of_customer(a, 16), slot_of_customer(b, 16));
+        assert_ne!(sa, sb, "two customers of two slots");
+        // Asked before it was written (every first decision asks).
+        assert!(!store
+            .message_seen(super::super::vshard_of(a), "m-1")
+            .unwrap());
+        let mut c = super::super::Changes::new();
+        c.message_seen(super::super::vshard_of(a), "m-1", 5);
+        c.message_seen(super::super::vshard_of(b), "m-2", 5);
+        store.commit(c);
+        let mut seen_slots = Vec::new();
+        store
+            .persist_gated(|by_slot| {
+                seen_slots = by_slot.keys().copied().collect();
+                Ok(Admission {
+                    admitted: [(sa, Some(7))].into_iter().collect(),
+                    retry: Default::default(),
+                })
+            })
+            .unwrap();
+        assert_eq!(seen_slots, {
+            let mut v = vec![sa, sb];
+            v.sort();
+            v
+        });
+        assert!(store
+            .message_seen(super::super::vshard_of(a), "m-1")
+            .unwrap());
+        assert!(!store
+            .message_seen(super::super::vshard_of(b), "m-2")
+            .unwrap());
+        assert_eq!(store.applied(sa).unwrap(), 7);
+        assert_eq!(store.applied(sb).unwrap(), 0);
     }
 
     #[test]
