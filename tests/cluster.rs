@@ -713,6 +713,76 @@ impl Run {
         }
     }
 
+    /// `GET /v1/reports` answers the same on every live node, and its
+    /// funnel is seed1's report: every slot's tallies, added up over the
+    /// nodes, once.
+    pub fn assert_reports(&self) {
+        let as_of = nudge::event::now_ms();
+        let path = format!("/v1/reports?as_of={as_of}");
+        let answers: Vec<(String, u16, String)> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some() && !n.frozen)
+            .map(|n| {
+                let (code, body) = self.http.get(n.port, &path);
+                (n.name.clone(), code, body)
+            })
+            .collect();
+        // Deliveries still going on (the sms channel has nowhere to go
+        // and retries) move their counts between two requests.
+        let stable = |body: &str| -> Value {
+            let mut v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+            for m in v["campaigns"].as_array_mut().into_iter().flatten() {
+                if let Some(f) = m["funnel"].as_object_mut() {
+                    for k in ["delivered", "delivery_failed", "dead_lettered"] {
+                        f.remove(k);
+                    }
+                }
+                m.as_object_mut().map(|o| o.remove("daily"));
+            }
+            v
+        };
+        let (first, code, body) = &answers[0];
+        assert_eq!(*code, 200, "{first}: {body}");
+        let listing = stable(body);
+        for (name, c, b) in &answers[1..] {
+            assert_eq!(*c, 200, "{name}: {b}");
+            let other = stable(b);
+            for (x, y) in listing["campaigns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(other["campaigns"].as_array().unwrap())
+            {
+                assert_eq!(x, y, "{name}'s report differs from {first}'s");
+            }
+        }
+        let want = std::fs::read_to_string(fixture("seed1/report.jsonl")).unwrap();
+        for line in want.lines() {
+            let w: Value = serde_json::from_str(line).unwrap();
+            let got = listing["campaigns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["campaign"] == w["campaign"])
+                .unwrap_or_else(|| panic!("{} missing from the report", w["campaign"]));
+            for k in [
+                "sent",
+                "control",
+                "suppressed_consent",
+                "suppressed_frequency",
+                "suppressed_policy",
+                "suppressed_arbitration",
+            ] {
+                assert_eq!(
+                    got["funnel"][k], w[k],
+                    "{} {k}: the cluster's report against seed1's",
+                    w["campaign"]
+                );
+            }
+        }
+    }
+
     pub fn stop_all(&mut self) {
         for n in self.nodes.iter_mut() {
             n.stop();

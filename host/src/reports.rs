@@ -79,13 +79,7 @@ pub fn compute(
     settings: Settings,
 ) -> Result<Vec<Measure>, ReportError> {
     check_clock(store, period.as_of)?;
-    let first = period.from.map_or(i32::MIN, day_of);
-    let last = period.to.map_or(i32::MAX, |t| day_of(t.saturating_sub(1)));
-    let wanted = |campaign: &str| {
-        period.campaign.as_deref().is_none_or(|c| c == campaign)
-            && rules.campaign(campaign).is_some()
-    };
-    let mut sums: BTreeMap<String, Sums> = BTreeMap::new();
+    let (first, last) = days(period);
     let gathered = store.quiesced(|| {
         gather(
             store,
@@ -96,13 +90,37 @@ pub fn compute(
             last,
         )
     })?;
+    Ok(finish(gathered, rules, period, settings))
+}
+
+/// The days of a period (first, last), as tallies are kept.
+fn days(period: &Period) -> (i32, i32) {
+    (
+        period.from.map_or(i32::MIN, day_of),
+        period.to.map_or(i32::MAX, |t| day_of(t.saturating_sub(1))),
+    )
+}
+
+/// Every campaign of `rules` (or the one asked for), measured from
+/// gathered tallies.
+fn finish(
+    gathered: Gathered,
+    rules: &RuleSet,
+    period: &Period,
+    settings: Settings,
+) -> Vec<Measure> {
+    let wanted = |campaign: &str| {
+        period.campaign.as_deref().is_none_or(|c| c == campaign)
+            && rules.campaign(campaign).is_some()
+    };
+    let mut sums: BTreeMap<String, Sums> = BTreeMap::new();
     for (campaign, days) in gathered {
         let s = sums.entry(campaign).or_default();
         for (day, t) in days {
             s.add(day, &t);
         }
     }
-    Ok(rules
+    rules
         .campaigns
         .iter()
         .filter(|c| wanted(&c.id))
@@ -110,7 +128,7 @@ pub fn compute(
             let s = sums.remove(&c.id).unwrap_or_default();
             s.measure(rules, c, period.as_of, settings)
         })
-        .collect())
+        .collect()
 }
 
 /// One campaign day by day: its result as it stood with the customers of
@@ -169,11 +187,56 @@ fn gather(
     as_of: i64,
     first: i32,
     last: i32,
-) -> Result<BTreeMap<String, BTreeMap<i32, Tally>>, ReportError> {
+) -> Result<Gathered, ReportError> {
+    gather_in(store, rules, campaign, as_of, first, last, &Scope::All)
+}
+
+/// Per campaign and day, the tallies added up.
+pub type Gathered = BTreeMap<String, BTreeMap<i32, Tally>>;
+
+/// Whose tallies a store's report counts.
+pub enum Scope<'a> {
+    /// Everything in the store (one server).
+    All,
+    /// A cluster node's share: the slots it holds (`held`, of `slots`)
+    /// and its own writers (its deliverer's and agents' tallies).
+    Held {
+        slots: u16,
+        held: &'a (dyn Fn(u16) -> bool + Sync),
+    },
+}
+
+impl Scope<'_> {
+    fn writer(&self, w: u16) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Held { slots, held } => w >= *slots || held(w),
+        }
+    }
+
+    fn customer(&self, c: &str) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Held { slots, held } => {
+                held((crate::store::vshard_of(c) % usize::from((*slots).max(1))) as u16)
+            }
+        }
+    }
+}
+
+fn gather_in(
+    store: &Store,
+    rules: &RuleSet,
+    campaign: Option<&str>,
+    as_of: i64,
+    first: i32,
+    last: i32,
+    scope: &Scope<'_>,
+) -> Result<Gathered, ReportError> {
     let wanted = |c: &str| campaign.is_none_or(|w| w == c) && rules.campaign(c).is_some();
-    let mut out: BTreeMap<String, BTreeMap<i32, Tally>> = BTreeMap::new();
+    let mut out: Gathered = BTreeMap::new();
     for r in store.tallies(campaign, first, last)? {
-        if wanted(&r.campaign) {
+        if wanted(&r.campaign) && scope.writer(r.writer) {
             // One unreadable record costs its counts, not every report.
             let t = match Tally::decode(&r.bytes, &r.campaign) {
                 Ok(t) => t,
@@ -196,7 +259,9 @@ fn gather(
     let mut scratch = Ledger::new(SCRATCH);
     let mut discard = Changes::new();
     for t in store.due_maturities(as_of)? {
-        if Maturity::parse(&t.key).is_some_and(|m| wanted(&m.campaign)) {
+        if scope.customer(&t.customer)
+            && Maturity::parse(&t.key).is_some_and(|m| wanted(&m.campaign))
+        {
             if let Err(e) = scratch.mature(store, &mut discard, &t) {
                 tracing::error!(customer = %t.customer, key = %t.key, "{e}: left out of the report");
             }
@@ -295,6 +360,7 @@ pub fn routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/v1/reports", get(list))
         .route("/v1/reports/{campaign}", get(one))
+        .route("/v1/cluster/tallies", get(share))
 }
 
 #[derive(Deserialize)]
@@ -344,7 +410,14 @@ fn period(s: &Shared, q: ReportQuery, campaign: Option<String>) -> Result<Period
 
 /// Computes off the async threads: a report reads up to a few thousand
 /// tallies.
-async fn run(s: &Arc<Shared>, period: Period) -> Result<Vec<Measure>, Response> {
+async fn run(
+    s: &Arc<Shared>,
+    period: Period,
+    headers: &HeaderMap,
+) -> Result<Vec<Measure>, Response> {
+    if s.node.is_some() {
+        return run_cluster(s, period, headers).await;
+    }
     let store = s.store.clone();
     let gen = s.current.load();
     let n_tune = s.cfg.measure.n_tune;
@@ -381,7 +454,7 @@ async fn list(
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
     let (as_of, from, to) = (period.as_of, period.from, period.to);
-    match run(&s, period).await {
+    match run(&s, period, &headers).await {
         Ok(mut rows) => {
             for r in &mut rows {
                 r.daily.clear();
@@ -417,11 +490,178 @@ async fn one(
         Ok(p) => p,
         Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
-    match run(&s, period).await {
+    match run(&s, period, &headers).await {
         Ok(mut rows) => match rows.pop() {
             Some(m) => Json(m).into_response(),
             None => error(StatusCode::NOT_FOUND, "no such campaign".into()),
         },
         Err(r) => r,
     }
+}
+
+/// A cluster node's share of a report, as `GET /v1/cluster/tallies`
+/// answers it: (campaign, day, tally bytes in base64).
+type Share = Vec<(String, i32, String)>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShareQuery {
+    as_of: i64,
+    first: i32,
+    last: i32,
+    campaign: Option<String>,
+}
+
+/// This node's share of the cluster's tallies: the tallies of the slots
+/// it holds and its own writers', and the maturities due in its slots.
+fn local_share(s: &Shared, q: &ShareQuery) -> Result<Gathered, ReportError> {
+    let Some(node) = &s.node else {
+        return Ok(Gathered::new());
+    };
+    let tenures = node.tenures();
+    let held = move |slot: u16| tenures.current(slot) != 0;
+    let scope = Scope::Held {
+        slots: node.tenures().slots(),
+        held: &held,
+    };
+    let gen = s.current.load();
+    s.store.quiesced(|| {
+        gather_in(
+            &s.store,
+            &gen.rules,
+            q.campaign.as_deref(),
+            q.as_of,
+            q.first,
+            q.last,
+            &scope,
+        )
+    })
+}
+
+/// `GET /v1/cluster/tallies`: what this node adds to a report.
+async fn share(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<ShareQuery>,
+) -> Response {
+    use base64::Engine;
+    if let Err(r) = check_api(&s, &headers, Role::Viewer) {
+        return *r;
+    }
+    let s2 = s.clone();
+    match tokio::task::spawn_blocking(move || local_share(&s2, &q)).await {
+        Ok(Ok(g)) => {
+            let out: Share = g
+                .into_iter()
+                .flat_map(|(c, days)| {
+                    days.into_iter().map(move |(d, t)| {
+                        (
+                            c.clone(),
+                            d,
+                            base64::engine::general_purpose::STANDARD.encode(t.encode()),
+                        )
+                    })
+                })
+                .collect();
+            Json(out).into_response()
+        }
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("store: {e}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("report: {e}")),
+    }
+}
+
+/// A report on a cluster node: its own share and every other member's,
+/// added up. A member that does not answer fails the report (503) rather
+/// than leave its slots out unseen.
+async fn run_cluster(
+    s: &Arc<Shared>,
+    period: Period,
+    headers: &HeaderMap,
+) -> Result<Vec<Measure>, Response> {
+    use base64::Engine;
+    let Some(node) = s.node.clone() else {
+        return Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "not a cluster node".into(),
+        ));
+    };
+    let (first, last) = days(&period);
+    let q = ShareQuery {
+        as_of: period.as_of,
+        first,
+        last,
+        campaign: period.campaign.clone(),
+    };
+    let unavailable = |m: String| error(StatusCode::SERVICE_UNAVAILABLE, m);
+    let members = node
+        .status()
+        .await
+        .map_err(|e| unavailable(format!("cluster: {e}")))?
+        .members;
+    let s2 = s.clone();
+    let mut total = tokio::task::spawn_blocking(move || local_share(&s2, &q))
+        .await
+        .map_err(|e| unavailable(format!("report: {e}")))?
+        .map_err(|e| unavailable(format!("store: {e}")))?;
+    let token = crate::api::bearer(headers).map(str::to_owned);
+    let client = reqwest::Client::new();
+    for (name, api) in members {
+        if name == node.name() {
+            continue;
+        }
+        let mut url = format!(
+            "{}/v1/cluster/tallies?as_of={}&first={first}&last={last}",
+            api.trim_end_matches('/'),
+            period.as_of
+        );
+        if let Some(c) = &period.campaign {
+            url.push_str("&campaign=");
+            url.push_str(&escape_query(c));
+        }
+        let mut req = client.get(&url).timeout(std::time::Duration::from_secs(10));
+        if let Some(t) = &token {
+            req = req.bearer_auth(t);
+        }
+        let body = match req.send().await {
+            Ok(r) if r.status().is_success() => r.bytes().await.ok(),
+            _ => None,
+        };
+        let share: Share = body
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                unavailable(format!(
+                    "node {name} ({api}) did not give its tallies: the report would miss its slots"
+                ))
+            })?;
+        for (c, day, b64) in share {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| unavailable(format!("node {name}: tally of {c}: {e}")))?;
+            let t =
+                Tally::decode(&bytes, &c).map_err(|e| unavailable(format!("node {name}: {e}")))?;
+            total
+                .entry(c)
+                .or_default()
+                .entry(day)
+                .or_default()
+                .merge(&t);
+        }
+    }
+    let gen = s.current.load();
+    let settings = Settings {
+        n_tune: s.cfg.measure.n_tune,
+    };
+    Ok(finish(total, &gen.rules, &period, settings))
+}
+
+/// `s` percent-encoded for a query string.
+fn escape_query(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

@@ -1049,13 +1049,21 @@ impl Store {
         k: Vec<u8>,
         v: Option<Vec<u8>>,
     ) {
+        if k.first() == Some(&b'c') && !is_timeline(&k) && !pending.dirty.contains_key(&k) {
+            // Only customer keys are cached as written; the logs, inbox
+            // and outbox are written here and read by scans, the timeline
+            // (`e`) only by the API.
+            pending.cache(k, v);
+            return;
+        }
+        // Anything else a read cached before this write (a tally, read
+        // when a worker's ledger first touched it) would be read stale
+        // from now on: a ledger that starts over (a cluster node taking a
+        // slot, or past its held tallies) lost counts.
+        if let Some(old) = pending.clean.remove(&k) {
+            pending.clean_bytes = pending.clean_bytes.saturating_sub(entry_cost(&k, &old));
+        }
         match k.first() {
-            // Only customer keys are read back; the logs, inbox and
-            // outbox are written here and read by scans.
-            // ... but not the timeline (`e`), read only by the API.
-            Some(b'c') if !is_timeline(&k) && !pending.dirty.contains_key(&k) => {
-                pending.cache(k, v)
-            }
             Some(b'O') => persisted.outbox.extend(v),
             Some(b'W') if k.len() == 3 => {
                 let vshard = usize::from(u16::from_be_bytes([k[1], k[2]]));

@@ -558,6 +558,25 @@ mod tests {
     }
 
     #[test]
+    fn a_key_read_absent_then_written_is_read_as_written() {
+        // A tally read before its first write (the read caches the
+        // absence), written and persisted: the next read sees the write.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.tally("c", 1, 3).unwrap(), None);
+        let mut c = super::super::Changes::new();
+        c.tally("c", 1, 3, b"v1".to_vec());
+        store.commit(c);
+        store.persist().unwrap();
+        assert_eq!(store.tally("c", 1, 3).unwrap(), Some(b"v1".to_vec()));
+        let mut c = super::super::Changes::new();
+        c.tally("c", 1, 3, b"v2".to_vec());
+        store.commit(c);
+        store.persist().unwrap();
+        assert_eq!(store.tally("c", 1, 3).unwrap(), Some(b"v2".to_vec()));
+    }
+
+    #[test]
     fn ops_survive_encoding_in_records_of_bounded_size() {
         let ops: Vec<Op> = (0..100u32)
             .map(|i| {
