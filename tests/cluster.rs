@@ -212,6 +212,17 @@ impl Http {
         })
     }
 
+    /// `POST` to `path` on the node at `port` (the API token).
+    pub fn post(&self, port: u16, path: &str) -> (u16, String) {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        self.rt.block_on(async {
+            match self.client.post(&url).bearer_auth("api").send().await {
+                Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                Err(e) => (0, e.to_string()),
+            }
+        })
+    }
+
     pub fn batch(&self, port: u16, events: &[Value]) -> u16 {
         let url = format!("http://127.0.0.1:{port}/v1/batch");
         let body = serde_json::to_vec(&json!({ "batch": events })).unwrap();
@@ -781,6 +792,37 @@ impl Run {
                 );
             }
         }
+    }
+
+    /// A campaign paused on one node is paused on every node; resumed on
+    /// another, resumed everywhere.
+    pub fn assert_controls_shared(&self) {
+        let live: Vec<&NudgeNode> = self
+            .nodes
+            .iter()
+            .filter(|n| n.child.is_some() && !n.frozen)
+            .collect();
+        let paused_on = |n: &NudgeNode| -> bool {
+            let (_, body) = self.http.get(n.port, "/v1/campaigns");
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            v["campaigns"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["id"] == "welcome" && !c["paused"].is_null())
+        };
+        let (code, body) = self.http.post(live[0].port, "/v1/campaigns/welcome/pause");
+        assert_eq!(code, 200, "{body}");
+        eventually(Duration::from_secs(10), "the pause on every node", || {
+            live.iter().all(|n| paused_on(n)).then_some(())
+        });
+        let (code, body) = self
+            .http
+            .post(live[live.len() - 1].port, "/v1/campaigns/welcome/resume");
+        assert_eq!(code, 200, "{body}");
+        eventually(Duration::from_secs(10), "the resume on every node", || {
+            live.iter().all(|n| !paused_on(n)).then_some(())
+        });
     }
 
     pub fn stop_all(&mut self) {

@@ -29,9 +29,10 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 fn finish(run: &mut Run, what: &str) {
     run.assert_decides_as_replay();
     run.assert_customer_anywhere("c-000042");
-    run.assert_reports();
     run.reader.assert_fenced(&run.http);
     let (delivered, repeats) = run.assert_emails();
+    run.assert_reports();
+    run.assert_controls_shared();
     eprintln!("{what}: decisions as replay; {delivered} emails delivered, {repeats} repeats under the same Message-ID");
     run.stop_all();
 }

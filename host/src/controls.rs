@@ -139,6 +139,52 @@ pub struct Controls {
     policy: QuarantinePolicy,
     store: Option<Store>,
     metrics: Option<Arc<Metrics>>,
+    /// A cluster node: where its own changes go, to reach every node.
+    shared: std::sync::OnceLock<Shared>,
+}
+
+/// A change of the controls as a cluster shares it: one key per paused
+/// campaign (`paused.<id in hex>`) and per quarantined plugin
+/// (`quarantined.<name in hex>`), its record as JSON or `None` (gone).
+pub type Change = (String, Option<Vec<u8>>);
+
+/// Takes a node's own changes to the cluster.
+pub type Shared = Box<dyn Fn(Vec<Change>) + Send + Sync>;
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The name a shared key stands for.
+pub fn unhex(h: &str) -> Option<String> {
+    let bytes: Option<Vec<u8>> = (0..h.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// The changes from `old` to `new`, as shared keys.
+fn changes(old: &View, new: &View) -> Vec<Change> {
+    fn diff<T: Serialize + PartialEq>(
+        tag: &str,
+        old: &BTreeMap<String, T>,
+        new: &BTreeMap<String, T>,
+        out: &mut Vec<Change>,
+    ) {
+        for (k, v) in new {
+            if old.get(k) != Some(v) {
+                out.push((format!("{tag}.{}", hex(k)), serde_json::to_vec(v).ok()));
+            }
+        }
+        for k in old.keys().filter(|k| !new.contains_key(*k)) {
+            out.push((format!("{tag}.{}", hex(k)), None));
+        }
+    }
+    let mut out = Vec::new();
+    diff("paused", &old.paused, &new.paused, &mut out);
+    diff("quarantined", &old.quarantined, &new.quarantined, &mut out);
+    out
 }
 
 fn decode<T: for<'de> Deserialize<'de> + Default>(bytes: Option<Vec<u8>>, what: &str) -> T {
@@ -170,6 +216,7 @@ impl Controls {
             policy,
             store,
             metrics,
+            shared: std::sync::OnceLock::new(),
         };
         c.publish_metrics();
         Ok(c)
@@ -187,6 +234,47 @@ impl Controls {
     /// takes effect even if storing fails; then it holds until a restart,
     /// and the error says so.
     fn set(&self, view: View) -> Result<(), StoreError> {
+        if let Some(share) = self.shared.get() {
+            let diff = changes(&self.view.load(), &view);
+            if !diff.is_empty() {
+                share(diff);
+            }
+        }
+        self.set_here(view)
+    }
+
+    /// Shares this node's own changes through `share` from now on (a
+    /// cluster node).
+    pub fn share_with(&self, share: Shared) {
+        let _ = self.shared.set(share);
+    }
+
+    /// The cluster's controls, as shared by every node: they replace this
+    /// node's (and are stored here), without being shared back.
+    pub fn adopt(
+        &self,
+        paused: BTreeMap<String, Paused>,
+        quarantined: BTreeMap<String, Quarantine>,
+    ) {
+        let _guard = self.lock();
+        let view = View {
+            paused,
+            quarantined,
+        };
+        if *self.view.load_full() == view {
+            return;
+        }
+        tracing::info!(
+            paused = view.paused.len(),
+            quarantined = view.quarantined.len(),
+            "controls changed on another node"
+        );
+        if let Err(e) = self.set_here(view) {
+            tracing::error!("controls from the cluster not stored (they hold until restart): {e}");
+        }
+    }
+
+    fn set_here(&self, view: View) -> Result<(), StoreError> {
         let old = self.view.swap(Arc::new(view));
         self.publish_metrics();
         let Some(s) = &self.store else { return Ok(()) };

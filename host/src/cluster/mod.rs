@@ -10,6 +10,7 @@
 //! - [`log`]: claims (compare-and-set epochs) and fenced atomic commits.
 //! - [`members`]: live nodes as keys with a time to live.
 //! - [`assign`]: the slot map and the assigner's policy.
+//! - [`controls`]: pause, resume and quarantine shared by every node.
 //! - [`status`]: members, the map, epochs and streams, for `nudge status`.
 //! - [`tenure`]: which slots this node decides now, as its workers see it.
 //! - [`feed`]: a held slot's events to its worker.
@@ -18,6 +19,7 @@
 //! - [`connect`]: a NATS connection and JetStream context from `[cluster]`.
 
 pub mod assign;
+pub mod controls;
 pub mod feed;
 pub mod ingest;
 pub mod log;

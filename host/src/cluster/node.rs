@@ -242,6 +242,27 @@ impl Node {
         self.tenures.clone()
     }
 
+    /// Shares `controls` with the other nodes (pause, resume and
+    /// quarantine apply cluster-wide).
+    pub async fn share_controls(
+        &self,
+        controls: Arc<crate::controls::Controls>,
+    ) -> Result<(), NodeError> {
+        let started = Instant::now();
+        let kv = loop {
+            match super::controls::open(&self.js, &self.cfg.prefix, self.cfg.replicas).await {
+                Ok(kv) => break kv,
+                Err(e) if started.elapsed() < OPEN_PATIENCE => {
+                    tracing::warn!("controls bucket not ready (trying again): {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(NodeError::Map(e)),
+            }
+        };
+        super::controls::share(kv, controls);
+        Ok(())
+    }
+
     /// The cluster's status as JetStream holds it, with the lag of the
     /// slots this node holds.
     pub async fn status(&self) -> Result<super::status::Status, String> {

@@ -278,6 +278,7 @@ pub async fn run_with(
                 cfg.ingest.max_inflight_events,
             )
             .await?;
+            node.share_controls(controls.clone()).await?;
             (
                 Inbox::detached(inflight.clone(), cfg.ingest.max_inflight_events),
                 None,
