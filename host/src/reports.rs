@@ -142,13 +142,23 @@ pub fn cumulative(
     settings: Settings,
 ) -> Result<Vec<(i64, Measure)>, ReportError> {
     check_clock(store, as_of)?;
+    let gathered =
+        store.quiesced(|| gather(store, rules, Some(campaign), as_of, i32::MIN, i32::MAX))?;
+    Ok(cumulative_from(gathered, rules, campaign, as_of, settings))
+}
+
+/// [`cumulative`] from gathered tallies.
+pub fn cumulative_from(
+    mut gathered: Gathered,
+    rules: &RuleSet,
+    campaign: &str,
+    as_of: i64,
+    settings: Settings,
+) -> Vec<(i64, Measure)> {
     let Some(c) = rules.campaign(campaign) else {
-        return Ok(Vec::new());
+        return Vec::new();
     };
-    let days = store
-        .quiesced(|| gather(store, rules, Some(campaign), as_of, i32::MIN, i32::MAX))?
-        .remove(campaign)
-        .unwrap_or_default();
+    let days = gathered.remove(campaign).unwrap_or_default();
     // The days' funnels are attached to the last result only: each earlier
     // one would copy every day before it.
     let mut sums = Sums::default();
@@ -163,7 +173,7 @@ pub fn cumulative(
     if let Some((_, last)) = out.last_mut() {
         *last = sums.measure(rules, c, as_of, settings);
     }
-    Ok(out)
+    out
 }
 
 fn check_clock(store: &Store, as_of: i64) -> Result<(), ReportError> {
@@ -578,32 +588,46 @@ async fn run_cluster(
     period: Period,
     headers: &HeaderMap,
 ) -> Result<Vec<Measure>, Response> {
+    let token = crate::api::bearer(headers).map(str::to_owned);
+    let total = gather_cluster(s, &period, token)
+        .await
+        .map_err(|m| error(StatusCode::SERVICE_UNAVAILABLE, m))?;
+    let settings = Settings {
+        n_tune: s.cfg.measure.n_tune,
+    };
+    Ok(finish(total, &s.current.load().rules, &period, settings))
+}
+
+/// The cluster's tallies for `period`, as a node gathers them: its own
+/// share and every other member's, asked with `token` (for the dashboard,
+/// none: this node's first API token, which every node shares).
+pub async fn gather_cluster(
+    s: &Arc<Shared>,
+    period: &Period,
+    token: Option<String>,
+) -> Result<Gathered, String> {
     use base64::Engine;
     let Some(node) = s.node.clone() else {
-        return Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "not a cluster node".into(),
-        ));
+        return Err("not a cluster node".into());
     };
-    let (first, last) = days(&period);
+    let token = token.or_else(|| s.cfg.api.all_tokens().first().map(|t| t.secret.clone()));
+    let (first, last) = days(period);
     let q = ShareQuery {
         as_of: period.as_of,
         first,
         last,
         campaign: period.campaign.clone(),
     };
-    let unavailable = |m: String| error(StatusCode::SERVICE_UNAVAILABLE, m);
     let members = node
         .status()
         .await
-        .map_err(|e| unavailable(format!("cluster: {e}")))?
+        .map_err(|e| format!("cluster: {e}"))?
         .members;
     let s2 = s.clone();
     let mut total = tokio::task::spawn_blocking(move || local_share(&s2, &q))
         .await
-        .map_err(|e| unavailable(format!("report: {e}")))?
-        .map_err(|e| unavailable(format!("store: {e}")))?;
-    let token = crate::api::bearer(headers).map(str::to_owned);
+        .map_err(|e| format!("report: {e}"))?
+        .map_err(|e| format!("store: {e}"))?;
     let client = reqwest::Client::new();
     for (name, api) in members {
         if name == node.name() {
@@ -629,16 +653,15 @@ async fn run_cluster(
         let share: Share = body
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or_else(|| {
-                unavailable(format!(
+                format!(
                     "node {name} ({api}) did not give its tallies: the report would miss its slots"
-                ))
+                )
             })?;
         for (c, day, b64) in share {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(b64)
-                .map_err(|e| unavailable(format!("node {name}: tally of {c}: {e}")))?;
-            let t =
-                Tally::decode(&bytes, &c).map_err(|e| unavailable(format!("node {name}: {e}")))?;
+                .map_err(|e| format!("node {name}: tally of {c}: {e}"))?;
+            let t = Tally::decode(&bytes, &c).map_err(|e| format!("node {name}: {e}"))?;
             total
                 .entry(c)
                 .or_default()
@@ -647,11 +670,54 @@ async fn run_cluster(
                 .merge(&t);
         }
     }
-    let gen = s.current.load();
+    Ok(total)
+}
+
+/// What the dashboard shows of a period: on a cluster node, the
+/// cluster's.
+pub async fn measure_for_ui(s: &Arc<Shared>, period: Period) -> Result<Vec<Measure>, String> {
     let settings = Settings {
         n_tune: s.cfg.measure.n_tune,
     };
-    Ok(finish(total, &gen.rules, &period, settings))
+    if s.node.is_some() {
+        let total = gather_cluster(s, &period, None).await?;
+        return Ok(finish(total, &s.current.load().rules, &period, settings));
+    }
+    let (store, gen) = (s.store.clone(), s.current.load());
+    tokio::task::spawn_blocking(move || compute(&store, &gen.rules, &period, settings))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// One campaign day by day, for the dashboard: on a cluster node, the
+/// cluster's.
+pub async fn cumulative_for_ui(
+    s: &Arc<Shared>,
+    campaign: &str,
+    as_of: i64,
+) -> Result<Vec<(i64, Measure)>, String> {
+    let settings = Settings {
+        n_tune: s.cfg.measure.n_tune,
+    };
+    let gen = s.current.load();
+    if s.node.is_some() {
+        let period = Period {
+            as_of,
+            from: None,
+            to: None,
+            campaign: Some(campaign.to_owned()),
+        };
+        let total = gather_cluster(s, &period, None).await?;
+        return Ok(cumulative_from(
+            total, &gen.rules, campaign, as_of, settings,
+        ));
+    }
+    let (store, cid) = (s.store.clone(), campaign.to_owned());
+    tokio::task::spawn_blocking(move || cumulative(&store, &gen.rules, &cid, as_of, settings))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// `s` percent-encoded for a query string.

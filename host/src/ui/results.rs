@@ -19,7 +19,7 @@ use super::html::{
 use super::{back_to, checked, html_response, plain, session, viewer, Need};
 use crate::event::{format_ts, parse_ts};
 use crate::ledger::DAY;
-use crate::measure::{Measure, Settings};
+use crate::measure::Measure;
 use crate::reports::{self, Period};
 use crate::serve::Shared;
 
@@ -122,13 +122,7 @@ async fn measure(
         to,
         campaign,
     };
-    let (store, gen, n_tune) = (s.store.clone(), s.current.load(), s.cfg.measure.n_tune);
-    tokio::task::spawn_blocking(move || {
-        reports::compute(&store, &gen.rules, &period, Settings { n_tune })
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())
+    reports::measure_for_ui(s, period).await
 }
 
 /// A sum of campaigns' estimates with a 95% interval, the campaigns taken
@@ -409,21 +403,9 @@ pub async fn campaign(
             &format!("campaign {id:?} is not in the active generation"),
         );
     };
-    let (store, rules, n_tune, as_of) = (
-        s.store.clone(),
-        gen.clone(),
-        s.cfg.measure.n_tune,
-        reports::now(&s),
-    );
-    let cid = id.clone();
-    let days = tokio::task::spawn_blocking(move || {
-        reports::cumulative(&store, &rules.rules, &cid, as_of, Settings { n_tune })
-    })
-    .await;
-    let days = match days {
-        Ok(Ok(d)) => d,
-        Ok(Err(e)) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
-        Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    let days = match reports::cumulative_for_ui(&s, &id, reports::now(&s)).await {
+        Ok(d) => d,
+        Err(e) => return plain(StatusCode::INTERNAL_SERVER_ERROR, &e),
     };
     let file = s
         .store
