@@ -62,12 +62,14 @@ pub(super) fn persist_loop(
     node: Arc<Node>,
     rt: tokio::runtime::Handle,
     dedupe_window: std::time::Duration,
+    retention: Retention,
 ) {
     let mut next_sweep = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         if std::time::Instant::now() >= next_sweep {
             next_sweep = std::time::Instant::now() + super::DEDUPE_SWEEP_EVERY;
             forget_seen(&store, &node, dedupe_window, &rt);
+            retention.sweep(&store, &node, &rt);
         }
         let stopping = stop.load(Ordering::Acquire);
         let persisted = store.persist_gated(|by_slot| Ok(rt.block_on(node.commit(by_slot))));
@@ -128,5 +130,56 @@ fn forget_seen(
             forgotten = total,
             "message ids past the de-duplication window"
         );
+    }
+}
+
+/// What a cluster node needs to forget old decision rows.
+pub(super) struct Retention {
+    pub keep: std::time::Duration,
+    pub current: Arc<crate::generation::Current>,
+    pub clock: crate::config::Clock,
+}
+
+impl Retention {
+    /// Deletes the decision rows of the held slots past retention, through
+    /// the commit log like any change, a chunk at a time.
+    fn sweep(&self, store: &Store, node: &Arc<Node>, rt: &tokio::runtime::Handle) {
+        let now = match self.clock {
+            crate::config::Clock::Wall => crate::event::now_ms(),
+            // Event time: a backtest keeps its past; now is the latest
+            // decision this node holds.
+            crate::config::Clock::Event => match store.last_decision() {
+                Ok(Some(t)) => t,
+                _ => return,
+            },
+        };
+        let before = crate::ledger::retention_cutoff(&self.current.load().rules, now, self.keep);
+        let tenures = node.tenures();
+        let slots = usize::from(tenures.slots().max(1));
+        let held = |customer: &str| {
+            tenures.current((crate::store::vshard_of(customer) % slots) as u16) != 0
+        };
+        let mut total = 0;
+        loop {
+            match store.forget_decisions_of(before, 10_000, held) {
+                Ok(0) => break,
+                Ok(n) => {
+                    total += n;
+                    if let Err(e) =
+                        store.persist_gated(|by_slot| Ok(rt.block_on(node.commit(by_slot))))
+                    {
+                        tracing::warn!("decision retention sweep not committed: {e}");
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("decision retention sweep failed: {e}");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(forgotten = total, before = %crate::event::format_ts(before), "decision rows past retention");
+        }
     }
 }

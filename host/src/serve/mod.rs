@@ -344,9 +344,14 @@ pub async fn run_with(
         );
         let handle = tokio::runtime::Handle::current();
         let window = cfg.ingest.dedupe_window.0;
+        let retention = cluster::Retention {
+            keep: cfg.measure.retention.0,
+            current: current.clone(),
+            clock: cfg.server.clock,
+        };
         std::thread::Builder::new()
             .name("nudge-persist".into())
-            .spawn(move || cluster::persist_loop(store, stop, tx, node, handle, window))
+            .spawn(move || cluster::persist_loop(store, stop, tx, node, handle, window, retention))
             .map_err(io("persist thread"))?
     } else {
         let (store, stop, tx) = (store.clone(), stop_persist.clone(), deliver_tx.clone());

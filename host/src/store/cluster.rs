@@ -577,6 +577,25 @@ mod tests {
     }
 
     #[test]
+    fn retention_forgets_only_the_customers_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut c = super::super::Changes::new();
+        for (ts, who) in [(1, "a"), (2, "b"), (3, "a"), (50, "a")] {
+            c.decision(ts, who, "camp", format!("{ts}{who}").into_bytes());
+        }
+        store.commit(c);
+        store.persist().unwrap();
+        // Only a's rows before 10 go; b's stay (another node's slot).
+        assert_eq!(store.forget_decisions_of(10, 100, |c| c == "a").unwrap(), 2);
+        store.persist().unwrap();
+        let left: Vec<Vec<u8>> = store.decisions().map(|d| d.unwrap()).collect();
+        assert_eq!(left, vec![b"2b".to_vec(), b"50a".to_vec()]);
+        // The limit counts rows forgotten, not rows skipped.
+        assert_eq!(store.forget_decisions_of(100, 1, |c| c == "a").unwrap(), 1);
+    }
+
+    #[test]
     fn ops_survive_encoding_in_records_of_bounded_size() {
         let ops: Vec<Op> = (0..100u32)
             .map(|i| {

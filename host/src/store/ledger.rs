@@ -167,11 +167,26 @@ impl Store {
     /// the reports need). Through the write-back layer, so a reader never
     /// sees half of it. Returns how many went.
     pub fn forget_decisions(&self, before: i64, limit: usize) -> Result<usize> {
+        self.forget_decisions_of(before, limit, |_| true)
+    }
+
+    /// [`Store::forget_decisions`] for the customers `keep` accepts (a
+    /// cluster node: those of the slots it holds, whose deletions it can
+    /// commit).
+    pub fn forget_decisions_of(
+        &self,
+        before: i64,
+        limit: usize,
+        keep: impl Fn(&str) -> bool,
+    ) -> Result<usize> {
         let mut end = vec![b'D'];
         end.extend_from_slice(&time_bytes(before));
         let mut changes = Changes::new();
         let mut n = 0;
-        for k in self.db.range(b"D".to_vec()..end).keys().take(limit) {
+        for k in self.db.range(b"D".to_vec()..end).keys() {
+            if n >= limit {
+                break;
+            }
             let k = k?;
             let (Some(ts), Some(rest)) = (super::time_from(&k[1..]), k.get(9..)) else {
                 continue;
@@ -183,6 +198,9 @@ impl Store {
                 String::from_utf8_lossy(&rest[..nul]),
                 String::from_utf8_lossy(&rest[nul + 1..]),
             );
+            if !keep(&customer) {
+                continue;
+            }
             changes.del(k.to_vec());
             changes.del(log_key(b'V', ts, &customer, &campaign));
             let mut e = customer_key(&customer, b'e');
