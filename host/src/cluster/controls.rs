@@ -4,11 +4,12 @@
 //! paused campaign and per quarantined plugin (`controls.rs`, [`Change`]),
 //! so two nodes changing different entries at once never overwrite each
 //! other. A node publishes its own changes (an operator's pause on its
-//! API, a quarantine its workers tripped) and watches the bucket: every
-//! node adopts what the bucket holds, its own changes included, so all
-//! nodes converge on the same view within a watch round trip.
+//! API, a quarantine its workers tripped) and reads the bucket twice a
+//! second: every node adopts what the bucket holds, its own changes
+//! included, so all nodes converge on the same view within a second.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,14 +44,25 @@ pub async fn open(
 /// node's changes and adopts everyone's.
 pub fn share(kv: kv::Store, controls: Arc<Controls>) {
     let (tx, rx) = mpsc::unbounded_channel::<Vec<Change>>();
+    let sync = Arc::new(Sync::default());
+    let counted = sync.clone();
     controls.share_with(Box::new(move |changes| {
+        counted.pending.fetch_add(1, Ordering::SeqCst);
         let _ = tx.send(changes);
     }));
-    tokio::spawn(publish(kv.clone(), rx));
-    tokio::spawn(watch(kv, controls));
+    tokio::spawn(publish(kv.clone(), rx, sync.clone()));
+    tokio::spawn(watch(kv, controls, sync));
 }
 
-async fn publish(kv: kv::Store, mut rx: mpsc::UnboundedReceiver<Vec<Change>>) {
+/// This node's own changes not yet in the bucket: while there are any, a
+/// read of the bucket is older than this node's view and is not adopted.
+#[derive(Default)]
+struct Sync {
+    pending: AtomicU64,
+    published: AtomicU64,
+}
+
+async fn publish(kv: kv::Store, mut rx: mpsc::UnboundedReceiver<Vec<Change>>, sync: Arc<Sync>) {
     while let Some(changes) = rx.recv().await {
         for (key, value) in changes {
             // Kept trying: a change an operator made must reach the others.
@@ -74,75 +86,71 @@ async fn publish(kv: kv::Store, mut rx: mpsc::UnboundedReceiver<Vec<Change>>) {
                 }
             }
         }
+        sync.published.fetch_add(1, Ordering::SeqCst);
+        sync.pending.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
-async fn watch(kv: kv::Store, controls: Arc<Controls>) {
+/// How often a node reads the cluster's controls.
+const READ_EVERY: Duration = Duration::from_millis(500);
+
+/// Reads the bucket every [`READ_EVERY`] and adopts what it holds. Read
+/// afresh each time rather than watched: a watch's consumer can stall
+/// unseen when its NATS server goes away (found by the test that kills
+/// one), and the bucket holds a handful of keys.
+async fn watch(kv: kv::Store, controls: Arc<Controls>, sync: Arc<Sync>) {
     loop {
-        let mut entries = match kv.watch_with_history(">").await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::debug!("controls watch, trying again: {e}");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
-            }
-        };
-        let mut paused: BTreeMap<String, Paused> = BTreeMap::new();
-        let mut quarantined: BTreeMap<String, Quarantine> = BTreeMap::new();
-        let mut seen_initial = false;
-        loop {
-            // The initial values come at once; adopt them together, then
-            // every change as it comes.
-            let next = match tokio::time::timeout(Duration::from_millis(200), entries.next()).await
+        let before = sync.published.load(Ordering::SeqCst);
+        let quiet = sync.pending.load(Ordering::SeqCst) == 0;
+        match read_all(&kv).await {
+            // Adopted only if no change of this node's was on its way
+            // while the bucket was read.
+            Ok((paused, quarantined))
+                if quiet
+                    && sync.pending.load(Ordering::SeqCst) == 0
+                    && sync.published.load(Ordering::SeqCst) == before =>
             {
-                Err(_) => {
-                    if !seen_initial {
-                        seen_initial = true;
-                        controls.adopt(paused.clone(), quarantined.clone());
-                    }
-                    continue;
-                }
-                Ok(None) => break,
-                Ok(Some(Err(e))) => {
-                    tracing::debug!("controls watch: {e}");
-                    break;
-                }
-                Ok(Some(Ok(e))) => e,
-            };
-            let Some((tag, name)) = next
-                .key
-                .split_once('.')
-                .and_then(|(t, h)| Some((t, unhex(h)?)))
-            else {
-                continue;
-            };
-            let present = next.operation == kv::Operation::Put;
-            match tag {
-                "paused" => {
-                    match present
-                        .then(|| serde_json::from_slice::<Paused>(&next.value).ok())
-                        .flatten()
-                    {
-                        Some(p) => paused.insert(name, p),
-                        None => paused.remove(&name),
-                    };
-                }
-                "quarantined" => {
-                    match present
-                        .then(|| serde_json::from_slice::<Quarantine>(&next.value).ok())
-                        .flatten()
-                    {
-                        Some(q) => quarantined.insert(name, q),
-                        None => quarantined.remove(&name),
-                    };
-                }
-                _ => continue,
+                controls.adopt(paused, quarantined)
             }
-            if seen_initial || next.delta == 0 {
-                seen_initial = true;
-                controls.adopt(paused.clone(), quarantined.clone());
-            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("controls not read (trying again): {e}"),
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(READ_EVERY).await;
     }
+}
+
+async fn read_all(
+    kv: &kv::Store,
+) -> Result<(BTreeMap<String, Paused>, BTreeMap<String, Quarantine>), String> {
+    let keys: Vec<String> = kv
+        .keys()
+        .await
+        .map_err(|e| e.to_string())?
+        .filter_map(|k| async move { k.ok() })
+        .collect()
+        .await;
+    let mut paused = BTreeMap::new();
+    let mut quarantined = BTreeMap::new();
+    for key in keys {
+        let Some((tag, name)) = key.split_once('.').and_then(|(t, h)| Some((t, unhex(h)?))) else {
+            continue;
+        };
+        let Some(value) = kv.get(&key).await.map_err(|e| e.to_string())? else {
+            continue;
+        };
+        match tag {
+            "paused" => {
+                if let Ok(p) = serde_json::from_slice::<Paused>(&value) {
+                    paused.insert(name, p);
+                }
+            }
+            "quarantined" => {
+                if let Ok(q) = serde_json::from_slice::<Quarantine>(&value) {
+                    quarantined.insert(name, q);
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((paused, quarantined))
 }
