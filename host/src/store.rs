@@ -569,6 +569,18 @@ fn upgrade(db: &sled::Db, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A sled batch of `ops` (`None`: remove).
+fn batch_of(ops: impl IntoIterator<Item = Op>) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (k, v) in ops {
+        match v {
+            Some(v) => batch.insert(k, v),
+            None => batch.remove(k),
+        }
+    }
+    batch
+}
+
 /// Frees what sled retired while it applied a batch of `keys` keys.
 ///
 /// sled hands every node a write replaces (and every page it evicts) to

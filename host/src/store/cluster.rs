@@ -370,13 +370,7 @@ impl Store {
     /// with the slot's new position, and forgets what the caches held of
     /// its keys. Only for a slot no worker is deciding (being taken over).
     pub fn apply_commit(&self, slot: u16, seq: u64, ops: &[Op]) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for (k, v) in ops {
-            match v {
-                Some(v) => batch.insert(k.as_slice(), v.as_slice()),
-                None => batch.remove(k.as_slice()),
-            }
-        }
+        let mut batch = super::batch_of(ops.iter().cloned());
         batch.insert(&applied_key(slot)[..], &seq.to_be_bytes()[..]);
         self.db.apply_batch(batch)?;
         reclaim(ops.len());

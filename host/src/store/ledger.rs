@@ -94,8 +94,13 @@ impl Store {
     /// In a cluster, the ops that belong to a slot are also journalled for
     /// its next commit (before they are applied: a removed outbox entry's
     /// value names its slot).
-    pub(super) fn apply_direct(&self, mut ops: Vec<Op>, tally: Option<TallyEdit>) -> Result<()> {
+    pub(super) fn apply_direct(&self, ops: Vec<Op>, tally: Option<TallyEdit>) -> Result<()> {
         let _only = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        self.apply_direct_locked(ops, tally)
+    }
+
+    /// [`Store::apply_direct`] with the lock of direct writes held.
+    fn apply_direct_locked(&self, mut ops: Vec<Op>, tally: Option<TallyEdit>) -> Result<()> {
         if let Some(t) = tally {
             let k = tally_key(&t.campaign, t.day, t.writer);
             let current = self.db.get(&k)?;
@@ -103,14 +108,7 @@ impl Store {
             ops.push((k, Some(v)));
         }
         self.journal(&ops);
-        let mut batch = sled::Batch::default();
-        for (k, v) in ops {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        self.db.apply_batch(batch)?;
+        self.db.apply_batch(super::batch_of(ops))?;
         Ok(())
     }
 
@@ -132,21 +130,7 @@ impl Store {
             .map_err(StoreError::from)?
             .map(|v| v.to_vec());
         let (json, out, tally) = f(current)?;
-        let mut ops: Vec<Op> = vec![(key, Some(json))];
-        if let Some(t) = tally {
-            let k = tally_key(&t.campaign, t.day, t.writer);
-            let current = self.db.get(&k).map_err(StoreError::from)?;
-            ops.push((k, Some((t.edit)(current.as_deref()))));
-        }
-        self.journal(&ops);
-        let mut batch = sled::Batch::default();
-        for (k, v) in ops {
-            match v {
-                Some(v) => batch.insert(k, v),
-                None => batch.remove(k),
-            }
-        }
-        self.db.apply_batch(batch).map_err(StoreError::from)?;
+        self.apply_direct_locked(vec![(key, Some(json))], tally)?;
         self.db.flush().map_err(StoreError::from)?;
         Ok(out)
     }
