@@ -80,6 +80,7 @@ slots = {SLOTS}
 replicas = 3
 prefix = "{prefix}"
 lease = "{LEASE_S}s"
+snapshot_every = "1s"
 "#,
                 data = data.display().to_string(),
                 rules = rules.display().to_string(),
@@ -242,6 +243,7 @@ impl Http {
 /// Reads the cluster's state from the commit log itself.
 pub struct LogReader {
     pub log: SlotLog,
+    pub snapshots: nudge::cluster::snapshot::Snapshots,
     cfg: ClusterConfig,
 }
 
@@ -255,15 +257,24 @@ impl LogReader {
             lease: nudge::config::Dur(Duration::from_secs(LEASE_S)),
             ..ClusterConfig::default()
         };
-        let log = http.rt.block_on(async {
+        let (log, snapshots) = http.rt.block_on(async {
             let (client, js) = nudge::cluster::connect(&cfg, |_| None)
                 .await
                 .expect("connect");
-            SlotLog::open(client, js, Layout::new(prefix, SLOTS), 3)
+            let layout = Layout::new(prefix, SLOTS);
+            let log = SlotLog::open(client, js.clone(), layout.clone(), 3)
                 .await
-                .expect("log stream")
+                .expect("log stream");
+            let snapshots = nudge::cluster::snapshot::Snapshots::open(js, layout, 3)
+                .await
+                .expect("snapshots");
+            (log, snapshots)
         });
-        LogReader { log, cfg }
+        LogReader {
+            log,
+            snapshots,
+            cfg,
+        }
     }
 
     /// Stores `events` in the events stream again under other JetStream
@@ -351,22 +362,40 @@ impl LogReader {
         })
     }
 
-    /// Every key and value the slots' commits wrote, applied in order.
+    /// Every slot's state as the log holds it: its latest snapshot and
+    /// the commits after it, applied in order.
     pub fn state(&self, http: &Http) -> BTreeMap<Vec<u8>, Vec<u8>> {
         http.rt.block_on(async {
             let mut state = BTreeMap::new();
             for s in 0..SLOTS {
-                let records = self.log.commits(s, 0, usize::MAX).await.expect("commits");
-                for r in records {
-                    for (k, v) in nudge::store::decode_ops(&r.payload).expect("a commit record") {
-                        match v {
-                            Some(v) => state.insert(k, v),
-                            None => state.remove(&k),
-                        };
-                    }
-                }
+                let slot = self
+                    .snapshots
+                    .slot_state(&self.log, s)
+                    .await
+                    .expect("a slot's state");
+                state.extend(slot);
             }
             state
+        })
+    }
+
+    /// The slots with a snapshot whose log still holds a commit at or
+    /// below the snapshot's position (compaction not done), and how many
+    /// slots have a snapshot.
+    pub fn uncompacted(&self, http: &Http) -> (Vec<u16>, usize) {
+        http.rt.block_on(async {
+            let (mut behind, mut snapshotted) = (Vec::new(), 0);
+            for s in 0..SLOTS {
+                let Some(p) = self.snapshots.latest(s).await.expect("pointer") else {
+                    continue;
+                };
+                snapshotted += 1;
+                let first = self.log.commits(s, 0, 1).await.expect("commits");
+                if first.first().is_some_and(|r| r.seq <= p.position) {
+                    behind.push(s);
+                }
+            }
+            (behind, snapshotted)
         })
     }
 

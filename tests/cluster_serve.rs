@@ -27,13 +27,25 @@ const BIN: &str = env!("CARGO_BIN_EXE_nudge-under-test");
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn finish(run: &mut Run, what: &str) {
+    // Slots are snapshotted every second and their logs compacted below.
+    let snapshotted = eventually(Duration::from_secs(20), "logs compacted", || {
+        let (behind, snapshotted) = run.reader.uncompacted(&run.http);
+        (behind.is_empty() && snapshotted > 0).then_some(snapshotted)
+    });
     run.assert_decides_as_replay();
     run.assert_customer_anywhere("c-000042");
     run.reader.assert_fenced(&run.http);
     let (delivered, repeats) = run.assert_emails();
     run.assert_reports();
     run.assert_controls_shared();
-    eprintln!("{what}: decisions as replay; {delivered} emails delivered, {repeats} repeats under the same Message-ID");
+    let events = run
+        .reader
+        .status(&run.http)
+        .streams
+        .iter()
+        .find(|s| s.name.ends_with("_events"))
+        .map_or(0, |s| s.messages);
+    eprintln!("{what}: decisions as replay (from {snapshotted} slots' snapshots and the commits after them); {delivered} emails delivered, {repeats} repeats under the same Message-ID; {events} of {} events left in the events stream after compaction", run.events.len());
     run.stop_all();
 }
 
@@ -61,6 +73,17 @@ fn an_owner_killed_mid_stream_loses_nothing_and_the_cluster_decides_as_replay() 
         takeover < Duration::from_secs(LEASE_S + 8),
         "takeover took {takeover:?}"
     );
+    // The slots taken over were restored from their snapshots.
+    let restores = run
+        .nodes
+        .iter()
+        .map(|n| n.logged().matches(" restored=").count())
+        .sum::<usize>();
+    assert!(
+        restores > 0,
+        "no slot taken over was restored from a snapshot"
+    );
+    eprintln!("SIGKILL: {restores} slots restored from snapshots");
     // The first batch, sent again past JetStream's de-duplication: the
     // owners remember the message ids and decide none of it again.
     run.assert_decides_as_replay();

@@ -441,6 +441,13 @@ pub struct ClusterConfig {
     /// without renewing: a node silent this long loses its slots to the
     /// others. It renews every third of it. Whole seconds, 1s to 5min.
     pub lease: Dur,
+    /// How often a held slot with new commits is snapshotted to the
+    /// `<prefix>_snapshots` object store, after which its log below the
+    /// snapshot is purged. A new owner restores the latest snapshot and
+    /// replays only the commits after it, so this bounds what a takeover
+    /// replays (and the log's size) to about this much of the slot's
+    /// traffic. From 1s to 1 day.
+    pub snapshot_every: Dur,
 }
 
 impl Default for ClusterConfig {
@@ -453,6 +460,7 @@ impl Default for ClusterConfig {
             prefix: "nudge".into(),
             request_timeout: Dur(Duration::from_secs(2)),
             lease: Dur(Duration::from_secs(6)),
+            snapshot_every: Dur(Duration::from_secs(60)),
         }
     }
 }
@@ -489,6 +497,12 @@ impl ClusterConfig {
             return Some(format!(
                 "cluster.prefix = {:?}: letters, digits, '-' or '_'",
                 self.prefix
+            ));
+        }
+        let every = self.snapshot_every.0;
+        if every < Duration::from_secs(1) || every > Duration::from_secs(86_400) {
+            return Some(format!(
+                "cluster.snapshot_every = {every:?}: from 1s to 1 day"
             ));
         }
         let lease = self.lease.0;

@@ -187,7 +187,7 @@ pub fn cluster_text(v: &Value) -> String {
             st["leader"].as_str().unwrap_or("none")
         ));
     }
-    out.push_str("slot  owner                 epoch       lag  (assigned to)\n");
+    out.push_str("slot  owner                 epoch       lag  snapshot (log position, taken)  (assigned to)\n");
     for x in &slots {
         let owner = x["owner"].as_str().unwrap_or("-");
         let assigned = x["assigned"].as_str().unwrap_or("-");
@@ -197,8 +197,13 @@ pub fn cluster_text(v: &Value) -> String {
             String::new()
         };
         let lag = x["lag"].as_u64().map_or("?".to_string(), |l| l.to_string());
+        let snap = &x["snapshot"];
+        let snapshot = match snap["position"].as_u64() {
+            Some(p) => format!("{p} at {}", s(snap, "at")),
+            None => "none".into(),
+        };
         out.push_str(&format!(
-            "{:>4}  {owner:<20} {:>6} {lag:>9}{moving}\n",
+            "{:>4}  {owner:<20} {:>6} {lag:>9}  {snapshot:<30}{moving}\n",
             x["slot"].as_u64().unwrap_or(0),
             x["epoch"].as_u64().map_or("-".into(), |e| e.to_string()),
         ));

@@ -73,12 +73,14 @@ use serde_json::{Map, Value};
 mod cluster;
 mod ledger;
 mod queue;
+mod snapshot;
 mod state;
 mod usage;
 
 pub use cluster::{decode_ops, encode_ops, slot_of_key, Admission, Admitted, Op};
 pub use ledger::{decode_unit, encode_unit, TallyEdit, TallyRecord, MATURITY};
 use queue::TimerQueue;
+pub use snapshot::{each_op as each_snapshot_op, SlotImage};
 pub use state::StateRecord;
 pub use usage::{disk_bytes, Usage};
 

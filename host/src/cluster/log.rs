@@ -201,6 +201,20 @@ impl SlotLog {
     /// `id` names the commit uniquely and stably (a retry of the same
     /// commit passes the same id and records).
     pub async fn commit(&self, epoch: &Epoch, id: &str, records: &[Bytes]) -> Result<Committed> {
+        let subject = self.layout.commit_subject(epoch.slot);
+        self.commit_on(subject, epoch, id, records).await
+    }
+
+    /// Stores `records` on `subject` (a subject of the log stream) as one
+    /// batch fenced by `epoch`, like [`SlotLog::commit`]: how a slot's
+    /// snapshot pointer is written, so that a stale owner's is refused.
+    pub async fn commit_on(
+        &self,
+        subject: String,
+        epoch: &Epoch,
+        id: &str,
+        records: &[Bytes],
+    ) -> Result<Committed> {
         if records.is_empty() {
             return Err(LogError::Empty);
         }
@@ -209,7 +223,6 @@ impl SlotLog {
                 records: records.len(),
             });
         }
-        let subject = self.layout.commit_subject(epoch.slot);
         // A fresh batch id per attempt: an abandoned attempt's batch never
         // mixes with the retry's.
         let batch = batch_id();

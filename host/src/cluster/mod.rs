@@ -11,6 +11,7 @@
 //! - [`members`]: live nodes as keys with a time to live.
 //! - [`assign`]: the slot map and the assigner's policy.
 //! - [`controls`]: pause, resume and quarantine shared by every node.
+//! - [`snapshot`]: slot snapshots in the object store; compacting the log.
 //! - [`status`]: members, the map, epochs and streams, for `nudge status`.
 //! - [`tenure`]: which slots this node decides now, as its workers see it.
 //! - [`feed`]: a held slot's events to its worker.
@@ -26,6 +27,7 @@ pub mod log;
 pub mod members;
 pub mod node;
 pub mod slots;
+pub mod snapshot;
 pub mod status;
 pub mod tenure;
 
@@ -136,14 +138,29 @@ pub(crate) async fn read(
         }
     };
     let pending = consumer.cached_info().num_pending as usize;
+    if pending == 0 {
+        return Ok(Vec::new());
+    }
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     while out.len() < pending.min(limit) {
-        let Some(m) = messages.next().await else {
+        // Messages purged since the read began (a snapshot's compaction)
+        // are never delivered: each message says how many are left, and a
+        // read that stalls fails rather than wait for ever.
+        let next = tokio::time::timeout(READ_PATIENCE, messages.next())
+            .await
+            .map_err(|_| {
+                format!(
+                    "reading {filter}: stalled after {} of {pending} messages",
+                    out.len()
+                )
+            })?;
+        let Some(m) = next else {
             break;
         };
         let m = m.map_err(|e| e.to_string())?;
-        let seq = m.info().map_err(|e| e.to_string())?.stream_sequence;
+        let info = m.info().map_err(|e| e.to_string())?;
+        let (seq, left) = (info.stream_sequence, info.pending);
         out.push(Record {
             seq,
             subject: m.subject.to_string(),
@@ -154,6 +171,9 @@ pub(crate) async fn read(
                 .map(|v| v.to_string()),
             payload: m.payload.clone(),
         });
+        if left == 0 {
+            break;
+        }
     }
     Ok(out)
 }

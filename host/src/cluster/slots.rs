@@ -58,6 +58,11 @@ impl Layout {
     /// Where an event of `customer` is published: `<prefix>.ev.<slot>.<vshard>`.
     pub fn event_subject(&self, customer: &str) -> String {
         let (slot, v) = self.place(customer);
+        self.vshard_events(slot, v)
+    }
+
+    /// The subject of virtual shard `v`'s events (in `slot`).
+    pub fn vshard_events(&self, slot: u16, v: usize) -> String {
         format!("{}.ev.{slot}.{v}", self.prefix)
     }
 
@@ -80,6 +85,17 @@ impl Layout {
     /// Where the commits of `slot` go.
     pub fn commit_subject(&self, slot: u16) -> String {
         format!("{}.log.{slot}.commit", self.prefix)
+    }
+
+    /// Where `slot`'s snapshot pointers go: the last message on it names
+    /// the slot's latest snapshot.
+    pub fn snapshot_subject(&self, slot: u16) -> String {
+        format!("{}.log.{slot}.snap", self.prefix)
+    }
+
+    /// The object store of slot snapshots.
+    pub fn snapshot_bucket(&self) -> String {
+        format!("{}_snapshots", self.prefix)
     }
 
     /// The commit log stream's subjects.

@@ -27,6 +27,19 @@ pub struct SlotStatus {
     /// Events of the slot stored and not yet read by its owner (as the
     /// owner last saw it; `None`: no owner answered).
     pub lag: Option<u64>,
+    /// The slot's latest snapshot: the log position it covers, when it was
+    /// taken, its compressed size.
+    #[serde(default)]
+    pub snapshot: Option<SnapshotStatus>,
+}
+
+/// A slot's latest snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SnapshotStatus {
+    pub position: u64,
+    pub at: String,
+    pub keys: u64,
+    pub bytes: u64,
 }
 
 /// A stream's size and leader.
@@ -86,19 +99,37 @@ pub async fn read(
         },
         Err(_) => SlotMap::default(),
     };
+    let snapshots = super::snapshot::Snapshots::open(js.clone(), layout.clone(), cfg.replicas)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut slots = Vec::new();
     for s in 0..layout.slots() {
         let epoch = log.epoch(s).await.map_err(|e| e.to_string())?;
+        let snapshot = snapshots
+            .latest(s)
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|p| SnapshotStatus {
+                position: p.position,
+                at: crate::event::format_ts(p.at_ms),
+                keys: p.keys,
+                bytes: p.bytes,
+            });
         slots.push(SlotStatus {
             slot: s,
             assigned: map.owners.get(usize::from(s)).cloned().flatten(),
             owner: epoch.as_ref().map(|e| e.node.clone()),
             epoch: epoch.map(|e| e.seq),
             lag: None,
+            snapshot,
         });
     }
     let mut streams = Vec::new();
-    for name in [layout.events_stream(), layout.log_stream()] {
+    for name in [
+        layout.events_stream(),
+        layout.log_stream(),
+        format!("OBJ_{}", layout.snapshot_bucket()),
+    ] {
         if let Ok(mut st) = js.get_stream(&name).await {
             if let Ok(info) = st.info().await {
                 streams.push(StreamStatus {

@@ -81,6 +81,8 @@ pub(super) fn persist_loop(
             }
             Err(e) => tracing::error!("persist failed (retrying): {e}"),
         }
+        // Between commits: a slot never has two fenced writes in flight.
+        rt.block_on(node.commit_snapshots());
         if stopping {
             return;
         }

@@ -39,7 +39,7 @@ pub(super) struct Side {
     journal: Mutex<Vec<(u16, Op)>>,
 }
 
-fn applied_key(slot: u16) -> [u8; 3] {
+pub(super) fn applied_key(slot: u16) -> [u8; 3] {
     let s = slot.to_be_bytes();
     [b'S', s[0], s[1]]
 }
@@ -50,7 +50,7 @@ fn customer_in(rest: &[u8]) -> Option<&str> {
     std::str::from_utf8(&rest[..end]).ok()
 }
 
-fn slot_of_customer(customer: &str, slots: u16) -> u16 {
+pub(super) fn slot_of_customer(customer: &str, slots: u16) -> u16 {
     (super::vshard_of(customer) % usize::from(slots.max(1))) as u16
 }
 
@@ -96,21 +96,27 @@ pub fn encode_ops<'a>(ops: impl IntoIterator<Item = &'a Op>, max: usize) -> Vec<
         if !cur.is_empty() && cur.len() + size > max {
             out.push(std::mem::take(&mut cur));
         }
-        cur.extend_from_slice(&(k.len() as u32).to_be_bytes());
-        cur.extend_from_slice(k);
-        match v {
-            Some(v) => {
-                cur.push(1);
-                cur.extend_from_slice(&(v.len() as u32).to_be_bytes());
-                cur.extend_from_slice(v);
-            }
-            None => cur.push(0),
-        }
+        put_op(&mut cur, k, v.as_deref());
     }
     if !cur.is_empty() {
         out.push(cur);
     }
     out
+}
+
+/// Appends one op as [`encode_ops`] writes it: key length (u32), key, 1
+/// and value length (u32) and value, or 0 for a deletion.
+pub(super) fn put_op(out: &mut Vec<u8>, k: &[u8], v: Option<&[u8]>) {
+    out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+    out.extend_from_slice(k);
+    match v {
+        Some(v) => {
+            out.push(1);
+            out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            out.extend_from_slice(v);
+        }
+        None => out.push(0),
+    }
 }
 
 /// The ops of one record; `None` if it is not one [`encode_ops`] wrote.

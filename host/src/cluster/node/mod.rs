@@ -12,8 +12,12 @@
 //!   away or whose commit was fenced.
 //! - [`Node::commit`]: the persister's gate: each held slot's changes as
 //!   one fenced commit, all slots at once.
+//! - [`snapshotting`]: snapshots of the held slots, their pointers and
+//!   compaction; restoring a snapshot when taking a slot.
 //! - [`Node::stop`]: stops reading events, then (after the last persist)
 //!   [`Node::leave`] lets the others take the slots at once.
+
+mod snapshotting;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -30,6 +34,7 @@ use super::ingest::Publisher;
 use super::log::{Epoch, LogError, SlotLog};
 use super::members::{Member, MemberError, Members, Membership};
 use super::slots::Layout;
+use super::snapshot::{Pointer, Snapshots};
 use super::tenure::Tenures;
 use crate::config::ClusterConfig;
 use crate::inbox::Work;
@@ -100,6 +105,11 @@ pub struct Node {
     failing: Mutex<HashMap<u16, u64>>,
     /// The map and the members' API addresses as last read (forwarding).
     routes: Mutex<Routes>,
+    snapshots: Snapshots,
+    /// Held slots' latest snapshots.
+    snapped: Mutex<HashMap<u16, snapshotting::Snapped>>,
+    /// Snapshots stored whose pointers are still to be committed.
+    pointers: Mutex<Vec<Pointer>>,
     cfg: ClusterConfig,
 }
 
@@ -143,7 +153,7 @@ impl Node {
         // out for a while: the streams and buckets are tried again until
         // it answers, for up to a minute.
         let started = Instant::now();
-        let (log, publisher, members, lease, maps) = loop {
+        let (log, publisher, members, lease, maps, snapshots) = loop {
             match Node::streams(&client, &js, &layout, cfg).await {
                 Ok(all) => break all,
                 Err(e) if started.elapsed() < OPEN_PATIENCE => {
@@ -196,6 +206,9 @@ impl Node {
             lag: (0..cfg.slots).map(|_| AtomicU64::new(0)).collect(),
             failing: Mutex::new(HashMap::new()),
             routes: Mutex::new(Routes::default()),
+            snapshots,
+            snapped: Mutex::new(HashMap::new()),
+            pointers: Mutex::new(Vec::new()),
             cfg: cfg.clone(),
         }))
     }
@@ -206,7 +219,7 @@ impl Node {
         js: &jetstream::Context,
         layout: &Layout,
         cfg: &ClusterConfig,
-    ) -> Result<(SlotLog, Publisher, Members, Members, kv::Store), NodeError> {
+    ) -> Result<(SlotLog, Publisher, Members, Members, kv::Store, Snapshots), NodeError> {
         let log = SlotLog::open(client.clone(), js.clone(), layout.clone(), cfg.replicas).await?;
         let publisher = Publisher::open(js.clone(), layout.clone(), cfg.replicas).await?;
         let members = Members::open(js.clone(), &cfg.prefix, cfg.replicas, cfg.lease.0).await?;
@@ -235,7 +248,8 @@ impl Node {
                 .await
                 .map_err(NodeError::Map)?;
         }
-        Ok((log, publisher, members, lease, maps))
+        let snapshots = Snapshots::open(js.clone(), layout.clone(), cfg.replicas).await?;
+        Ok((log, publisher, members, lease, maps, snapshots))
     }
 
     pub fn tenures(&self) -> Arc<Tenures> {
@@ -346,9 +360,11 @@ impl Node {
     pub async fn run(self: Arc<Self>) {
         let renew = tokio::spawn(self.clone().renew_loop());
         let assign = tokio::spawn(self.clone().assign_loop());
+        let snapshot = tokio::spawn(self.clone().snapshot_loop());
         self.clone().manage_loop().await;
         renew.abort();
         assign.abort();
+        snapshot.abort();
     }
 
     async fn renew_loop(self: Arc<Self>) {
@@ -585,11 +601,23 @@ impl Node {
         for (slot, _) in &won {
             self.store.discard_slot(*slot);
         }
-        let results = futures_util::future::join_all(
-            won.into_iter()
-                .map(|(slot, (replaced, epoch))| self.start(slot, epoch, replaced, started)),
-        )
-        .await;
+        let slots: Vec<u16> = won.iter().map(|(s, _)| *s).collect();
+        let mut restore = match self.snapshots_to_restore(&slots).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(
+                    ?slots,
+                    "slots claimed but their snapshots not read (trying again): {e}"
+                );
+                return;
+            }
+        };
+        let results =
+            futures_util::future::join_all(won.into_iter().map(|(slot, (replaced, epoch))| {
+                let snapshot = restore.remove(&slot);
+                self.start(slot, epoch, replaced, snapshot, started)
+            }))
+            .await;
         for r in results {
             if let Err(e) = r {
                 tracing::warn!(
@@ -617,8 +645,13 @@ impl Node {
         slot: u16,
         epoch: Epoch,
         current: Option<Epoch>,
+        snapshot: Option<Pointer>,
         started: Instant,
     ) -> Result<(), NodeError> {
+        let restored = match &snapshot {
+            Some(p) => Some(self.restore(p).await?),
+            None => None,
+        };
         let from = self
             .store
             .applied(slot)
@@ -688,6 +721,8 @@ impl Node {
             slot,
             epoch = epoch.seq,
             replaced = current.map(|e| e.node).unwrap_or_default(),
+            snapshot = snapshot.map(|p| p.position),
+            restored,
             records,
             ms = started.elapsed().as_millis() as u64,
             "slot taken"
