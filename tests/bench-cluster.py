@@ -10,8 +10,12 @@ batches of 500, 4 connections) against single-node mode (in-process, the
 baseline) and against 1, 2 and 3 cluster nodes (`--url a,b,c`: batches in
 turn, decided events added up); medians per variant. Then KILLS times:
 SIGKILL one of 3 nodes (lease 3 s; the throughput runs use 10 s) and time until another node holds
-every slot it held, from the kill; p50 and p99.
+every slot it held, from the kill; p50 and p99. Last, takeover after history: 2 nodes
+take EVENTS events, one is SIGKILLed, and the other's catch-up of the slots it takes
+is read from its log (records replayed, snapshot restored, milliseconds), with
+snapshots every second against none (snapshot_every = 1 day).
 """
+import re
 import json
 import os
 import signal
@@ -96,7 +100,9 @@ port = {smtp}
 
 
 class Node:
-    def __init__(self, name, prefix, servers, smtp, data, lease=LEASE):
+    def __init__(self, name, prefix, servers, smtp, data, lease=LEASE, snapshot_every="1m",
+                 log="warn"):
+        self.log = log
         self.name, self.port = name, free_port()
         self.config = f"{WORK}/{prefix}-{name}.toml"
         self.url = f"http://127.0.0.1:{self.port}"
@@ -111,6 +117,7 @@ servers = [{servers}]
 node = "{name}"
 prefix = "{prefix}"
 lease = "{lease}s"
+snapshot_every = "{snapshot_every}"
 """)
         self.start()
 
@@ -118,7 +125,7 @@ lease = "{lease}s"
         log = open(f"{self.config}.log", "a")
         self.proc = subprocess.Popen([NUDGE, "serve", "--config", self.config],
                                      stdout=subprocess.DEVNULL, stderr=log,
-                                     env={**os.environ, "NUDGE_LOG": "warn"})
+                                     env={**os.environ, "NUDGE_LOG": self.log})
         wait(f"{self.name} to answer", lambda: get(f"{self.url}/healthz", timeout=1) is not None)
 
     def stop(self, sig=signal.SIGTERM):
@@ -147,6 +154,79 @@ def bench(args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def takeover(servers, smtp):
+    """SIGKILL one of 3 nodes KILLS times: time until its slots are held again."""
+    nodes = [Node(f"node{i}", "takeover", servers, smtp, f"{WORK}/takeover-data{i}",
+                  lease=TAKEOVER_LEASE) for i in range(3)]
+    names = [x.name for x in nodes]
+    wait("slots spread", lambda: spread(nodes[0].url, names))
+    times = []
+    for k in range(KILLS):
+        victim = nodes[k % 3]
+        other = nodes[(k + 1) % 3]
+        held = [s["slot"] for s in cluster(other.url)["slots"] if s["owner"] == victim.name]
+        t0 = time.time()
+        victim.stop(signal.SIGKILL)
+        wait("takeover", lambda: all(
+            s["owner"] not in (None, victim.name)
+            for s in cluster(other.url)["slots"] if s["slot"] in held), timeout=60)
+        times.append(time.time() - t0)
+        victim.start()
+        wait("slots spread again", lambda: spread(other.url, names))
+    times.sort()
+    p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
+    print(f"\ntakeover after SIGKILL (lease {TAKEOVER_LEASE} s), {KILLS} kills of one of 3 nodes: "
+          f"p50 {statistics.median(times):.2f} s, p99 {p99:.2f} s, "
+          f"all: {', '.join(f'{t:.2f}' for t in times)}")
+    for x in nodes:
+        x.stop()
+
+
+def history(servers, smtp, runs=3):
+    """Takeover after EVENTS events of history, with snapshots every second
+    and with none (1 day): what the survivor replays; medians of `runs`."""
+    print("\ntakeover after history (2 nodes, lease 3 s, SIGKILL one after "
+          f"{EVENTS} events; medians of {runs}): the survivor's catch-up of the slots it took")
+    print("| snapshot_every | slots taken | restored from snapshots | commit records replayed "
+          "| slowest slot's catch-up ms | takeover s |")
+    print("|---|---|---|---|---|---|")
+    num = lambda key, l: int(m.group(1)) if (m := re.search(rf"\b{key}=(\d+)", l)) else 0
+    for every in ("1s", "1d"):
+        rows = []
+        for run in range(runs):
+            prefix = f"hist{every}r{run}"
+            nodes = [Node(f"node{i}", prefix, servers, smtp, f"{WORK}/{prefix}-data{i}",
+                          lease=TAKEOVER_LEASE, snapshot_every=every,
+                          log="warn,nudge::cluster::node=info")
+                     for i in range(2)]
+            names = [x.name for x in nodes]
+            wait("slots spread", lambda: spread(nodes[0].url, names))
+            bench(["--url", ",".join(x.url for x in nodes), "--write-key", "wk"])
+            time.sleep(3)  # a snapshot round after the last commits
+            victim, other = nodes[0], nodes[1]
+            held = [s["slot"] for s in cluster(other.url)["slots"] if s["owner"] == victim.name]
+            mark = os.path.getsize(f"{other.config}.log")
+            t0 = time.time()
+            victim.stop(signal.SIGKILL)
+
+            def taken():
+                with open(f"{other.config}.log") as f:
+                    f.seek(mark)
+                    return [l for l in f if "slot taken" in l]
+
+            # Until the survivor has caught up on every slot (claimed,
+            # restored, replayed), as its log says.
+            wait("takeover", lambda: len(taken()) >= len(held), timeout=300)
+            took = time.time() - t0
+            taken = taken()
+            rows.append((len(taken), sum(1 for l in taken if " restored=" in l),
+                         sum(num("records", l) for l in taken),
+                         max((num("ms", l) for l in taken), default=0), took))
+            other.stop()
+        med = [statistics.median(r[i] for r in rows) for i in range(5)]
+        print(f"| {every} | {med[0]:.0f} | {med[1]:.0f} | {med[2]:.0f} | {med[3]:.0f} | {med[4]:.2f} |")
+
+
 def main():
     os.makedirs(WORK, exist_ok=True)
     subprocess.run(["cargo", "build", "--release", "--quiet"], check=True)
@@ -170,43 +250,23 @@ def main():
                     bench(["--url", ",".join(x.url for x in nodes), "--write-key", "wk"]))
                 for x in nodes:
                     x.stop()
-        keys = ["acked_events_per_sec", "decided_events_per_sec", "ack_p50_ms", "ack_p99_ms",
-                "decision_p50_ms", "decision_p99_ms"]
-        base = {k: statistics.median(r[k] for r in results["single node"]) for k in keys}
-        print(f"{EVENTS} events per run, batches of 500, 4 connections; medians of {RUNS} runs")
-        print("| variant | " + " | ".join(keys) + " | acked vs single | decided vs single |")
-        print("|---|" + "---|" * (len(keys) + 2))
-        for label, rs in results.items():
-            med = {k: statistics.median(r[k] for r in rs if r[k] is not None) for k in keys}
-            print(f"| {label} | " + " | ".join(f"{med[k]:.1f}" for k in keys)
-                  + f" | {med['acked_events_per_sec'] / base['acked_events_per_sec']:.2f}x"
-                  + f" | {med['decided_events_per_sec'] / base['decided_events_per_sec']:.2f}x |")
+        if RUNS:
+            keys = ["acked_events_per_sec", "decided_events_per_sec", "ack_p50_ms", "ack_p99_ms",
+                    "decision_p50_ms", "decision_p99_ms"]
+            base = {k: statistics.median(r[k] for r in results["single node"]) for k in keys}
+            print(f"{EVENTS} events per run, batches of 500, 4 connections; medians of {RUNS} runs")
+            print("| variant | " + " | ".join(keys) + " | acked vs single | decided vs single |")
+            print("|---|" + "---|" * (len(keys) + 2))
+            for label, rs in results.items():
+                med = {k: statistics.median(r[k] for r in rs if r[k] is not None) for k in keys}
+                print(f"| {label} | " + " | ".join(f"{med[k]:.1f}" for k in keys)
+                      + f" | {med['acked_events_per_sec'] / base['acked_events_per_sec']:.2f}x"
+                      + f" | {med['decided_events_per_sec'] / base['decided_events_per_sec']:.2f}x |")
+        if KILLS:
+            takeover(servers, smtp)
 
-        # Takeover after SIGKILL.
-        nodes = [Node(f"node{i}", "takeover", servers, smtp, f"{WORK}/takeover-data{i}",
-                      lease=TAKEOVER_LEASE) for i in range(3)]
-        names = [x.name for x in nodes]
-        wait("slots spread", lambda: spread(nodes[0].url, names))
-        times = []
-        for k in range(KILLS):
-            victim = nodes[k % 3]
-            other = nodes[(k + 1) % 3]
-            held = [s["slot"] for s in cluster(other.url)["slots"] if s["owner"] == victim.name]
-            t0 = time.time()
-            victim.stop(signal.SIGKILL)
-            wait("takeover", lambda: all(
-                s["owner"] not in (None, victim.name)
-                for s in cluster(other.url)["slots"] if s["slot"] in held), timeout=60)
-            times.append(time.time() - t0)
-            victim.start()
-            wait("slots spread again", lambda: spread(other.url, names))
-        times.sort()
-        p99 = times[min(len(times) - 1, int(0.99 * len(times)))]
-        print(f"\ntakeover after SIGKILL (lease {TAKEOVER_LEASE} s), {KILLS} kills of one of 3 nodes: "
-              f"p50 {statistics.median(times):.2f} s, p99 {p99:.2f} s, "
-              f"all: {', '.join(f'{t:.2f}' for t in times)}")
-        for x in nodes:
-            x.stop()
+        # Takeover after history: what the new owner replays.
+        history(servers, smtp)
     finally:
         for p in nats:
             p.terminate()

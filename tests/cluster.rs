@@ -533,10 +533,16 @@ impl Run {
     /// Starts one more Nudge node; returns its index.
     pub fn add_node(&mut self) -> usize {
         let i = self.nodes.len();
+        // Each node its own copy of the rules, as on separate machines.
+        let rules = self.rules_of(i);
+        std::fs::create_dir_all(&rules).unwrap();
+        for e in std::fs::read_dir(self.rules.path()).unwrap().flatten() {
+            std::fs::copy(e.path(), rules.join(e.file_name())).unwrap();
+        }
         let node = NudgeNode::start(
             &self.bin,
             self.dir.path(),
-            self.rules.path(),
+            &rules,
             i,
             &self.nats,
             &self.prefix,
@@ -544,6 +550,11 @@ impl Run {
         );
         self.nodes.push(node);
         i
+    }
+
+    /// Node `i`'s rules folder.
+    pub fn rules_of(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("n{i}-rules"))
     }
 
     /// Waits until every slot is claimed and each of `n` nodes holds a

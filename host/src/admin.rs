@@ -124,6 +124,7 @@ fn reload_error(e: ReloadError) -> Response {
         | ReloadError::Unavailable(_)
         | ReloadError::NothingToRollBack => StatusCode::CONFLICT,
         ReloadError::Watch { .. } | ReloadError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ReloadError::Shared(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, e.to_string())
 }
@@ -203,6 +204,12 @@ async fn reload(
         Outcome::Activated(n) => (StatusCode::OK, "activated", Some(n)),
         Outcome::Unchanged => (StatusCode::OK, "unchanged", None),
         Outcome::Rejected(n) => (StatusCode::UNPROCESSABLE_ENTITY, "rejected", Some(n)),
+        Outcome::Unshared(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not reloaded: the cluster's generations are out of reach: {e}"),
+            )
+        }
     };
     let record = number.and_then(|n| s.reloader.list().into_iter().find(|r| r.number == n));
     (

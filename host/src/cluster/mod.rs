@@ -11,6 +11,8 @@
 //! - [`members`]: live nodes as keys with a time to live.
 //! - [`assign`]: the slot map and the assigner's policy.
 //! - [`controls`]: pause, resume and quarantine shared by every node.
+//! - [`generations`]: generations published cluster-wide, numbered by the
+//!   cluster.
 //! - [`snapshot`]: slot snapshots in the object store; compacting the log.
 //! - [`status`]: members, the map, epochs and streams, for `nudge status`.
 //! - [`tenure`]: which slots this node decides now, as its workers see it.
@@ -22,6 +24,7 @@
 pub mod assign;
 pub mod controls;
 pub mod feed;
+pub mod generations;
 pub mod ingest;
 pub mod log;
 pub mod members;

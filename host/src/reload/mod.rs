@@ -17,6 +17,10 @@
 //!   takes effect at the next batch. Swapping never touches the inbox or
 //!   the watermarks, so no event is lost or decided twice by a reload.
 
+mod sharing;
+
+pub use sharing::{Files, Sharing};
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -136,6 +140,9 @@ pub enum ReloadError {
     NothingToRollBack,
     #[error("watching {path}: {message}")]
     Watch { path: PathBuf, message: String },
+    /// The cluster's generations did not answer: nothing changed.
+    #[error("the cluster's generations: {0}")]
+    Shared(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -147,6 +154,9 @@ pub enum Outcome {
     /// The files are the ones the last build saw: nothing to do.
     Unchanged,
     Rejected(u64),
+    /// The cluster's generations were out of reach: nothing was built, the
+    /// active generation keeps running.
+    Unshared(String),
 }
 
 /// A file as read for one build.
@@ -499,6 +509,8 @@ pub struct Reloader {
     /// Held only for bookkeeping, never across a build: listing does not
     /// wait for a compilation.
     state: Mutex<State>,
+    /// The cluster's generations, once shared ([`Reloader::share_with`]).
+    sharing: std::sync::OnceLock<Arc<dyn Sharing>>,
 }
 
 /// Whether the record's last activation was an operator's choice
@@ -677,6 +689,7 @@ impl Reloader {
             keep: keep.max(1),
             history: history.max(1),
             builder: Mutex::new(Loaded::new()),
+            sharing: std::sync::OnceLock::new(),
             state: Mutex::new(State {
                 records,
                 kept: BTreeMap::new(),
@@ -867,7 +880,7 @@ impl Reloader {
         let started = Instant::now();
         let mut loaded = self.lock_builder();
         let snap = Snapshot::read(&self.sources);
-        let (number, active) = {
+        let active = {
             let mut st = self.lock();
             if !force && snap.fingerprint == st.last_fingerprint {
                 if let Some(m) = &self.metrics {
@@ -876,9 +889,18 @@ impl Reloader {
                 return Outcome::Unchanged;
             }
             st.last_fingerprint = snap.fingerprint.clone();
-            let number = st.next;
-            st.next += 1;
-            (number, st.records.get(&st.active).cloned())
+            st.records.get(&st.active).cloned()
+        };
+        let number = match self.take_number(&snap, force) {
+            Ok(Some(n)) => n,
+            // What the cluster runs already.
+            Ok(None) => {
+                if let Some(m) = &self.metrics {
+                    m.reload("unchanged", started.elapsed());
+                }
+                return Outcome::Unchanged;
+            }
+            Err(e) => return self.unshared(None, e),
         };
         let built = build(&self.runtime, &self.sources, &snap, number, &mut loaded).and_then(|g| {
             if force {
@@ -887,6 +909,19 @@ impl Reloader {
             guard(&self.sources, &g, &snap, active.as_ref()).map(|()| g)
         });
         let build_ms = started.elapsed().as_secs_f64() * 1e3;
+        if let (Ok(gen), true) = (&built, self.is_shared()) {
+            // Published before it runs here: every node runs what the
+            // cluster runs, this one included (adopting it is then a no-op).
+            let r = record(number, cause, &snap, Some(gen), Vec::new(), build_ms);
+            let files = snap
+                .files
+                .iter()
+                .filter_map(|f| Some((f.record.sha256.clone(), f.bytes.as_ref().ok()?.clone())))
+                .collect();
+            if let Err(e) = self.share(&r, files, cause) {
+                return self.unshared(Some(number), e);
+            }
+        }
         let mut st = self.lock();
         match built {
             Ok(gen) => {
@@ -923,6 +958,19 @@ impl Reloader {
     /// Makes generation `number` active again (a rollback, or a roll
     /// forward after one).
     pub fn activate(&self, number: u64, by: &str) -> Result<GenerationRecord, ReloadError> {
+        self.activate_as(number, by, true, false)
+    }
+
+    /// [`Reloader::activate`]; `share`: publish it to the cluster first
+    /// (an operator's choice, not an adoption); `published`: it is a new
+    /// publish (quarantines of versions it replaces clear).
+    fn activate_as(
+        &self,
+        number: u64,
+        by: &str,
+        share: bool,
+        published: bool,
+    ) -> Result<GenerationRecord, ReloadError> {
         let mut loaded = self.lock_builder();
         let (record, kept, active) = {
             let st = self.lock();
@@ -939,6 +987,11 @@ impl Reloader {
                 errors: record.errors,
             });
         }
+        if share && self.is_shared() {
+            let files = self.archived_files(&record)?;
+            self.share(&record, files, by)
+                .map_err(ReloadError::Shared)?;
+        }
         if active != number {
             let gen = match kept {
                 Some(g) => g,
@@ -954,7 +1007,7 @@ impl Reloader {
                 }
             };
             let mut st = self.lock();
-            self.activated(&mut st, &mut loaded, gen, by, false);
+            self.activated(&mut st, &mut loaded, gen, by, published);
         }
         self.lock()
             .records

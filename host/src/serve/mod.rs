@@ -279,6 +279,7 @@ pub async fn run_with(
             )
             .await?;
             node.share_controls(controls.clone()).await?;
+            node.share_generations(reloader.clone()).await?;
             (
                 Inbox::detached(inflight.clone(), cfg.ingest.max_inflight_events),
                 None,

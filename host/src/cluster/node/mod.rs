@@ -277,6 +277,34 @@ impl Node {
         Ok(())
     }
 
+    /// Shares `reloader`'s generations with the other nodes: numbers
+    /// come from the cluster, and a publish on any node runs on all.
+    pub async fn share_generations(
+        &self,
+        reloader: Arc<crate::reload::Reloader>,
+    ) -> Result<(), NodeError> {
+        let started = Instant::now();
+        let shared = loop {
+            match super::generations::SharedGenerations::open(
+                &self.js,
+                &self.cfg.prefix,
+                self.cfg.replicas,
+                &self.me.node,
+            )
+            .await
+            {
+                Ok(s) => break s,
+                Err(e) if started.elapsed() < OPEN_PATIENCE => {
+                    tracing::warn!("generations bucket not ready (trying again): {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(NodeError::Map(e)),
+            }
+        };
+        super::generations::share(reloader, Arc::new(shared));
+        Ok(())
+    }
+
     /// The cluster's status as JetStream holds it, with the lag of the
     /// slots this node holds.
     pub async fn status(&self) -> Result<super::status::Status, String> {
