@@ -110,6 +110,8 @@ pub struct Node {
     snapped: Mutex<HashMap<u16, snapshotting::Snapped>>,
     /// Snapshots stored whose pointers are still to be committed.
     pointers: Mutex<Vec<Pointer>>,
+    /// Snapshot restores allowed at once.
+    restoring: tokio::sync::Semaphore,
     cfg: ClusterConfig,
 }
 
@@ -209,6 +211,7 @@ impl Node {
             snapshots,
             snapped: Mutex::new(HashMap::new()),
             pointers: Mutex::new(Vec::new()),
+            restoring: tokio::sync::Semaphore::new(2),
             cfg: cfg.clone(),
         }))
     }

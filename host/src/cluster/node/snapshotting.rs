@@ -199,6 +199,10 @@ impl Node {
             }
         }
         if !restore.is_empty() {
+            tracing::info!(
+                slots = restore.len(),
+                "restoring slots from their snapshots (ahead of this node's copies)"
+            );
             let store = self.store.clone();
             let clear: Vec<u16> = restore.keys().copied().collect();
             let removed = tokio::task::spawn_blocking(move || store.clear_slots(&clear))
@@ -219,6 +223,10 @@ impl Node {
     /// Restores `p` into the store: the slot's position becomes the
     /// snapshot's. Returns the keys restored.
     pub(super) async fn restore(&self, p: &Pointer) -> Result<u64, LogError> {
+        // Two at a time: restoring dozens of slots at once on a small
+        // machine starved the membership renewals (measured: a survivor's
+        // lease ran out while it restored 45 slots in parallel).
+        let _permit = self.restoring.acquire().await.map_err(store_err)?;
         let body = self.snapshots.fetch(p).await?;
         let store = self.store.clone();
         let (slot, position) = (p.slot, p.position);
