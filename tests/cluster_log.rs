@@ -294,8 +294,27 @@ async fn members_come_and_go_with_their_keys() {
         node: n.into(),
         api: format!("http://{n}:8080"),
     };
-    let mut a = members.join(member("a")).await.unwrap();
-    let mut b = members.join(member("b")).await.unwrap();
+    // A bucket just created can answer its first reads with "no
+    // responders" until its replicas are up: joining is tried again
+    // meanwhile, as `Node::open` does.
+    let join = |m: Member| {
+        let members = &members;
+        async move {
+            let start = Instant::now();
+            loop {
+                match members.join(m.clone()).await {
+                    Ok(j) => break j,
+                    Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                        eprintln!("joining, trying again: {e}");
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    Err(e) => panic!("joining: {e}"),
+                }
+            }
+        }
+    };
+    let mut a = join(member("a")).await;
+    let mut b = join(member("b")).await;
     assert_eq!(members.list().await.unwrap(), [member("a"), member("b")]);
 
     // A second "a" while the first renews: waited out for a TTL, refused.

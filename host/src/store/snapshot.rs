@@ -8,7 +8,11 @@
 //! position, in order, gives exactly the state at the end of the log: a
 //! key changed after the position ends at its last committed value
 //! whatever the scan saw, and a key not changed since is as the scan saw
-//! it.
+//! it. The one exception is the journal of direct writes (a delivery
+//! marked done, an agent's answer): they reach sled before the slot's
+//! next commit carries them, so a snapshot may hold one a little early,
+//! or (if the node loses the slot first) hold one the log never gets. In
+//! both cases the snapshot holds what really happened.
 //!
 //! The body is gzip of a magic line and the slot's keys and values in
 //! the format of a commit record ([`super::encode_ops`]).
