@@ -368,11 +368,18 @@ impl LogReader {
         http.rt.block_on(async {
             let mut state = BTreeMap::new();
             for s in 0..SLOTS {
-                let slot = self
-                    .snapshots
-                    .slot_state(&self.log, s)
-                    .await
-                    .expect("a slot's state");
+                // Read again while NATS recovers (a test kills a server).
+                let started = Instant::now();
+                let slot = loop {
+                    match self.snapshots.slot_state(&self.log, s).await {
+                        Ok(slot) => break slot,
+                        Err(e) if started.elapsed() < Duration::from_secs(30) => {
+                            eprintln!("slot {s}'s state not read yet: {e}");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Err(e) => panic!("slot {s}'s state: {e}"),
+                    }
+                };
                 state.extend(slot);
             }
             state
@@ -381,21 +388,21 @@ impl LogReader {
 
     /// The slots with a snapshot whose log still holds a commit at or
     /// below the snapshot's position (compaction not done), and how many
-    /// slots have a snapshot.
-    pub fn uncompacted(&self, http: &Http) -> (Vec<u16>, usize) {
+    /// slots have a snapshot; an error while NATS recovers.
+    pub fn uncompacted(&self, http: &Http) -> Result<(Vec<u16>, usize), String> {
         http.rt.block_on(async {
             let (mut behind, mut snapshotted) = (Vec::new(), 0);
             for s in 0..SLOTS {
-                let Some(p) = self.snapshots.latest(s).await.expect("pointer") else {
+                let Some(p) = self.snapshots.latest(s).await.map_err(|e| e.to_string())? else {
                     continue;
                 };
                 snapshotted += 1;
-                let first = self.log.commits(s, 0, 1).await.expect("commits");
+                let first = self.log.commits(s, 0, 1).await.map_err(|e| e.to_string())?;
                 if first.first().is_some_and(|r| r.seq <= p.position) {
                     behind.push(s);
                 }
             }
-            (behind, snapshotted)
+            Ok((behind, snapshotted))
         })
     }
 

@@ -28,9 +28,16 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn finish(run: &mut Run, what: &str) {
     // Slots are snapshotted every second and their logs compacted below.
-    let snapshotted = eventually(Duration::from_secs(20), "logs compacted", || {
-        let (behind, snapshotted) = run.reader.uncompacted(&run.http);
-        (behind.is_empty() && snapshotted > 0).then_some(snapshotted)
+    let snapshotted = eventually(Duration::from_secs(30), "logs compacted", || {
+        match run.reader.uncompacted(&run.http) {
+            Ok((behind, snapshotted)) => {
+                (behind.is_empty() && snapshotted > 0).then_some(snapshotted)
+            }
+            Err(e) => {
+                eprintln!("compaction not checked yet: {e}");
+                None
+            }
+        }
     });
     run.assert_decides_as_replay();
     run.assert_customer_anywhere("c-000042");

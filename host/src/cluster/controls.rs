@@ -25,19 +25,16 @@ pub async fn open(
     prefix: &str,
     replicas: usize,
 ) -> Result<kv::Store, String> {
-    let bucket = format!("{prefix}_controls");
-    match js.get_key_value(&bucket).await {
-        Ok(kv) => Ok(kv),
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket,
-                history: 1,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string()),
-    }
+    super::ensure_kv(
+        js,
+        kv::Config {
+            bucket: format!("{prefix}_controls"),
+            history: 1,
+            num_replicas: replicas,
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// Shares `controls` through `kv` until the process ends: publishes this

@@ -67,37 +67,27 @@ impl SharedGenerations {
         replicas: usize,
         node: &str,
     ) -> Result<SharedGenerations, String> {
-        let bucket = format!("{prefix}_generations");
-        let kv = match js.get_key_value(&bucket).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    history: 1,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(err)?,
-        };
-        let store = format!("{prefix}_files");
-        let files = match js.get_object_store(&store).await {
-            Ok(o) => o,
-            Err(_) => js
-                .create_object_store(object_store::Config {
-                    bucket: store.clone(),
-                    description: Some("Nudge: generations' files by content hash".into()),
-                    num_replicas: replicas,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(err)?,
-        };
-        if replicas > 1 {
-            super::wait_for_leader(js, &format!("KV_{bucket}")).await?;
-            super::wait_for_leader(js, &format!("OBJ_{store}")).await?;
-        }
+        let kv = super::ensure_kv(
+            js,
+            kv::Config {
+                bucket: format!("{prefix}_generations"),
+                history: 1,
+                num_replicas: replicas,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let files = super::ensure_objects(
+            js,
+            object_store::Config {
+                bucket: format!("{prefix}_files"),
+                description: Some("Nudge: generations' files by content hash".into()),
+                num_replicas: replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await?;
         Ok(SharedGenerations {
             kv,
             files,

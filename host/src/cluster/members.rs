@@ -83,26 +83,20 @@ impl Members {
     ) -> Result<Members, MemberError> {
         let bucket = bucket.to_owned();
         let ttl = ttl.max(Duration::from_secs(1));
-        let kv = match js.get_key_value(&bucket).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    history: 1,
-                    num_replicas: replicas,
-                    // Per-key TTLs, and a marker that tells watchers when
-                    // a key expired.
-                    limit_markers: Some(ttl),
-                    ..Default::default()
-                })
-                .await
-                .map_err(nats)?,
-        };
-        if replicas > 1 {
-            super::wait_for_leader(&js, &format!("KV_{bucket}"))
-                .await
-                .map_err(MemberError::Nats)?;
-        }
+        let kv = super::ensure_kv(
+            &js,
+            kv::Config {
+                bucket: bucket.clone(),
+                history: 1,
+                num_replicas: replicas,
+                // Per-key TTLs, and a marker that tells watchers when a
+                // key expired.
+                limit_markers: Some(ttl),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(MemberError::Nats)?;
         Ok(Members {
             js,
             kv,

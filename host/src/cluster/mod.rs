@@ -199,6 +199,45 @@ pub(crate) async fn ensure_stream(
     Ok(())
 }
 
+/// Opens the KV bucket `config.bucket`, creating it as configured if it
+/// does not exist, and (replicated) waits until it has a leader.
+pub(crate) async fn ensure_kv(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::kv::Config,
+) -> Result<async_nats::jetstream::kv::Store, String> {
+    let (bucket, replicated) = (config.bucket.clone(), config.num_replicas > 1);
+    let kv = match js.get_key_value(&bucket).await {
+        Ok(kv) => kv,
+        Err(_) => js
+            .create_key_value(config)
+            .await
+            .map_err(|e| e.to_string())?,
+    };
+    if replicated {
+        wait_for_leader(js, &format!("KV_{bucket}")).await?;
+    }
+    Ok(kv)
+}
+
+/// [`ensure_kv`] for an object store.
+pub(crate) async fn ensure_objects(
+    js: &async_nats::jetstream::Context,
+    config: async_nats::jetstream::object_store::Config,
+) -> Result<async_nats::jetstream::object_store::ObjectStore, String> {
+    let (bucket, replicated) = (config.bucket.clone(), config.num_replicas > 1);
+    let objects = match js.get_object_store(&bucket).await {
+        Ok(o) => o,
+        Err(_) => js
+            .create_object_store(config)
+            .await
+            .map_err(|e| e.to_string())?,
+    };
+    if replicated {
+        wait_for_leader(js, &format!("OBJ_{bucket}")).await?;
+    }
+    Ok(objects)
+}
+
 /// Waits until the replicated stream `name` has a leader (a new one elects
 /// it first; a request before that finds no responders).
 pub(crate) async fn wait_for_leader(

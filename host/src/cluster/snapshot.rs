@@ -100,25 +100,18 @@ impl Snapshots {
         layout: Layout,
         replicas: usize,
     ) -> Result<Snapshots> {
-        let bucket = layout.snapshot_bucket();
-        let objects = match js.get_object_store(&bucket).await {
-            Ok(o) => o,
-            Err(_) => js
-                .create_object_store(object_store::Config {
-                    bucket: bucket.clone(),
-                    description: Some("Nudge: slot snapshots".into()),
-                    num_replicas: replicas,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(nats)?,
-        };
-        if replicas > 1 {
-            super::wait_for_leader(&js, &format!("OBJ_{bucket}"))
-                .await
-                .map_err(nats)?;
-        }
+        let objects = super::ensure_objects(
+            &js,
+            object_store::Config {
+                bucket: layout.snapshot_bucket(),
+                description: Some("Nudge: slot snapshots".into()),
+                num_replicas: replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(nats)?;
         Ok(Snapshots {
             js,
             layout,

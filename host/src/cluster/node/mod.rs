@@ -233,24 +233,17 @@ impl Node {
             cfg.lease.0,
         )
         .await?;
-        let bucket = format!("{}_slots", cfg.prefix);
-        let maps = match js.get_key_value(&bucket).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(kv::Config {
-                    bucket: bucket.clone(),
-                    history: 1,
-                    num_replicas: cfg.replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| NodeError::Map(e.to_string()))?,
-        };
-        if cfg.replicas > 1 {
-            super::wait_for_leader(js, &format!("KV_{bucket}"))
-                .await
-                .map_err(NodeError::Map)?;
-        }
+        let maps = super::ensure_kv(
+            js,
+            kv::Config {
+                bucket: format!("{}_slots", cfg.prefix),
+                history: 1,
+                num_replicas: cfg.replicas,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(NodeError::Map)?;
         let snapshots = Snapshots::open(js.clone(), layout.clone(), cfg.replicas).await?;
         Ok((log, publisher, members, lease, maps, snapshots))
     }
