@@ -596,11 +596,7 @@ impl Run {
     /// Posts batch number `b` to one of the live nodes (round robin),
     /// again until it is acknowledged; returns how long that took.
     pub fn post(&self, b: usize, batch: &[Value]) -> Duration {
-        let live: Vec<&NudgeNode> = self
-            .nodes
-            .iter()
-            .filter(|n| n.child.is_some() && !n.frozen)
-            .collect();
+        let live: Vec<&NudgeNode> = self.live().collect();
         let started = Instant::now();
         let mut i = b;
         loop {
@@ -734,11 +730,24 @@ impl Run {
         (mails.len(), repeats)
     }
 
+    /// The nodes running and not frozen.
+    pub fn live(&self) -> impl Iterator<Item = &NudgeNode> {
+        self.nodes.iter().filter(|n| n.child.is_some() && !n.frozen)
+    }
+
+    /// `GET path` on every live node: (node, status, body).
+    pub fn ask_live(&self, path: &str) -> Vec<(String, u16, String)> {
+        self.live()
+            .map(|n| {
+                let (code, body) = self.http.get(n.port, path);
+                (n.name.clone(), code, body)
+            })
+            .collect()
+    }
+
     /// A metric added up over the live nodes.
     pub fn metric_sum(&self, name: &str) -> f64 {
-        self.nodes
-            .iter()
-            .filter(|n| n.child.is_some() && !n.frozen)
+        self.live()
             .map(|n| {
                 let (_, text) = self.http.get(n.port, "/metrics");
                 nudge::metrics::metric_value(&text, name).unwrap_or(0.0)
@@ -750,15 +759,7 @@ impl Run {
     /// slot's owner answers, wherever it is asked).
     pub fn assert_customer_anywhere(&self, customer: &str) {
         let path = format!("/v1/customers/{customer}");
-        let answers: Vec<(String, u16, String)> = self
-            .nodes
-            .iter()
-            .filter(|n| n.child.is_some() && !n.frozen)
-            .map(|n| {
-                let (code, body) = self.http.get(n.port, &path);
-                (n.name.clone(), code, body)
-            })
-            .collect();
+        let answers = self.ask_live(&path);
         let (first, code, body) = &answers[0];
         assert_eq!(*code, 200, "{first}: {body}");
         assert!(body.contains("traits"), "{first}: {body}");
@@ -777,15 +778,7 @@ impl Run {
     pub fn assert_reports(&self) {
         let as_of = nudge::event::now_ms();
         let path = format!("/v1/reports?as_of={as_of}");
-        let answers: Vec<(String, u16, String)> = self
-            .nodes
-            .iter()
-            .filter(|n| n.child.is_some() && !n.frozen)
-            .map(|n| {
-                let (code, body) = self.http.get(n.port, &path);
-                (n.name.clone(), code, body)
-            })
-            .collect();
+        let answers = self.ask_live(&path);
         // Deliveries still going on (the sms channel has nowhere to go
         // and retries) move their counts between two requests.
         let stable = |body: &str| -> Value {
@@ -844,11 +837,7 @@ impl Run {
     /// A campaign paused on one node is paused on every node; resumed on
     /// another, resumed everywhere.
     pub fn assert_controls_shared(&self) {
-        let live: Vec<&NudgeNode> = self
-            .nodes
-            .iter()
-            .filter(|n| n.child.is_some() && !n.frozen)
-            .collect();
+        let live: Vec<&NudgeNode> = self.live().collect();
         let paused_on = |n: &NudgeNode| -> bool {
             let (_, body) = self.http.get(n.port, "/v1/campaigns");
             let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);

@@ -69,9 +69,9 @@ pub enum LogError {
     Nats(String),
 }
 
-type Result<T> = std::result::Result<T, LogError>;
+pub(super) type Result<T> = std::result::Result<T, LogError>;
 
-fn nats(e: impl std::fmt::Display) -> LogError {
+pub(super) fn nats(e: impl std::fmt::Display) -> LogError {
     LogError::Nats(e.to_string())
 }
 

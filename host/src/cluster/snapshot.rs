@@ -27,14 +27,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, object_store, stream};
 use futures_util::StreamExt;
 
-use super::log::LogError;
+use super::log::{nats, Result};
 use super::slots::Layout;
-
-type Result<T> = std::result::Result<T, LogError>;
-
-fn nats(e: impl std::fmt::Display) -> LogError {
-    LogError::Nats(e.to_string())
-}
 
 /// What a slot's latest snapshot is, as stored on its pointer subject.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -909,23 +909,25 @@ impl Reloader {
             guard(&self.sources, &g, &snap, active.as_ref()).map(|()| g)
         });
         let build_ms = started.elapsed().as_secs_f64() * 1e3;
-        if let (Ok(gen), true) = (&built, self.is_shared()) {
+        let built = built.map(|g| {
+            let r = record(number, cause, &snap, Some(&g), Vec::new(), build_ms);
+            (g, r)
+        });
+        if let (Ok((_, r)), true) = (&built, self.is_shared()) {
             // Published before it runs here: every node runs what the
             // cluster runs, this one included (adopting it is then a no-op).
-            let r = record(number, cause, &snap, Some(gen), Vec::new(), build_ms);
             let files = snap
                 .files
                 .iter()
                 .filter_map(|f| Some((f.record.sha256.clone(), f.bytes.as_ref().ok()?.clone())))
                 .collect();
-            if let Err(e) = self.share(&r, files, cause) {
+            if let Err(e) = self.share(r, files, cause) {
                 return self.unshared(Some(number), e);
             }
         }
         let mut st = self.lock();
         match built {
-            Ok(gen) => {
-                let r = record(number, cause, &snap, Some(&gen), Vec::new(), build_ms);
+            Ok((gen, r)) => {
                 self.archive(&snap);
                 st.records.insert(number, r);
                 self.activated(&mut st, &mut loaded, Arc::new(gen), cause, true);

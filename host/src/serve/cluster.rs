@@ -52,6 +52,16 @@ pub(super) fn hand_over_deliveries(node: &Arc<Node>, store: &Store, tx: &Sender<
     }));
 }
 
+/// One persist through the slots' commit log: what the log stored is
+/// written to sled.
+fn persist(
+    store: &Store,
+    node: &Arc<Node>,
+    rt: &tokio::runtime::Handle,
+) -> crate::store::Result<crate::store::Persisted> {
+    store.persist_gated(|by_slot| Ok(rt.block_on(node.commit(by_slot))))
+}
+
 /// The cluster's persister: every [`PERSIST_EVERY`], what the workers and
 /// the deliverer changed goes to the slots' commit log, then what the log
 /// stored to sled and disk; only then are new deliveries handed on.
@@ -72,7 +82,7 @@ pub(super) fn persist_loop(
             retention.sweep(&store, &node, &rt);
         }
         let stopping = stop.load(Ordering::Acquire);
-        let persisted = store.persist_gated(|by_slot| Ok(rt.block_on(node.commit(by_slot))));
+        let persisted = persist(&store, &node, &rt);
         match persisted.and_then(|p| store.sync().map(|()| p)) {
             Ok(p) => {
                 if !p.outbox.is_empty() {
@@ -115,8 +125,7 @@ fn forget_seen(
                 store.commit(changes);
                 // Written before the next page is read, so it is not
                 // listed again.
-                if let Err(e) = store.persist_gated(|by_slot| Ok(rt.block_on(node.commit(by_slot))))
-                {
+                if let Err(e) = persist(store, node, rt) {
                     tracing::warn!("message ids not forgotten: {e}");
                     break;
                 }
@@ -167,9 +176,7 @@ impl Retention {
                 Ok(0) => break,
                 Ok(n) => {
                     total += n;
-                    if let Err(e) =
-                        store.persist_gated(|by_slot| Ok(rt.block_on(node.commit(by_slot))))
-                    {
+                    if let Err(e) = persist(store, node, rt) {
                         tracing::warn!("decision retention sweep not committed: {e}");
                         break;
                     }

@@ -53,6 +53,28 @@ const RECORD_BYTES: usize = 256 << 10;
 /// How long start-up waits for NATS JetStream to answer.
 const OPEN_PATIENCE: Duration = Duration::from_secs(60);
 
+/// Runs `attempt` until it succeeds, `retry` refuses its error, or
+/// [`OPEN_PATIENCE`] has passed since `started`: a NATS cluster that is
+/// starting (or electing) times requests out for a while. Each failure is
+/// logged as `what`.
+async fn patiently<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    started: Instant,
+    retry: impl Fn(&E) -> bool,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, E> {
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if retry(&e) && started.elapsed() < OPEN_PATIENCE => {
+                tracing::warn!("{what} (trying again): {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// How long a slot change waits for the workers to let go of the slot.
 const SETTLE_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -155,31 +177,25 @@ impl Node {
         // out for a while: the streams and buckets are tried again until
         // it answers, for up to a minute.
         let started = Instant::now();
-        let (log, publisher, members, lease, maps, snapshots) = loop {
-            match Node::streams(&client, &js, &layout, cfg).await {
-                Ok(all) => break all,
-                Err(e) if started.elapsed() < OPEN_PATIENCE => {
-                    tracing::warn!("NATS JetStream not ready (trying again): {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let (log, publisher, members, lease, maps, snapshots) = patiently(
+            "NATS JetStream not ready",
+            started,
+            |_| true,
+            || Node::streams(&client, &js, &layout, cfg),
+        )
+        .await?;
         store.join_cluster(cfg.slots);
         let me = Member {
             node: cfg.node.clone(),
             api,
         };
-        let membership = loop {
-            match members.join(me.clone()).await {
-                Ok(m) => break m,
-                Err(MemberError::Nats(e)) if started.elapsed() < OPEN_PATIENCE => {
-                    tracing::warn!("joining the cluster (trying again): {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let membership = patiently(
+            "joining the cluster",
+            started,
+            |e| matches!(e, MemberError::Nats(_)),
+            || members.join(me.clone()),
+        )
+        .await?;
         tracing::info!(node = %me.node, slots = cfg.slots, "joined the cluster");
         Ok(Arc::new(Node {
             me,
@@ -258,17 +274,14 @@ impl Node {
         &self,
         controls: Arc<crate::controls::Controls>,
     ) -> Result<(), NodeError> {
-        let started = Instant::now();
-        let kv = loop {
-            match super::controls::open(&self.js, &self.cfg.prefix, self.cfg.replicas).await {
-                Ok(kv) => break kv,
-                Err(e) if started.elapsed() < OPEN_PATIENCE => {
-                    tracing::warn!("controls bucket not ready (trying again): {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(NodeError::Map(e)),
-            }
-        };
+        let kv = patiently(
+            "controls bucket not ready",
+            Instant::now(),
+            |_| true,
+            || super::controls::open(&self.js, &self.cfg.prefix, self.cfg.replicas),
+        )
+        .await
+        .map_err(NodeError::Map)?;
         super::controls::share(kv, controls);
         Ok(())
     }
@@ -279,24 +292,21 @@ impl Node {
         &self,
         reloader: Arc<crate::reload::Reloader>,
     ) -> Result<(), NodeError> {
-        let started = Instant::now();
-        let shared = loop {
-            match super::generations::SharedGenerations::open(
-                &self.js,
-                &self.cfg.prefix,
-                self.cfg.replicas,
-                &self.me.node,
-            )
-            .await
-            {
-                Ok(s) => break s,
-                Err(e) if started.elapsed() < OPEN_PATIENCE => {
-                    tracing::warn!("generations bucket not ready (trying again): {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(NodeError::Map(e)),
-            }
-        };
+        let shared = patiently(
+            "generations bucket not ready",
+            Instant::now(),
+            |_| true,
+            || {
+                super::generations::SharedGenerations::open(
+                    &self.js,
+                    &self.cfg.prefix,
+                    self.cfg.replicas,
+                    &self.me.node,
+                )
+            },
+        )
+        .await
+        .map_err(NodeError::Map)?;
         super::generations::share(reloader, Arc::new(shared));
         Ok(())
     }
