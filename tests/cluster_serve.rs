@@ -80,15 +80,20 @@ fn an_owner_killed_mid_stream_loses_nothing_and_the_cluster_decides_as_replay() 
         takeover < Duration::from_secs(LEASE_S + 8),
         "takeover took {takeover:?}"
     );
-    // The slots taken over were restored from their snapshots.
-    let restores = run
-        .nodes
-        .iter()
-        .map(|n| n.logged().matches(" restored=").count())
-        .sum::<usize>();
-    assert!(
-        restores > 0,
-        "no slot taken over was restored from a snapshot"
+    // The slots taken over were restored from their snapshots. A node logs
+    // a slot as taken once it caught up, after its claim (which
+    // `wait_taken_from` saw), so the logs are read until they say so.
+    let restores = eventually(
+        Duration::from_secs(30),
+        "a slot taken over restored from a snapshot",
+        || {
+            let n = run
+                .nodes
+                .iter()
+                .map(|n| n.logged().matches(" restored=").count())
+                .sum::<usize>();
+            (n > 0).then_some(n)
+        },
     );
     eprintln!("SIGKILL: {restores} slots restored from snapshots");
     // The first batch, sent again past JetStream's de-duplication: the
